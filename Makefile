@@ -1,0 +1,32 @@
+# Everything a fresh machine needs: `make demo` (README command 1) and `make test` (command 2).
+# Both create or reuse the virtual environment in $(VENV); torch is installed first, pinned to the
+# CPU wheel, so that no loose requirement can pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.scmm-atlas-installed
+
+.PHONY: demo test lint bench-deps clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/scmm-atlas demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check scmm_atlas pipelines tests
+
+bench-deps: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""End-to-end and scheduled jobs: what ``ray job submit`` and ``make demo`` run."""

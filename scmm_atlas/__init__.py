@@ -1,0 +1,3 @@
+"""scmm-atlas: scMM, the mixture-of-experts multimodal VAE, at atlas scale."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,42 @@
+"""``scmm-atlas bench NAME``: ours and the peers on the same data in one run, a table, ``--json``.
+
+Each bench module has ``run(args) -> list[dict]``: one flat row per system, ``system`` first.
+Systems run in fresh subprocesses with the same environment (thread counts, denormal setting),
+so that wall time and peak RSS are each system's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+BENCHES = {"ingest": "scmm_atlas.bench.ingest"}
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return "-" if math.isnan(value) else f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return "-" if value is None else str(value)
+
+    table = [list(columns)] + [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True)))
+             for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> list[dict]:
+    module = importlib.import_module(BENCHES[args.name])
+    rows = module.run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
+        print(f"rows written to {args.json}")
+    return rows

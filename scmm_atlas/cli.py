@@ -1,0 +1,172 @@
+"""``scmm-atlas``: one entry point, one subcommand per stage."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .store.errors import InputError
+
+INGEST_EPILOG = """\
+inputs:
+  MOD=FILE.h5ad   one AnnData file per modality (e.g. RNA=rna.h5ad ADT=protein.h5ad)
+  FILE.h5mu       a MuData file: every modality in it (rna->RNA, protein/prot/adt->ADT, atac->ATAC)
+  FILE.h5         a 10x Cell Ranger feature-barcode matrix (Gene Expression->RNA,
+                  Antibody Capture->ADT, Peaks->ATAC)
+Cells are matched across modalities by barcode; cells missing from some modality keep a
+presence flag (has_<MOD>) and no fake counts. Counts must be raw integers.
+
+examples:
+  scmm-atlas ingest --store atlas.soma RNA=rna.h5ad ADT=protein.h5ad --label-key cell_type
+  scmm-atlas ingest --store atlas.zarr sample.h5mu --batch-key donor
+  scmm-atlas ingest --store s3://bucket/atlas --append --dataset run2 --prefix-barcodes new.h5
+"""
+
+
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", help="ingest h5ad / h5mu / 10x h5 files into a store",
+                       description="Ingest users' files into a TileDB-SOMA or Zarr store, streamed in chunks "
+                       "of cells (memory bounded by the chunk, not the file).",
+                       epilog=INGEST_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="input files (see 'inputs' below)")
+    p.add_argument("--store", required=True, metavar="URI", help="store path or s3://bucket/prefix")
+    p.add_argument("--backend", choices=("soma", "zarr"), default=None,
+                   help="backend of a new store (default: zarr if URI ends in .zarr, else soma)")
+    p.add_argument("--append", action="store_true",
+                   help="add new cells (a new dataset or batch) to an existing store; existing cells are not rewritten")
+    p.add_argument("--dataset", metavar="NAME",
+                   help="value of obs 'dataset' for these cells (default: the file name, or the folder "
+                   "of one-file-per-modality inputs)")
+    p.add_argument("--batch-key", metavar="COL", help="input obs column copied to obs 'batch' (default: dataset)")
+    p.add_argument("--label-key", metavar="COL", help="input obs column copied to obs 'cell_type' (default: none)")
+    p.add_argument("--layer", metavar="NAME", help="read counts from layers/NAME instead of X (h5ad/h5mu)")
+    p.add_argument("--modalities", metavar="MOD,...", help="only these modalities of the inputs (e.g. RNA,ADT)")
+    p.add_argument("--feature-map", action="append", default=[], metavar="MOD=intersect|MOD=FILE.tsv",
+                   help="with --append, map a differing feature space onto the store's: 'intersect' keeps "
+                   "features of the same name, FILE.tsv maps SOURCE<TAB>STORE names; store features "
+                   "that are not mapped get zero counts (repeatable)")
+    p.add_argument("--prefix-barcodes", action="store_true",
+                   help="store cell ids as DATASET:BARCODE (for datasets whose barcodes collide)")
+    p.add_argument("--chunk-cells", type=int, default=20_000, metavar="N",
+                   help="at most N cells per chunk (default: 20000)")
+    p.add_argument("--chunk-nnz", type=int, default=1 << 24, metavar="N",
+                   help="at most N stored values per chunk, which bounds memory (default: 16777216)")
+    stats = p.add_mutually_exclusive_group()
+    stats.add_argument("--no-stats", action="store_true", help="skip feature statistics on a new store")
+    stats.add_argument("--recompute-stats", action="store_true",
+                       help="after --append, recompute feature statistics and selection over all cells")
+    p.add_argument("--n-top-genes", type=int, default=5000, metavar="N",
+                   help="highly variable genes to select for RNA (default: 5000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_store_cmds(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stats", help="compute feature statistics and the feature selection (dask, out-of-core)")
+    p.add_argument("--store", required=True, metavar="URI")
+    p.add_argument("--n-top-genes", type=int, default=5000, metavar="N", help="RNA highly variable genes")
+    p.add_argument("--atac-quantile", type=float, default=0.75, metavar="Q",
+                   help="keep ATAC peaks whose total counts reach this quantile (default: 0.75)")
+    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("info", help="summarise a store")
+    p.add_argument("--store", required=True, metavar="URI")
+    p = sub.add_parser("demo", help="run the pipeline on the bundled real data (what `make demo` runs)")
+    p.add_argument("--data", metavar="DIR", help="the real datasets (default: ../shared/data beside the repo)")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the demo writes (recreated)")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .bench import BENCHES
+
+    p = sub.add_parser("bench", help="benchmarks: ours and the peers on the same data, in one run")
+    p.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
+    p.add_argument("--json", metavar="FILE", help="also write {'rows': [...]} to FILE")
+    p.add_argument("--cells", type=int, help="cells to generate (bench default if omitted)")
+    p.add_argument("--genes", type=int, help="genes to generate (bench default if omitted)")
+    p.add_argument("--workdir", metavar="DIR", help="where generated data and stores go (default: a temp dir)")
+    p.add_argument("--no-scaling", action="store_true", help="skip the run at twice the cells")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scmm-atlas", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_ingest(sub)
+    _add_store_cmds(sub)
+    _add_bench(sub)
+    return parser
+
+
+def _split_pairs(items: Sequence[str], flag: str) -> dict[str, str]:
+    from .store.sources import canonical_modality
+
+    out = {}
+    for item in items:
+        mod, sep, value = item.partition("=")
+        if not sep or not mod or not value:
+            raise InputError(item, flag, "expected MOD=VALUE")
+        out[canonical_modality(mod)] = value
+    return out
+
+
+def _run_ingest(args: argparse.Namespace) -> None:
+    from .store import open_store
+    from .store.ingest import IngestOptions, ingest
+
+    opts = IngestOptions(
+        backend=args.backend, append=args.append, dataset=args.dataset, batch_key=args.batch_key,
+        label_key=args.label_key, layer=args.layer,
+        modalities=args.modalities.split(",") if args.modalities else None,
+        feature_maps=_split_pairs(args.feature_map, "--feature-map"), prefix_barcodes=args.prefix_barcodes,
+        chunk_cells=args.chunk_cells, chunk_nnz=args.chunk_nnz,
+        stats=False if args.no_stats else (True if args.recompute_stats else None),
+        n_top_genes=args.n_top_genes, progress=not args.no_progress)
+    report = ingest(args.store, args.inputs, opts)  # warnings are logged as they are found
+    mods = ", ".join(f"{m} {n:,}" for m, n in report.modalities.items())
+    print(f"ingested {report.n_new:,} cells ({mods}) into {report.uri}; store now has {report.n_total:,} cells")
+    with open_store(args.store) as store:
+        print(store.summary())
+
+
+def _run_stats(args: argparse.Namespace) -> None:
+    from .store import open_store
+    from .store.stats import compute_stats
+
+    with open_store(args.store, writable=True) as store:
+        compute_stats(store, n_top_genes=args.n_top_genes, atac_quantile=args.atac_quantile,
+                      progress=not args.no_progress)
+        for mod, sel in store.info.selection.items():
+            print(f"{mod}: {sel['n_selected']:,} features selected ({sel['method']})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    try:
+        if args.command == "ingest":
+            _run_ingest(args)
+        elif args.command == "stats":
+            _run_stats(args)
+        elif args.command == "info":
+            from .store import open_store
+
+            with open_store(args.store) as store:
+                print(store.summary())
+        elif args.command == "demo":
+            from pipelines.demo import run_demo
+
+            run_demo(data=args.data, out=args.out)
+        elif args.command == "bench":
+            from .bench import run_bench
+
+            run_bench(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""``scmm-atlas ingest``: users' files into a store, streamed in bounded chunks of cells.
+
+Two passes over the inputs. The first only reads (names, obs columns, a scan of every count) and
+raises :class:`InputError` on anything wrong, so bad input never touches a store. The second
+writes chunks of cells. A new local store is built beside its final path and renamed into place
+when complete; an append becomes visible when the store's cell count is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from . import create_store, open_store, parse_uri, store_exists
+from .base import Store, StoreInfo, StoreWriter, empty_var, modality_kind
+from .errors import InputError, StoreError
+from .sources import MatrixSource, SourceSpec, open_sources
+from .uri import StoreURI
+from .validate import CellCounts, check_features_match, check_names, scan_counts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestOptions:
+    backend: str | None = None
+    append: bool = False
+    dataset: str | None = None
+    batch_key: str | None = None
+    label_key: str | None = None
+    layer: str | None = None
+    modalities: Sequence[str] | None = None
+    feature_maps: Mapping[str, str] = field(default_factory=dict)
+    prefix_barcodes: bool = False
+    chunk_cells: int = 20_000
+    chunk_nnz: int = 1 << 24
+    stats: bool | None = None  # None: on a new store yes, on --append no
+    n_top_genes: int = 5000
+    progress: bool = True
+
+
+@dataclass
+class IngestReport:
+    uri: str
+    backend: str
+    n_new: int
+    n_total: int
+    modalities: dict[str, int]  # new cells that have each modality
+    zero_dropped: dict[str, int]  # cells with zero counts dropped from each modality
+    cells_dropped: int  # cells left with no modality
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    """Everything decided in the read-only pass."""
+
+    barcodes: pd.Index
+    rows: dict[str, np.ndarray]  # modality -> source row per new cell (-1: absent)
+    counts: dict[str, CellCounts]
+    obs: pd.DataFrame
+    remap: dict[str, np.ndarray | None]  # modality -> store column per source column (-1: dropped)
+    n_var: dict[str, int]
+
+
+def _remap_from_spec(src: MatrixSource, store_features: pd.Index, spec: str) -> np.ndarray:
+    if spec == "intersect":
+        pairs = pd.Series(src.var.index, index=src.var.index)
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise InputError(path, "path", "feature map file not found")
+        table = pd.read_csv(path, sep="\t", header=None, dtype=str)
+        if table.shape[1] < 2:
+            raise InputError(path, "columns", "a feature map needs two tab-separated columns: SOURCE STORE")
+        pairs = pd.Series(table[1].to_numpy(), index=table[0].to_numpy())
+    target = pairs.reindex(src.var.index)
+    remap = store_features.get_indexer(target.fillna("\0").to_numpy())
+    if (remap >= 0).sum() == 0:
+        raise InputError(src.path, f"{src.modality} var_names", f"no feature maps onto the store's with {spec!r}")
+    hit = remap[remap >= 0]
+    if len(np.unique(hit)) != len(hit):
+        raise InputError(src.path, f"{src.modality} var_names", "the feature map sends two features to one")
+    return remap
+
+
+def _rows_of(source: pd.Index, cells: pd.Index) -> np.ndarray:
+    """Row of each cell in ``source`` (-1: absent); no hash table when the order is the same."""
+    if source.equals(cells):
+        return np.arange(len(cells), dtype=np.int64)
+    return source.get_indexer(cells)
+
+
+def _combine_obs(sources: Sequence[MatrixSource], rows: Mapping[str, np.ndarray], key: str | None) -> pd.Categorical:
+    """An obs column for the new cells, from the first source that has it for each cell ("" if none)."""
+    n = len(next(iter(rows.values())))
+    default = ""
+    out = np.full(n if key else 0, default, dtype=object)
+    if key is None:
+        return pd.Categorical.from_codes(np.zeros(n, np.int8), [default])
+    found = False
+    for src in sources:
+        col = src.obs_column(key)
+        if col is None:
+            continue
+        found = True
+        row = rows[src.modality]
+        values = col.to_numpy()
+        take = (row >= 0) & (out == default)
+        vals = values[row[take]]
+        out[take] = np.where(pd.isna(vals), default, vals.astype(str))
+    if not found:
+        raise InputError(", ".join(sorted({str(s.path) for s in sources})), f"obs/{key}",
+                         "column not found in any input's obs")
+    return pd.Categorical(out)
+
+
+def _default_dataset(sources: Sequence[MatrixSource]) -> str:
+    """One file: its name; one file per modality in a folder: the folder's name."""
+    paths = {s.path for s in sources}
+    parents = {p.parent for p in paths}
+    if len(paths) > 1 and len(parents) == 1:
+        return next(iter(parents)).name
+    return sources[0].path.name.split(".")[0]
+
+
+def _plan(sources: Sequence[MatrixSource], opts: IngestOptions, store: Store | None,
+          report: IngestReport) -> _Plan:
+    for src in sources:
+        check_names(src)
+    remap: dict[str, np.ndarray | None] = {}
+    n_var: dict[str, int] = {}
+    for src in sources:
+        if store is None:
+            remap[src.modality], n_var[src.modality] = None, len(src.var)
+            continue
+        if src.modality not in store.modalities:
+            raise InputError(src.path, "modality", f"{src.modality} is not in the store {store.uri} "
+                             f"(it has {store.modalities})")
+        features = store.var(src.modality).index
+        spec = opts.feature_maps.get(src.modality)
+        if spec is None:
+            order = check_features_match(src, features, str(store.uri))
+            remap[src.modality] = None if (order == np.arange(len(order))).all() else np.argsort(order)
+        else:
+            remap[src.modality] = _remap_from_spec(src, features, spec)
+            missing = len(features) - int((remap[src.modality] >= 0).sum())
+            if missing:
+                report.warnings.append(f"{src.path}: {src.modality} var_names: {missing} store features "
+                                       "absent from this file are stored as zero counts")
+        n_var[src.modality] = len(features)
+    counts = {src.modality: scan_counts(src, max_cells=opts.chunk_cells, max_nnz=opts.chunk_nnz,
+                                        progress=opts.progress) for src in sources}
+
+    barcodes = sources[0].barcodes
+    for src in sources[1:]:
+        if not src.barcodes.equals(barcodes):
+            barcodes = barcodes.append(src.barcodes[~src.barcodes.isin(barcodes)])
+    if any(not s.barcodes.equals(barcodes) for s in sources):
+        for src in sources:
+            others = [o.barcodes for o in sources if o is not src]
+            if not any(src.barcodes.isin(o).any() for o in others):
+                raise InputError(src.path, f"{src.modality} obs_names",
+                                 "no cell barcode in common with the other modalities' files")
+    rows = {src.modality: _rows_of(src.barcodes, barcodes) for src in sources}
+    keep = np.zeros(len(barcodes), dtype=bool)
+    for src in sources:
+        row = rows[src.modality]
+        present = row >= 0
+        zero = present & (counts[src.modality].total[np.maximum(row, 0)] == 0)
+        if zero.any():
+            report.zero_dropped[src.modality] = int(zero.sum())
+            report.warnings.append(f"{src.path}: {src.field}: {int(zero.sum())} cells with zero total counts "
+                                   f"dropped from {src.modality}")
+            row[zero] = -1
+        if not (row >= 0).any():
+            raise InputError(src.path, src.field, f"empty modality {src.modality}: every cell has zero counts")
+        keep |= row >= 0
+    report.cells_dropped = int((~keep).sum())
+    if report.cells_dropped:
+        report.warnings.append(f"{report.cells_dropped} cells dropped: zero counts in every modality")
+    if not keep.all():
+        barcodes = barcodes[keep]
+        rows = {mod: row[keep] for mod, row in rows.items()}
+
+    dataset = opts.dataset or _default_dataset(sources)
+    obs_id = (dataset + ":" + barcodes) if opts.prefix_barcodes else barcodes
+    obs = pd.DataFrame({"obs_id": np.asarray(obs_id, dtype=object)})
+    if store is not None:
+        clash = pd.Index(obs["obs_id"]).isin(store.obs(columns=[]).index)
+        if clash.any():
+            raise InputError(sources[0].path, "obs_names", f"{int(clash.sum())} cell barcodes are already in the "
+                             f"store, e.g. {obs['obs_id'][clash].iloc[0]!r}: use --prefix-barcodes "
+                             "with a distinct --dataset")
+    # Categoricals: a byte or two per cell, so that memory hardly grows with the cell count.
+    obs["dataset"] = pd.Categorical.from_codes(np.zeros(len(barcodes), np.int8), [dataset])
+    obs["batch"] = obs["dataset"] if opts.batch_key is None else _combine_obs(sources, rows, opts.batch_key)
+    obs["cell_type"] = _combine_obs(sources, rows, opts.label_key)
+    all_mods = store.modalities if store is not None else [s.modality for s in sources]
+    for mod in all_mods:
+        row = rows.get(mod, np.full(len(barcodes), -1))
+        present = row >= 0
+        obs[f"has_{mod}"] = present
+        for col, arr in ((f"total_counts_{mod}", "total"), (f"n_features_{mod}", "nnz")):
+            values = np.zeros(len(barcodes), dtype=np.int64)
+            if mod in counts:
+                values[present] = getattr(counts[mod], arr)[row[present]]
+            obs[col] = values
+        report.modalities[mod] = int(present.sum())
+    return _Plan(barcodes=barcodes, rows=rows, counts=counts, obs=obs, remap=remap, n_var=n_var)
+
+
+def _chunk_bounds(plan: _Plan, max_cells: int, max_nnz: int) -> list[tuple[int, int]]:
+    nnz = np.zeros(len(plan.barcodes), dtype=np.int64)
+    for mod, row in plan.rows.items():
+        present = row >= 0
+        nnz[present] += plan.counts[mod].nnz[row[present]]
+    cum = np.concatenate([[0], np.cumsum(nnz)])
+    bounds, start = [], 0
+    while start < len(nnz):
+        stop = min(start + max_cells, len(nnz))
+        limit = int(np.searchsorted(cum, cum[start] + max_nnz, side="right")) - 1
+        stop = max(start + 1, min(stop, limit))
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _chunk_matrix(src: MatrixSource, rows: np.ndarray, remap: np.ndarray | None, n_var: int) -> sp.csr_matrix:
+    """The store-space CSR of one chunk of cells (empty rows where a cell lacks the modality)."""
+    present = rows >= 0
+    src_rows = rows[present]
+    order = np.argsort(src_rows, kind="stable")
+    mat = src.read_rows(src_rows[order])
+    if not (order == np.arange(len(order))).all():
+        mat = mat[np.argsort(order)]
+    mat = sp.csr_matrix(mat, dtype=np.int32)
+    if remap is not None:
+        cols = remap[mat.indices]
+        keep = cols >= 0
+        ptr = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])[mat.indptr]
+        mat = sp.csr_matrix((mat.data[keep], cols[keep], ptr), shape=(mat.shape[0], n_var))
+    mat.sum_duplicates()  # canonical: sorted, unique column indices per row
+    mat.eliminate_zeros()
+    per_row = np.zeros(len(rows), dtype=np.int64)
+    per_row[present] = np.diff(mat.indptr)
+    indptr = np.concatenate([[0], np.cumsum(per_row)])
+    return sp.csr_matrix((mat.data, mat.indices, indptr), shape=(len(rows), n_var))
+
+
+def _write(writer: StoreWriter, sources: Sequence[MatrixSource], plan: _Plan, all_mods: Sequence[str],
+           opts: IngestOptions) -> None:
+    by_mod = {s.modality: s for s in sources}
+    bar = tqdm(total=len(plan.barcodes), desc="ingest", unit="cell", disable=not opts.progress)
+    for start, stop in _chunk_bounds(plan, opts.chunk_cells, opts.chunk_nnz):
+        counts = {}
+        for mod in all_mods:
+            if mod in by_mod:
+                counts[mod] = _chunk_matrix(by_mod[mod], plan.rows[mod][start:stop], plan.remap[mod],
+                                            plan.n_var[mod])
+            else:
+                counts[mod] = sp.csr_matrix((stop - start, plan.n_var.get(mod, 0)), dtype=np.int32)
+        writer.write(start, plan.obs.iloc[start:stop], counts)
+        bar.update(stop - start)
+    bar.close()
+
+
+def _staging(loc: StoreURI) -> StoreURI:
+    if loc.is_s3:
+        return loc
+    return StoreURI(str(loc.path.parent / f".{loc.path.name}.ingest-{uuid.uuid4().hex[:8]}"))
+
+
+def _remove(loc: StoreURI) -> None:
+    if loc.is_s3:
+        import s3fs
+
+        from .uri import fsspec_options
+
+        fs = s3fs.S3FileSystem(**fsspec_options())
+        if fs.exists(loc.uri):
+            fs.rm(loc.uri, recursive=True)
+    elif loc.path.exists():
+        shutil.rmtree(loc.path)
+
+
+def ingest(uri: str, specs: Sequence[SourceSpec | str], opts: IngestOptions | None = None) -> IngestReport:
+    """Ingest ``specs`` into the store at ``uri`` (created, or appended to with ``opts.append``)."""
+    opts = opts or IngestOptions()
+    from . import backend_for
+
+    loc = parse_uri(uri)
+    specs = [s if isinstance(s, SourceSpec) else SourceSpec.parse(s) for s in specs]
+    if not specs:
+        raise InputError(loc, "inputs", "no input files given")
+    store: Store | None = None
+    if opts.append:
+        store = open_store(loc, writable=True)
+        backend = store.backend
+    else:
+        if store_exists(loc):
+            raise StoreError(loc, "uri", "a file or store already exists here: use --append to add cells")
+        if not loc.is_s3 and not loc.path.parent.is_dir():
+            raise StoreError(loc, "uri", "the parent folder does not exist")
+        backend = backend_for(loc, opts.backend)
+    report = IngestReport(uri=str(loc), backend=backend, n_new=0, n_total=0, modalities={}, zero_dropped={},
+                          cells_dropped=0)
+    with ExitStack() as stack:
+        if store is not None:
+            stack.callback(store.close)
+        sources = open_sources(specs, stack, layer=opts.layer, modalities=opts.modalities)
+        plan = _plan(sources, opts, store, report)
+        for msg in report.warnings:
+            log.warning(msg)
+        n_new = len(plan.barcodes)
+        if store is not None:
+            all_mods = store.modalities
+            for mod in all_mods:
+                plan.n_var.setdefault(mod, len(store.var(mod)))
+            writer = store.appender(n_new)
+            target = loc
+        else:
+            all_mods = [s.modality for s in sources]
+            info = StoreInfo(modalities=all_mods, kinds={m: modality_kind(m) for m in all_mods})
+            vars_ = {s.modality: empty_var(s.var) for s in sources}
+            target = _staging(loc)
+            writer = create_store(target, backend, info, vars_, n_new)
+        try:
+            _write(writer, sources, plan, all_mods, opts)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            if store is None:
+                _remove(target)
+            raise
+    if target != loc:
+        target.path.rename(loc.path)
+    report.n_new = n_new
+    with open_store(loc, writable=True) as done:
+        report.n_total = done.n_obs
+        run_stats = opts.stats if opts.stats is not None else not opts.append
+        if run_stats:
+            from .stats import compute_stats
+
+            compute_stats(done, n_top_genes=opts.n_top_genes, progress=opts.progress)
+    return report

@@ -1,0 +1,279 @@
+"""Readers for users' files: one AnnData ``.h5ad`` per modality, a MuData ``.h5mu``, a 10x ``.h5``.
+
+Each modality becomes a :class:`MatrixSource` that reads row (cell) ranges straight from HDF5 with
+h5py, so that memory is bounded by the rows asked for, never by the file. Only barcodes, feature
+names, ``indptr`` and the few obs columns asked for are held whole (a few bytes per cell).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .errors import InputError
+
+# Canonical names for common modality spellings; anything else is upper-cased.
+MODALITY_ALIASES = {
+    "rna": "RNA", "gex": "RNA", "gene expression": "RNA",
+    "protein": "ADT", "prot": "ADT", "adt": "ADT", "antibody capture": "ADT", "cite": "ADT",
+    "atac": "ATAC", "peaks": "ATAC", "chromatin": "ATAC",
+}
+
+
+def canonical_modality(name: str) -> str:
+    return MODALITY_ALIASES.get(name.strip().lower(), name.strip().upper().replace(" ", "_"))
+
+
+def _strings(values: np.ndarray) -> np.ndarray:
+    """An object array of ``str`` (no fixed-width copy: barcodes are a few bytes per cell)."""
+    out = np.asarray(values)
+    if out.dtype.kind == "O" and (not len(out) or isinstance(out[0], str)):
+        return out
+    if out.dtype.kind in ("S", "O"):
+        return np.array([v.decode("utf-8") for v in out], dtype=object)
+    return out.astype(str).astype(object)
+
+
+@dataclass
+class MatrixSource:
+    """Counts of one modality in one file, rows = cells."""
+
+    path: Path
+    modality: str
+    field: str  # HDF5 path of the matrix, e.g. "X", "layers/counts", "mod/rna/X", "matrix"
+    barcodes: pd.Index
+    var: pd.DataFrame  # index = feature ids (the store's var_id)
+    group: h5py.Group | h5py.Dataset
+    columns: np.ndarray | None = None  # column subset (10x files mix feature types)
+    n_source_cols: int = 0  # columns in the file's matrix when ``columns`` selects a subset
+    obs_frames: list[tuple[str, h5py.Group]] = field(default_factory=list)
+    _indptr: np.ndarray | None = None
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    @property
+    def dense(self) -> bool:
+        return isinstance(self.group, h5py.Dataset)
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.barcodes)
+
+    @property
+    def indptr(self) -> np.ndarray:
+        """Row offsets (for dense X: row * n_cols, so that nnz budgets still work)."""
+        if self._indptr is None:
+            if self.dense:
+                self._indptr = np.arange(self.n_obs + 1, dtype=np.int64) * self.group.shape[1]
+            else:
+                self._indptr = self.group["indptr"][:].astype(np.int64)
+        return self._indptr
+
+    def read_range(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``[start, stop)`` as CSR with this modality's columns, values as stored."""
+        if self.dense:
+            mat = sp.csr_matrix(self.group[start:stop])
+        else:
+            ptr = self.indptr[start : stop + 1]
+            lo, hi = int(ptr[0]), int(ptr[-1])
+            mat = sp.csr_matrix(
+                (self.group["data"][lo:hi], self.group["indices"][lo:hi], ptr - lo),
+                shape=(stop - start, self.n_source_cols or len(self.var)),
+            )
+        return mat if self.columns is None else mat[:, self.columns]
+
+    def read_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """Rows by ascending index, read as few contiguous runs as possible."""
+        if len(rows) == 0:
+            return sp.csr_matrix((0, len(self.var)), dtype=self.dtype)
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        runs = np.split(rows, breaks)
+        parts = [self.read_range(int(r[0]), int(r[-1]) + 1) for r in runs]
+        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.group.dtype if self.dense else self.group["data"].dtype
+
+    def iter_ranges(self, max_cells: int, max_nnz: int) -> Iterator[tuple[int, int]]:
+        """Cell ranges of at most ``max_cells`` cells and (unless one cell exceeds it) ``max_nnz``."""
+        ptr, start = self.indptr, 0
+        while start < self.n_obs:
+            stop = min(start + max_cells, self.n_obs)
+            limit = int(np.searchsorted(ptr, ptr[start] + max_nnz, side="right")) - 1
+            stop = max(start + 1, min(stop, limit))
+            yield start, stop
+            start = stop
+
+    def obs_column(self, name: str) -> pd.Series | None:
+        """An obs column of this modality's cells (by barcode), looked up in the file's obs frames."""
+        for _, frame in self.obs_frames:
+            if name in frame:
+                index = ad.io.read_elem(frame[frame.attrs["_index"]])
+                values = ad.io.read_elem(frame[name])
+                series = pd.Series(np.asarray(values), index=_strings(np.asarray(index)))
+                if not series.index.is_unique:
+                    continue
+                return series.reindex(self.barcodes)
+        return None
+
+
+def _require(cond: bool, where: str, field_: str, problem: str) -> None:
+    if not cond:
+        raise InputError(where, field_, problem)
+
+
+def _open_h5(path: Path, stack: ExitStack, claimed: str) -> h5py.File:
+    if not path.exists():
+        raise InputError(path, "path", "file not found")
+    if path.is_dir():
+        raise InputError(path, "path", f"is a directory, not a {claimed} file")
+    if not os.access(path, os.R_OK):
+        raise InputError(path, "path", "file is not readable (permission denied)")
+    try:
+        return stack.enter_context(h5py.File(path, "r"))
+    except OSError as exc:
+        reason = str(exc).split(";")[0].split("(")[0].strip() or "unreadable"
+        raise InputError(path, "format", f"not a readable HDF5 file, so not a {claimed} file ({reason})") from None
+
+
+def _matrix_group(f: h5py.File | h5py.Group, key: str, where: str) -> h5py.Group | h5py.Dataset:
+    _require(key in f, where, key, "missing: not an AnnData file (no counts matrix)")
+    node = f[key]
+    if isinstance(node, h5py.Dataset):
+        _require(node.ndim == 2, where, key, f"expected a 2-D matrix, found {node.ndim}-D")
+        return node
+    enc = node.attrs.get("encoding-type", node.attrs.get("h5sparse_format", ""))
+    enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+    if enc in ("csc_matrix", "csc"):
+        raise InputError(where, key, "stored as CSC; ingest streams cells and needs CSR: "
+                         "re-save with adata.X = adata.X.tocsr()")
+    _require(enc in ("csr_matrix", "csr"), where, key, f"unsupported matrix encoding {enc!r}")
+    return node
+
+
+def _frame_index(group: h5py.Group, where: str, field_: str) -> pd.Index:
+    _require(isinstance(group, h5py.Group) and "_index" in group.attrs, where, field_,
+             "missing or not an AnnData dataframe")
+    return pd.Index(_strings(np.asarray(ad.io.read_elem(group[group.attrs["_index"]]))))
+
+
+def _anndata_source(path: Path, root: h5py.Group, modality: str, layer: str | None,
+                    prefix: str = "") -> MatrixSource:
+    where = str(path)
+    key = "X" if layer is None else f"layers/{layer}"
+    for part in ("obs", "var"):
+        _require(part in root, where, prefix + part, "missing: not an AnnData file")
+    matrix = _matrix_group(root, key, where)
+    barcodes = _frame_index(root["obs"], where, prefix + "obs")
+    features = _frame_index(root["var"], where, prefix + "var")
+    n_rows, n_cols = matrix.shape if isinstance(matrix, h5py.Dataset) else tuple(matrix.attrs["shape"])
+    _require((n_rows, n_cols) == (len(barcodes), len(features)), where, prefix + key,
+             f"shape {(n_rows, n_cols)} does not match obs/var ({len(barcodes)}, {len(features)})")
+    frames = [(prefix + "obs", root["obs"])]
+    if prefix and "obs" in root.file:
+        frames.append(("obs", root.file["obs"]))
+    return MatrixSource(path=path, modality=modality, field=prefix + key, barcodes=barcodes,
+                        var=pd.DataFrame(index=features), group=matrix, obs_frames=frames)
+
+
+def _tenx_sources(path: Path, f: h5py.File) -> list[MatrixSource]:
+    where = str(path)
+    _require("matrix" in f, where, "matrix", "missing: not a 10x Cell Ranger feature-barcode .h5 file")
+    g = f["matrix"]
+    for key in ("data", "indices", "indptr", "shape", "barcodes", "features"):
+        _require(key in g, where, f"matrix/{key}", "missing: not a 10x Cell Ranger .h5 file")
+    n_features, n_cells = (int(v) for v in g["shape"][:])
+    barcodes = pd.Index(_strings(g["barcodes"][:]))
+    ids = _strings(g["features/id"][:])
+    names = _strings(g["features/name"][:]) if "name" in g["features"] else ids
+    types = _strings(g["features/feature_type"][:]) if "feature_type" in g["features"] else (
+        np.full(len(ids), "Gene Expression"))
+    _require(len(ids) == n_features and len(barcodes) == n_cells, where, "matrix/shape",
+             f"shape {(n_features, n_cells)} does not match features/barcodes")
+    sources = []
+    for ftype in pd.unique(types):
+        cols = np.flatnonzero(types == ftype)
+        var = pd.DataFrame({"feature_name": names[cols]}, index=pd.Index(ids[cols]))
+        # 10x stores features × cells as CSC, which is cells × features CSR: rows stream the same way.
+        sources.append(MatrixSource(path=path, modality=canonical_modality(ftype), field=f"matrix[{ftype}]",
+                                    barcodes=barcodes, var=var, group=g, columns=cols,
+                                    n_source_cols=n_features))
+    return sources
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What the user named on the command line: ``[MOD=]PATH``."""
+
+    path: Path
+    modality: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SourceSpec:
+        mod, sep, path = text.partition("=")
+        if sep and "/" not in mod and mod:
+            return cls(Path(path).expanduser(), canonical_modality(mod))
+        return cls(Path(text).expanduser())
+
+    @property
+    def format(self) -> str:
+        name = self.path.name.lower()
+        if name.endswith(".h5ad"):
+            return "h5ad"
+        if name.endswith(".h5mu"):
+            return "h5mu"
+        if name.endswith(".h5"):
+            return "10x"
+        raise InputError(self.path, "path", "unknown format: expected .h5ad, .h5mu or a 10x .h5 file")
+
+
+def open_sources(specs: Sequence[SourceSpec], stack: ExitStack, *, layer: str | None = None,
+                 modalities: Sequence[str] | None = None) -> list[MatrixSource]:
+    """Open every source file (kept open on ``stack``) and return one source per modality."""
+    out: list[MatrixSource] = []
+    for spec in specs:
+        fmt = spec.format
+        f = _open_h5(spec.path, stack, {"h5ad": "AnnData .h5ad", "h5mu": "MuData .h5mu",
+                                         "10x": "10x Cell Ranger .h5"}[fmt])
+        if fmt == "h5ad":
+            if spec.modality is None:
+                raise InputError(spec.path, "modality", "name the modality of an .h5ad: MOD=path.h5ad")
+            if "mod" in f and "X" not in f:
+                raise InputError(spec.path, "format", "this is a MuData file, not an .h5ad")
+            out.append(_anndata_source(spec.path, f, spec.modality, layer))
+        elif fmt == "h5mu":
+            _require("mod" in f and len(f["mod"]), str(spec.path), "mod",
+                     "missing: not a MuData .h5mu file")
+            for name in f["mod"]:
+                mod = canonical_modality(name)
+                if spec.modality and mod != spec.modality:
+                    continue
+                out.append(_anndata_source(spec.path, f["mod"][name], mod, layer, prefix=f"mod/{name}/"))
+        else:
+            out.extend(_tenx_sources(spec.path, f))
+    if modalities:
+        wanted = {canonical_modality(m) for m in modalities}
+        out = [s for s in out if s.modality in wanted]
+        missing = wanted - {s.modality for s in out}
+        if missing:
+            raise InputError(", ".join(str(s.path) for s in specs), "modalities",
+                             f"not found in the inputs: {sorted(missing)}")
+    seen: dict[str, MatrixSource] = {}
+    for src in out:
+        if src.modality in seen:
+            raise InputError(src.path, "modality", f"{src.modality} given twice "
+                             f"(also in {seen[src.modality].path})")
+        seen[src.modality] = src
+    return out

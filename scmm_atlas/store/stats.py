@@ -1,0 +1,150 @@
+"""Feature statistics and feature selection, computed out of core with dask over the store.
+
+Blocks of cells are read by dask tasks (each opens the store itself) and reduced pairwise, so memory
+is bounded by a few blocks whatever the number of cells. Statistics are over the cells that have the
+modality. Selection, recorded in ``var['selected']`` so that training reads only those features:
+- RNA: highly variable genes on raw counts, Seurat v3 'vst' (the flavour ``scanpy`` calls
+  ``seurat_v3``: loess of log variance on log mean, clipped standardised variance), top N (5,000);
+- ATAC: peaks in the top quartile of total counts;
+- proteins and other modalities: all features.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dask
+import numpy as np
+import pandas as pd
+from dask.diagnostics import ProgressBar
+
+from .base import Store
+
+BLOCK_NNZ = 1 << 22
+
+
+@dataclass
+class Moments:
+    n: float
+    sums: np.ndarray
+    sumsq: np.ndarray
+    nnz: np.ndarray
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(self.n + other.n, self.sums + other.sums, self.sumsq + other.sumsq, self.nnz + other.nnz)
+
+
+def _blocks(store: Store, mod: str, present: np.ndarray) -> list[tuple[int, int]]:
+    """Cell ranges holding about BLOCK_NNZ stored values each."""
+    nnz = store.obs([f"n_features_{mod}"])[f"n_features_{mod}"].to_numpy()
+    cum = np.concatenate([[0], np.cumsum(nnz)])
+    bounds, start, n = [], 0, len(present)
+    while start < n:
+        stop = int(np.searchsorted(cum, cum[start] + BLOCK_NNZ, side="right")) - 1
+        stop = min(n, max(start + 1, stop, start + 1024))
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _tree_sum(parts: list) -> object:
+    add = dask.delayed(lambda a, b: a + b, pure=True)
+    while len(parts) > 1:
+        parts = [add(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def _reduce_blocks(store: Store, mod: str, present: np.ndarray, fn: Callable, progress: bool) -> Moments:
+    """Sum ``fn(counts_block)`` over blocks of present cells, one dask task per block."""
+    uri = store.uri
+
+    def task(start: int, stop: int) -> Moments:
+        from . import open_store
+
+        with open_store(uri) as st:
+            mat = st.read(mod, start, stop)
+        rows = present[start:stop]
+        return fn(mat[rows] if not rows.all() else mat)
+
+    parts = [dask.delayed(task, pure=True)(a, b) for a, b in _blocks(store, mod, present)]
+    total = _tree_sum(parts)
+    with ProgressBar(minimum=2) if progress else _null():
+        (result,) = dask.compute(total, scheduler="threads", num_workers=os.cpu_count() or 1)
+    return result
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _moments(n_var: int, clip: np.ndarray | None = None) -> Callable:
+    def fn(mat) -> Moments:
+        data = mat.data.astype(np.float64)
+        if clip is not None:
+            data = np.minimum(data, clip[mat.indices])
+        return Moments(mat.shape[0], np.bincount(mat.indices, data, n_var),
+                       np.bincount(mat.indices, data * data, n_var),
+                       np.bincount(mat.indices[data > 0], minlength=n_var).astype(np.float64))
+
+    return fn
+
+
+def seurat_v3_norm_var(mean: np.ndarray, var: np.ndarray, n: float, clipped: Callable[[np.ndarray], Moments],
+                       span: float = 0.3) -> np.ndarray:
+    """Seurat v3 standardised variance per gene (``clipped(clip)`` gives moments of clipped counts)."""
+    from skmisc.loess import loess
+
+    not_const = var > 0
+    estimate = np.zeros(len(mean))
+    model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=span, degree=2)
+    model.fit()
+    estimate[not_const] = model.outputs.fitted_values
+    reg_std = np.sqrt(10**estimate)
+    clip = reg_std * np.sqrt(n) + mean
+    m = clipped(clip)
+    return (n * mean**2 + m.sumsq - 2 * m.sums * mean) / ((n - 1) * reg_std**2)
+
+
+def compute_stats(store: Store, *, n_top_genes: int = 5000, atac_quantile: float = 0.75,
+                  progress: bool = False) -> dict[str, pd.DataFrame]:
+    """Compute and record statistics and the selection for every modality of ``store``."""
+    out = {}
+    obs = store.obs([f"has_{m}" for m in store.modalities])
+    for mod in store.modalities:
+        present = obs[f"has_{mod}"].to_numpy()
+        n_var = len(store.var(mod))
+        m = _reduce_blocks(store, mod, present, _moments(n_var), progress)
+        n = max(m.n, 1.0)
+        mean = m.sums / n
+        var = np.maximum(m.sumsq - n * mean**2, 0) / max(n - 1, 1.0)
+        stats = pd.DataFrame({"n_cells": m.nnz.astype(np.int64), "total_counts": m.sums, "mean": mean,
+                              "variance": var, "variances_norm": np.nan, "hvg_rank": np.nan})
+        kind = store.kind(mod)
+        if kind == "rna" and n_top_genes < n_var:
+            norm = seurat_v3_norm_var(
+                mean, var, n, lambda clip, mod=mod, present=present, n_var=n_var: _reduce_blocks(
+                    store, mod, present, _moments(n_var, clip), progress))
+            rank = np.empty(n_var)
+            rank[np.argsort(-norm, kind="stable")] = np.arange(n_var)
+            stats["variances_norm"], stats["hvg_rank"] = norm, rank
+            selected = rank < n_top_genes
+            method = f"seurat_v3 top {n_top_genes}"
+        elif kind == "atac":
+            selected = m.sums >= np.quantile(m.sums, atac_quantile)
+            method = f"total counts >= {atac_quantile:.0%} quantile"
+        else:
+            selected = np.ones(n_var, dtype=bool)
+            method = "all"
+        stats["selected"] = selected
+        store.write_var_stats(mod, stats)
+        store.info.selection[mod] = {"method": method, "n_selected": int(selected.sum())}
+        out[mod] = stats
+    store.info.stats_n_obs = store.n_obs
+    store.save_info()
+    return out

@@ -1,0 +1,108 @@
+"""Shared fixtures: the real datasets, small generated inputs, a moto S3 server in its own process."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SCMM_ATLAS_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA / "pbmc10k_cite" / "rna.h5ad").exists():
+        pytest.fail(f"real datasets not found at {DATA} (set SCMM_ATLAS_DATA)")
+    return DATA
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``path`` (byte-identical checks)."""
+    out = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def write_h5ad(path: Path, x: np.ndarray | sp.spmatrix, *, obs_names=None, var_names=None,
+               obs: dict | None = None, dtype: str = "float32") -> Path:
+    """A small AnnData file (CSR X unless ``x`` is a dense array)."""
+    n, g = x.shape
+    obs_df = pd.DataFrame(obs or {}, index=pd.Index(obs_names if obs_names is not None else
+                                                     [f"c{i}" for i in range(n)]).astype(str))
+    var_df = pd.DataFrame(index=pd.Index(var_names if var_names is not None else
+                                         [f"g{j}" for j in range(g)]).astype(str))
+    mat = x.astype(dtype)
+    adata = ad.AnnData(mat, obs=obs_df, var=var_df)
+    adata.write_h5ad(path)
+    return path
+
+
+def random_counts(n: int, g: int, seed: int = 0, density: float = 0.3) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    m = sp.random(n, g, density=density, format="csr", random_state=rng)
+    m.data = rng.integers(1, 50, m.nnz).astype(np.float64)
+    # every cell has counts
+    m = m + sp.csr_matrix((np.ones(n), (np.arange(n), rng.integers(0, g, n))), shape=(n, g))
+    return sp.csr_matrix(m)
+
+
+@pytest.fixture()
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    """Two small paired modalities (RNA 60 x 30, ADT 60 x 5)."""
+    rna = write_h5ad(tmp_path / "rna.h5ad", random_counts(60, 30, 1), obs={"batch": ["b1"] * 30 + ["b2"] * 30})
+    adt = write_h5ad(tmp_path / "adt.h5ad", random_counts(60, 5, 2), var_names=[f"p{j}" for j in range(5)])
+    return rna, adt
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1, in its own process (TileDB's S3 client blocks the GIL)."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("moto server did not start")
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket; credentials and endpoint only through environment variables."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    name = f"atlas-{time.time_ns()}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name

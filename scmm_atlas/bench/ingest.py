@@ -69,6 +69,18 @@ def generate_h5ad(path: Path, n_cells: int, n_genes: int, *, density: float = DE
     return path
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec,
+    so a child would report its parent's RSS at fork time if that was larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _worker(system: str, h5ad: str, out: str) -> dict:
     """Run one system in this process and report its own wall time and peak RSS."""
     t0 = time.perf_counter()
@@ -86,7 +98,7 @@ def _worker(system: str, h5ad: str, out: str) -> dict:
         backend = system.rsplit(" ", 1)[1]
         ingest(out, [f"RNA={h5ad}"], IngestOptions(backend=backend, stats=False, progress=False))
         wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the ingest's own peak
+    peak = peak_rss_mib()  # the ingest's own peak
     if system != PEER:
         t1 = time.perf_counter()
         with open_store(out, writable=True) as store:

@@ -39,6 +39,12 @@ VAR_STAT_COLUMNS: dict[str, str] = {
 MODALITY_KINDS = {"RNA": "rna", "ADT": "protein", "ATAC": "atac"}
 
 Features = Literal["all", "selected"] | np.ndarray
+HASH_CHUNK = 1 << 17
+
+
+def hash_strings(values: np.ndarray) -> np.ndarray:
+    """64-bit hashes of strings: how cell ids are matched without holding the strings whole."""
+    return pd.util.hash_array(np.asarray(values, dtype=object), categorize=False)
 
 
 def modality_kind(name: str) -> str:
@@ -136,6 +142,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def obs(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """The obs table (index: ``obs_id``), optionally only some columns."""
+
+    def obs_id_hashes(self) -> np.ndarray:
+        """:func:`hash_strings` of every ``obs_id``, read in chunks (8 bytes per cell in memory)."""
+        out = np.empty(self.n_obs, dtype=np.uint64)
+        for start in range(0, self.n_obs, HASH_CHUNK):
+            stop = min(start + HASH_CHUNK, self.n_obs)
+            out[start:stop] = hash_strings(self._read_obs_ids(start, stop))
+        return out
+
+    @abc.abstractmethod
+    def _read_obs_ids(self, start: int, stop: int) -> np.ndarray: ...
 
     @property
     def obs_columns(self) -> list[str]:

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from . import create_store, open_store, parse_uri, store_exists
-from .base import Store, StoreInfo, StoreWriter, empty_var, modality_kind
+from .base import HASH_CHUNK, Store, StoreInfo, StoreWriter, empty_var, hash_strings, modality_kind
 from .errors import InputError, StoreError
 from .sources import MatrixSource, SourceSpec, open_sources
 from .uri import StoreURI
@@ -65,10 +65,11 @@ class IngestReport:
 class _Plan:
     """Everything decided in the read-only pass."""
 
-    barcodes: pd.Index
+    n: int  # new cells
+    prefix: str  # prepended to barcodes to make obs_id
     rows: dict[str, np.ndarray]  # modality -> source row per new cell (-1: absent)
     counts: dict[str, CellCounts]
-    obs: pd.DataFrame
+    obs: pd.DataFrame  # every obs column but obs_id (read per chunk from the files)
     remap: dict[str, np.ndarray | None]  # modality -> store column per source column (-1: dropped)
     n_var: dict[str, int]
 
@@ -94,31 +95,63 @@ def _remap_from_spec(src: MatrixSource, store_features: pd.Index, spec: str) -> 
     return remap
 
 
-def _rows_of(source: pd.Index, cells: pd.Index) -> np.ndarray:
-    """Row of each cell in ``source`` (-1: absent); no hash table when the order is the same."""
-    if source.equals(cells):
+def _rows_of(source: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Row of each cell (by barcode hash) in ``source`` (-1: absent); cheap when the order is the same."""
+    if np.array_equal(source, cells):
         return np.arange(len(cells), dtype=np.int64)
-    return source.get_indexer(cells)
+    return pd.Index(source).get_indexer(cells)
+
+
+def _obs_ids(sources: Sequence[MatrixSource], rows: Mapping[str, np.ndarray], prefix: str,
+             start: int, stop: int) -> np.ndarray:
+    """obs_id of new cells ``[start, stop)``, read from the files; refuses a barcode-hash collision."""
+    ids = np.empty(stop - start, dtype=object)
+    filled = np.zeros(stop - start, dtype=bool)
+    for src in sources:
+        row = rows[src.modality][start:stop]
+        present = row >= 0
+        values = np.empty(stop - start, dtype=object)
+        values[present] = src.barcodes.take(row[present])
+        both = present & filled
+        if both.any() and not (ids[both] == values[both]).all():
+            raise InputError(src.path, "obs_names", "two barcodes share a 64-bit hash; rename one of them")
+        new = present & ~filled
+        ids[new] = values[new]
+        filled |= present
+    return ids if not prefix else np.array([prefix + v for v in ids], dtype=object)
+
+
+def _source_ids(sources: Sequence[MatrixSource], rows: Mapping[str, np.ndarray], prefix: str) -> np.ndarray:
+    """Hashes of the new cells' obs_id."""
+    first = np.full(len(next(iter(rows.values()))), -1)
+    out = np.zeros(len(first), dtype=np.uint64)
+    for src in sources:
+        row = rows[src.modality]
+        take = (row >= 0) & (first < 0)
+        out[take] = src.barcodes.hashes[row[take]]
+        first[take] = 0
+    if not prefix:
+        return out
+    return np.concatenate([hash_strings(_obs_ids(sources, rows, prefix, a, min(a + HASH_CHUNK, len(out))))
+                           for a in range(0, len(out), HASH_CHUNK)])
 
 
 def _combine_obs(sources: Sequence[MatrixSource], rows: Mapping[str, np.ndarray], key: str | None) -> pd.Categorical:
     """An obs column for the new cells, from the first source that has it for each cell ("" if none)."""
     n = len(next(iter(rows.values())))
-    default = ""
-    out = np.full(n if key else 0, default, dtype=object)
     if key is None:
-        return pd.Categorical.from_codes(np.zeros(n, np.int8), [default])
+        return pd.Categorical.from_codes(np.zeros(n, np.int8), [""])
+    out = np.full(n, "", dtype=object)
     found = False
     for src in sources:
-        col = src.obs_column(key)
-        if col is None:
+        values = src.obs_column(key)
+        if values is None:
             continue
         found = True
         row = rows[src.modality]
-        values = col.to_numpy()
-        take = (row >= 0) & (out == default)
+        take = (row >= 0) & (out == "")
         vals = values[row[take]]
-        out[take] = np.where(pd.isna(vals), default, vals.astype(str))
+        out[take] = np.where(pd.isna(vals), "", vals.astype(str))
     if not found:
         raise InputError(", ".join(sorted({str(s.path) for s in sources})), f"obs/{key}",
                          "column not found in any input's obs")
@@ -162,18 +195,19 @@ def _plan(sources: Sequence[MatrixSource], opts: IngestOptions, store: Store | N
     counts = {src.modality: scan_counts(src, max_cells=opts.chunk_cells, max_nnz=opts.chunk_nnz,
                                         progress=opts.progress) for src in sources}
 
-    barcodes = sources[0].barcodes
+    # Cells are matched by 64-bit barcode hashes; strings are read per chunk when written.
+    keys = sources[0].barcodes.hashes
     for src in sources[1:]:
-        if not src.barcodes.equals(barcodes):
-            barcodes = barcodes.append(src.barcodes[~src.barcodes.isin(barcodes)])
-    if any(not s.barcodes.equals(barcodes) for s in sources):
+        if not np.array_equal(src.barcodes.hashes, keys):
+            keys = np.concatenate([keys, src.barcodes.hashes[~np.isin(src.barcodes.hashes, keys)]])
+    if any(not np.array_equal(s.barcodes.hashes, keys) for s in sources):
         for src in sources:
-            others = [o.barcodes for o in sources if o is not src]
-            if not any(src.barcodes.isin(o).any() for o in others):
+            others = [o.barcodes.hashes for o in sources if o is not src]
+            if not any(np.isin(src.barcodes.hashes, o).any() for o in others):
                 raise InputError(src.path, f"{src.modality} obs_names",
                                  "no cell barcode in common with the other modalities' files")
-    rows = {src.modality: _rows_of(src.barcodes, barcodes) for src in sources}
-    keep = np.zeros(len(barcodes), dtype=bool)
+    rows = {src.modality: _rows_of(src.barcodes.hashes, keys) for src in sources}
+    keep = np.zeros(len(keys), dtype=bool)
     for src in sources:
         row = rows[src.modality]
         present = row >= 0
@@ -190,38 +224,41 @@ def _plan(sources: Sequence[MatrixSource], opts: IngestOptions, store: Store | N
     if report.cells_dropped:
         report.warnings.append(f"{report.cells_dropped} cells dropped: zero counts in every modality")
     if not keep.all():
-        barcodes = barcodes[keep]
+        keys = keys[keep]
         rows = {mod: row[keep] for mod, row in rows.items()}
+    del keys
+    n = len(next(iter(rows.values())))
 
     dataset = opts.dataset or _default_dataset(sources)
-    obs_id = (dataset + ":" + barcodes) if opts.prefix_barcodes else barcodes
-    obs = pd.DataFrame({"obs_id": np.asarray(obs_id, dtype=object)})
+    prefix = f"{dataset}:" if opts.prefix_barcodes else ""
     if store is not None:
-        clash = pd.Index(obs["obs_id"]).isin(store.obs(columns=[]).index)
+        new_ids = _source_ids(sources, rows, prefix)
+        clash = np.isin(new_ids, store.obs_id_hashes())
         if clash.any():
+            first = _obs_ids(sources, rows, prefix, int(np.argmax(clash)), int(np.argmax(clash)) + 1)[0]
             raise InputError(sources[0].path, "obs_names", f"{int(clash.sum())} cell barcodes are already in the "
-                             f"store, e.g. {obs['obs_id'][clash].iloc[0]!r}: use --prefix-barcodes "
-                             "with a distinct --dataset")
+                             f"store, e.g. {first!r}: use --prefix-barcodes with a distinct --dataset")
+    obs = pd.DataFrame(index=pd.RangeIndex(n))
     # Categoricals: a byte or two per cell, so that memory hardly grows with the cell count.
-    obs["dataset"] = pd.Categorical.from_codes(np.zeros(len(barcodes), np.int8), [dataset])
+    obs["dataset"] = pd.Categorical.from_codes(np.zeros(n, np.int8), [dataset])
     obs["batch"] = obs["dataset"] if opts.batch_key is None else _combine_obs(sources, rows, opts.batch_key)
     obs["cell_type"] = _combine_obs(sources, rows, opts.label_key)
     all_mods = store.modalities if store is not None else [s.modality for s in sources]
     for mod in all_mods:
-        row = rows.get(mod, np.full(len(barcodes), -1))
+        row = rows.get(mod, np.full(n, -1))
         present = row >= 0
         obs[f"has_{mod}"] = present
         for col, arr in ((f"total_counts_{mod}", "total"), (f"n_features_{mod}", "nnz")):
-            values = np.zeros(len(barcodes), dtype=np.int64)
+            values = np.zeros(n, dtype=np.int64)
             if mod in counts:
                 values[present] = getattr(counts[mod], arr)[row[present]]
             obs[col] = values
         report.modalities[mod] = int(present.sum())
-    return _Plan(barcodes=barcodes, rows=rows, counts=counts, obs=obs, remap=remap, n_var=n_var)
+    return _Plan(n=n, prefix=prefix, rows=rows, counts=counts, obs=obs, remap=remap, n_var=n_var)
 
 
 def _chunk_bounds(plan: _Plan, max_cells: int, max_nnz: int) -> list[tuple[int, int]]:
-    nnz = np.zeros(len(plan.barcodes), dtype=np.int64)
+    nnz = np.zeros(plan.n, dtype=np.int64)
     for mod, row in plan.rows.items():
         present = row >= 0
         nnz[present] += plan.counts[mod].nnz[row[present]]
@@ -261,7 +298,7 @@ def _chunk_matrix(src: MatrixSource, rows: np.ndarray, remap: np.ndarray | None,
 def _write(writer: StoreWriter, sources: Sequence[MatrixSource], plan: _Plan, all_mods: Sequence[str],
            opts: IngestOptions) -> None:
     by_mod = {s.modality: s for s in sources}
-    bar = tqdm(total=len(plan.barcodes), desc="ingest", unit="cell", disable=not opts.progress)
+    bar = tqdm(total=plan.n, desc="ingest", unit="cell", disable=not opts.progress)
     for start, stop in _chunk_bounds(plan, opts.chunk_cells, opts.chunk_nnz):
         counts = {}
         for mod in all_mods:
@@ -270,7 +307,9 @@ def _write(writer: StoreWriter, sources: Sequence[MatrixSource], plan: _Plan, al
                                             plan.n_var[mod])
             else:
                 counts[mod] = sp.csr_matrix((stop - start, plan.n_var.get(mod, 0)), dtype=np.int32)
-        writer.write(start, plan.obs.iloc[start:stop], counts)
+        obs = plan.obs.iloc[start:stop].reset_index(drop=True)
+        obs.insert(0, "obs_id", _obs_ids(sources, plan.rows, plan.prefix, start, stop))
+        writer.write(start, obs, counts)
         bar.update(stop - start)
     bar.close()
 
@@ -322,7 +361,7 @@ def ingest(uri: str, specs: Sequence[SourceSpec | str], opts: IngestOptions | No
         plan = _plan(sources, opts, store, report)
         for msg in report.warnings:
             log.warning(msg)
-        n_new = len(plan.barcodes)
+        n_new = plan.n
         if store is not None:
             all_mods = store.modalities
             for mod in all_mods:

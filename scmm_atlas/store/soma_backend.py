@@ -88,6 +88,11 @@ class SomaStore(Store):
         df = self._exp.obs.read(column_names=names).concat().to_pandas()
         return df.iloc[: self.n_obs].set_index("obs_id")
 
+    def _read_obs_ids(self, start: int, stop: int) -> np.ndarray:
+        tbl = self._exp.obs.read(coords=(slice(start, stop - 1),), column_names=["soma_joinid", "obs_id"]).concat()
+        order = np.argsort(tbl.column("soma_joinid").to_numpy())
+        return tbl.column("obs_id").to_numpy(zero_copy_only=False)[order]
+
     def _read_var(self, mod: str) -> pd.DataFrame:
         df = self._exp.ms[mod].var.read().concat().to_pandas()
         return df.sort_values("soma_joinid").drop(columns="soma_joinid").reset_index(drop=True)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .base import HASH_CHUNK, hash_strings
 from .errors import InputError
 
 # Canonical names for common modality spellings; anything else is upper-cased.
@@ -43,6 +44,48 @@ def _strings(values: np.ndarray) -> np.ndarray:
     return out.astype(str).astype(object)
 
 
+class BarcodeColumn:
+    """Cell barcodes of a source, read from the file on demand; only their hashes stay in memory
+    (8 bytes per cell), so that ingest memory barely grows with the number of cells."""
+
+    def __init__(self, node: h5py.Dataset | np.ndarray) -> None:
+        self._node = node
+        self._hashes: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self._node)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        node = self._node
+        if isinstance(node, h5py.Dataset):
+            return _strings(node[start:stop])
+        return node[start:stop]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Barcodes at ``rows`` (any order), read in one span per chunk of the file."""
+        out = np.empty(len(rows), dtype=object)
+        if not len(rows):
+            return out
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        lo, hi = int(sorted_rows[0]), int(sorted_rows[-1]) + 1
+        if hi - lo <= 4 * len(rows) + HASH_CHUNK:
+            out[order] = self.read(lo, hi)[sorted_rows - lo]
+        else:
+            out[order] = [self.read(int(r), int(r) + 1)[0] for r in sorted_rows]
+        return out
+
+    @property
+    def hashes(self) -> np.ndarray:
+        if self._hashes is None:
+            n = len(self)
+            self._hashes = np.empty(n, dtype=np.uint64)
+            for start in range(0, n, HASH_CHUNK):
+                stop = min(start + HASH_CHUNK, n)
+                self._hashes[start:stop] = hash_strings(self.read(start, stop))
+        return self._hashes
+
+
 @dataclass
 class MatrixSource:
     """Counts of one modality in one file, rows = cells."""
@@ -50,12 +93,13 @@ class MatrixSource:
     path: Path
     modality: str
     field: str  # HDF5 path of the matrix, e.g. "X", "layers/counts", "mod/rna/X", "matrix"
-    barcodes: pd.Index
+    barcodes: BarcodeColumn
     var: pd.DataFrame  # index = feature ids (the store's var_id)
     group: h5py.Group | h5py.Dataset
     columns: np.ndarray | None = None  # column subset (10x files mix feature types)
     n_source_cols: int = 0  # columns in the file's matrix when ``columns`` selects a subset
-    obs_frames: list[tuple[str, h5py.Group]] = field(default_factory=list)
+    # obs dataframes to look up batch/label columns in; True: same row order as the matrix
+    obs_frames: list[tuple[h5py.Group, bool]] = field(default_factory=list)
     _indptr: np.ndarray | None = None
 
     @property
@@ -116,16 +160,19 @@ class MatrixSource:
             yield start, stop
             start = stop
 
-    def obs_column(self, name: str) -> pd.Series | None:
-        """An obs column of this modality's cells (by barcode), looked up in the file's obs frames."""
-        for _, frame in self.obs_frames:
-            if name in frame:
-                index = ad.io.read_elem(frame[frame.attrs["_index"]])
-                values = ad.io.read_elem(frame[name])
-                series = pd.Series(np.asarray(values), index=_strings(np.asarray(index)))
-                if not series.index.is_unique:
-                    continue
-                return series.reindex(self.barcodes)
+    def obs_column(self, name: str) -> np.ndarray | None:
+        """An obs column for this source's rows, from the file's obs frames (None if absent)."""
+        for frame, aligned in self.obs_frames:
+            if name not in frame:
+                continue
+            values = np.asarray(ad.io.read_elem(frame[name]), dtype=object)
+            if aligned:
+                return values
+            index = BarcodeColumn(_index_node(frame))
+            rows = pd.Index(index.hashes).get_indexer(self.barcodes.hashes)
+            out = np.full(self.n_obs, None, dtype=object)
+            out[rows >= 0] = values[rows[rows >= 0]]
+            return out
         return None
 
 
@@ -163,10 +210,17 @@ def _matrix_group(f: h5py.File | h5py.Group, key: str, where: str) -> h5py.Group
     return node
 
 
-def _frame_index(group: h5py.Group, where: str, field_: str) -> pd.Index:
+def _index_node(group: h5py.Group) -> h5py.Dataset | np.ndarray:
+    node = group[group.attrs["_index"]]
+    if isinstance(node, h5py.Dataset) and node.ndim == 1 and node.dtype.kind in "OS":
+        return node
+    return _strings(np.asarray(ad.io.read_elem(node)))  # unusual encodings: read whole
+
+
+def _frame_index(group: h5py.Group, where: str, field_: str) -> h5py.Dataset | np.ndarray:
     _require(isinstance(group, h5py.Group) and "_index" in group.attrs, where, field_,
              "missing or not an AnnData dataframe")
-    return pd.Index(_strings(np.asarray(ad.io.read_elem(group[group.attrs["_index"]]))))
+    return _index_node(group)
 
 
 def _anndata_source(path: Path, root: h5py.Group, modality: str, layer: str | None,
@@ -176,14 +230,14 @@ def _anndata_source(path: Path, root: h5py.Group, modality: str, layer: str | No
     for part in ("obs", "var"):
         _require(part in root, where, prefix + part, "missing: not an AnnData file")
     matrix = _matrix_group(root, key, where)
-    barcodes = _frame_index(root["obs"], where, prefix + "obs")
-    features = _frame_index(root["var"], where, prefix + "var")
+    barcodes = BarcodeColumn(_frame_index(root["obs"], where, prefix + "obs"))
+    features = pd.Index(_strings(_frame_index(root["var"], where, prefix + "var")[:]))
     n_rows, n_cols = matrix.shape if isinstance(matrix, h5py.Dataset) else tuple(matrix.attrs["shape"])
     _require((n_rows, n_cols) == (len(barcodes), len(features)), where, prefix + key,
              f"shape {(n_rows, n_cols)} does not match obs/var ({len(barcodes)}, {len(features)})")
-    frames = [(prefix + "obs", root["obs"])]
-    if prefix and "obs" in root.file:
-        frames.append(("obs", root.file["obs"]))
+    frames = [(root["obs"], True)]
+    if prefix and "obs" in root.file and "_index" in root.file["obs"].attrs:
+        frames.append((root.file["obs"], False))  # MuData's global obs, in its own order
     return MatrixSource(path=path, modality=modality, field=prefix + key, barcodes=barcodes,
                         var=pd.DataFrame(index=features), group=matrix, obs_frames=frames)
 
@@ -195,7 +249,7 @@ def _tenx_sources(path: Path, f: h5py.File) -> list[MatrixSource]:
     for key in ("data", "indices", "indptr", "shape", "barcodes", "features"):
         _require(key in g, where, f"matrix/{key}", "missing: not a 10x Cell Ranger .h5 file")
     n_features, n_cells = (int(v) for v in g["shape"][:])
-    barcodes = pd.Index(_strings(g["barcodes"][:]))
+    barcodes = BarcodeColumn(g["barcodes"])
     ids = _strings(g["features/id"][:])
     names = _strings(g["features/name"][:]) if "name" in g["features"] else ids
     types = _strings(g["features/feature_type"][:]) if "feature_type" in g["features"] else (

@@ -26,11 +26,17 @@ def check_names(src: MatrixSource) -> None:
     if src.n_obs == 0 or len(src.var) == 0:
         raise InputError(src.path, src.field, f"empty modality {src.modality}: "
                          f"{src.n_obs} cells x {len(src.var)} features")
-    for what, index in (("obs_names (cell barcodes)", src.barcodes), ("var_names (features)", src.var.index)):
-        if not index.is_unique:
-            dups = index[index.duplicated()].unique()
-            raise InputError(src.path, f"{src.modality} {what}",
-                             f"{len(dups)} duplicated, e.g. {dups[0]!r}: names must be unique")
+    hashes = src.barcodes.hashes
+    uniq, first, counts = np.unique(hashes, return_index=True, return_counts=True)
+    if len(uniq) != len(hashes):
+        row = int(first[np.argmax(counts > 1)])
+        raise InputError(src.path, f"{src.modality} obs_names (cell barcodes)",
+                         f"{len(hashes) - len(uniq)} duplicated, e.g. {src.barcodes.read(row, row + 1)[0]!r}: "
+                         "names must be unique")
+    if not src.var.index.is_unique:
+        dups = src.var.index[src.var.index.duplicated()].unique()
+        raise InputError(src.path, f"{src.modality} var_names (features)",
+                         f"{len(dups)} duplicated, e.g. {dups[0]!r}: names must be unique")
 
 
 def row_sums(values: np.ndarray, ptr: np.ndarray) -> np.ndarray:
@@ -42,7 +48,7 @@ def row_sums(values: np.ndarray, ptr: np.ndarray) -> np.ndarray:
 def _first_row(src: MatrixSource, start: int, ptr: np.ndarray, mask: np.ndarray) -> str:
     pos = int(np.flatnonzero(mask)[0])
     row = start + int(np.searchsorted(ptr, pos, side="right")) - 1
-    return str(src.barcodes[row])
+    return str(src.barcodes.read(row, row + 1)[0])
 
 
 def scan_counts(src: MatrixSource, *, max_cells: int, max_nnz: int, progress: bool = False) -> CellCounts:

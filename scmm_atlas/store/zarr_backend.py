@@ -109,6 +109,9 @@ class ZarrStore(Store):
         index = pd.Index(_column(g["obs_id"][: self.n_obs]), name="obs_id")
         return pd.DataFrame(data, index=index)
 
+    def _read_obs_ids(self, start: int, stop: int) -> np.ndarray:
+        return _column(self._root["obs"]["obs_id"][start:stop])
+
     def _read_var(self, mod: str) -> pd.DataFrame:
         df = ad.io.read_elem(self._root["mod"][mod]["var"])
         return df.rename_axis("var_id").reset_index()

@@ -21,7 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from . import create_store, open_store, parse_uri, store_exists
+from . import backend_for, create_store, open_store, parse_uri, store_exists
 from .base import HASH_CHUNK, Store, StoreInfo, StoreWriter, empty_var, hash_strings, modality_kind
 from .errors import InputError, StoreError
 from .sources import MatrixSource, SourceSpec, open_sources
@@ -336,8 +336,6 @@ def _remove(loc: StoreURI) -> None:
 def ingest(uri: str, specs: Sequence[SourceSpec | str], opts: IngestOptions | None = None) -> IngestReport:
     """Ingest ``specs`` into the store at ``uri`` (created, or appended to with ``opts.append``)."""
     opts = opts or IngestOptions()
-    from . import backend_for
-
     loc = parse_uri(uri)
     specs = [s if isinstance(s, SourceSpec) else SourceSpec.parse(s) for s in specs]
     if not specs:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import dask
@@ -70,17 +71,9 @@ def _reduce_blocks(store: Store, mod: str, present: np.ndarray, fn: Callable, pr
 
     parts = [dask.delayed(task, pure=True)(a, b) for a, b in _blocks(store, mod, present)]
     total = _tree_sum(parts)
-    with ProgressBar(minimum=2) if progress else _null():
+    with ProgressBar(minimum=2) if progress else nullcontext():
         (result,) = dask.compute(total, scheduler="threads", num_workers=os.cpu_count() or 1)
     return result
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _moments(n_var: int, clip: np.ndarray | None = None) -> Callable:

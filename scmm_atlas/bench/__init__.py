@@ -37,6 +37,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     module = importlib.import_module(BENCHES[args.name])
     rows = module.run(args)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
+        clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
+        Path(args.json).write_text(json.dumps({"rows": clean}, indent=2, allow_nan=False))
         print(f"rows written to {args.json}")
     return rows

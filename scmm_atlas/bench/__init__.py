@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-BENCHES = {"ingest": "scmm_atlas.bench.ingest"}
+BENCHES = {"ingest": "scmm_atlas.bench.ingest", "faithful": "scmm_atlas.bench.faithful"}
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:

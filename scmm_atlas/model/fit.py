@@ -1,0 +1,177 @@
+"""In-memory training for small data and tests (the distributed trainer lives in ``train/``).
+
+Bookkeeping follows the original scMM so that faithful mode's numbers line up with its: the
+epoch's loss is the sum of the batch losses (each summed over cells) divided by the number of
+cells in the split; beta = (epoch - 1) / W during warm-up, then 1; batches of one cell are
+skipped. Early stopping watches the validation loss only after warm-up, and the best state is
+restored at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .mmvae import MMVAE
+from .objectives import OBJECTIVES
+
+
+@dataclass
+class FitConfig:
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    amsgrad: bool = True
+    weight_decay: float = 0.0
+    warmup_epochs: int = 25
+    objective: str = "elbo"  # elbo | iwae | dreg
+    K: int = 1
+    patience: int = 10
+    seed: int = 0
+    drop_last: bool = True
+    grad_clip: float | None = None
+
+    def beta(self, epoch: int) -> float:
+        w = self.warmup_epochs
+        return (epoch - 1) / w if w > 0 and epoch <= w else 1.0
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    beta: float
+    train_loss: float  # per cell
+    val_loss: float | None
+    recon: dict[str, float]  # per cell, training pass
+    kl: float  # per cell, training pass
+    train_s: float
+    cells_per_s: float
+
+
+@dataclass
+class FitResult:
+    history: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_val: float | None = None
+    stopped_early: bool = False
+
+
+class CellData:
+    """Counts of a set of cells in memory: per modality a dense tensor (or CSR densified per batch),
+    with optional presence masks and batch codes."""
+
+    def __init__(self, counts: Mapping[str, np.ndarray | sp.spmatrix | torch.Tensor], *,
+                 mask: Mapping[str, np.ndarray] | None = None, batch: np.ndarray | None = None,
+                 dense_limit_bytes: int = 2 << 30) -> None:
+        self.names = list(counts)
+        self.n = next(iter(counts.values())).shape[0]
+        total = sum(int(np.prod(c.shape)) * 4 for c in counts.values())
+        self._dense = total <= dense_limit_bytes
+        self.counts = {m: self._prepare(c) for m, c in counts.items()}
+        self.mask = {m: torch.as_tensor(np.asarray(v), dtype=torch.bool) for m, v in mask.items()} if mask else None
+        self.batch = torch.as_tensor(np.asarray(batch), dtype=torch.long) if batch is not None else None
+
+    def _prepare(self, c: np.ndarray | sp.spmatrix | torch.Tensor) -> torch.Tensor | sp.csr_matrix:
+        if isinstance(c, torch.Tensor):
+            return c.float()
+        if sp.issparse(c) and not self._dense:
+            return sp.csr_matrix(c, dtype=np.float32)
+        if sp.issparse(c):
+            return torch.from_numpy(c.toarray().astype(np.float32))
+        return torch.from_numpy(np.asarray(c, dtype=np.float32))
+
+    def take(self, idx: np.ndarray) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None,
+                                             torch.Tensor | None]:
+        """Counts, masks and batch codes of the cells ``idx``."""
+        tidx = torch.from_numpy(idx)
+        x = {m: c.index_select(0, tidx) if isinstance(c, torch.Tensor) else torch.from_numpy(c[idx].toarray())
+             for m, c in self.counts.items()}
+        mask = {m: v[tidx] for m, v in self.mask.items()} if self.mask is not None else None
+        return x, mask, self.batch[tidx] if self.batch is not None else None
+
+
+def _batches(idx: np.ndarray, batch_size: int, *, drop_last: bool) -> list[np.ndarray]:
+    stop = len(idx) - len(idx) % batch_size if drop_last else len(idx)
+    return [idx[i : i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def evaluate(model: MMVAE, data: CellData, idx: np.ndarray, *, beta: float, batch_size: int, objective: str = "elbo",
+             K: int = 1) -> float:
+    """Per-cell loss over ``idx`` in eval mode (cells in the given order)."""
+    model.eval()
+    total = 0.0
+    obj = OBJECTIVES["iwae" if objective == "dreg" else objective]
+    kwargs = {"beta": beta} if objective == "elbo" else {}
+    with torch.no_grad():
+        for b in _batches(idx, batch_size, drop_last=False):
+            if len(b) == 1:
+                continue
+            x, mask, batch = data.take(b)
+            total += float(obj(model, x, mask=mask, batch=batch, K=K, **kwargs).loss)
+    return total / max(len(idx), 1)
+
+
+def fit(model: MMVAE, data: CellData, train_idx: np.ndarray, val_idx: np.ndarray | None, cfg: FitConfig, *,
+        on_epoch: Callable[[EpochRecord], None] | None = None) -> FitResult:
+    """Train ``model`` on ``train_idx``; early-stop on ``val_idx`` (never on test cells)."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, amsgrad=cfg.amsgrad, weight_decay=cfg.weight_decay)
+    objective = OBJECTIVES[cfg.objective]
+    result = FitResult()
+    best_state, bad_epochs = None, 0
+    train_idx = np.asarray(train_idx)
+    for epoch in range(1, cfg.epochs + 1):
+        beta = cfg.beta(epoch)
+        model.train()
+        order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
+        total, recon, kl, seen = 0.0, {}, 0.0, 0
+        t0 = time.perf_counter()
+        for b in _batches(order, cfg.batch_size, drop_last=cfg.drop_last):
+            if len(b) == 1:
+                continue
+            x, mask, batch = data.take(b)
+            kwargs = {"beta": beta} if cfg.objective == "elbo" else {}
+            out = objective(model, x, mask=mask, batch=batch, K=cfg.K, **kwargs)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            total += float(out.loss.detach())
+            for k, v in out.recon.items():
+                recon[k] = recon.get(k, 0.0) + v
+            kl += out.kl
+            seen += len(b)
+        train_s = time.perf_counter() - t0
+        n_train = max(len(train_idx), 1)
+        val = None
+        if val_idx is not None and len(val_idx):
+            val = evaluate(model, data, np.asarray(val_idx), beta=beta, batch_size=cfg.batch_size,
+                           objective=cfg.objective, K=cfg.K)
+        rec = EpochRecord(epoch=epoch, beta=beta, train_loss=total / n_train, val_loss=val,
+                          recon={k: v / n_train for k, v in recon.items()}, kl=kl / n_train, train_s=train_s,
+                          cells_per_s=seen / max(train_s, 1e-9))
+        result.history.append(rec)
+        if on_epoch is not None:
+            on_epoch(rec)
+        if val is None or epoch <= cfg.warmup_epochs:
+            continue
+        if result.best_val is None or val < result.best_val:
+            result.best_val, result.best_epoch, bad_epochs = val, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                result.stopped_early = True
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return result

@@ -1,0 +1,187 @@
+"""The MoE-MMVAE, its objectives and the in-memory trainer, on small tensors."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from scmm_atlas.model import MMVAE, MMVAEConfig, moe_dreg, moe_elbo, moe_iwae
+from scmm_atlas.model.fit import CellData, FitConfig, fit
+from scmm_atlas.model.objectives import log_likelihoods
+
+
+def _config(**kw) -> MMVAEConfig:
+    mods = kw.pop("modalities", {"RNA": {"n_features": 40, "likelihood": "nb", "hidden": 16},
+                                 "ADT": {"n_features": 6, "likelihood": "nb", "hidden": 8}})
+    return MMVAEConfig(modalities=mods, latent_dim=kw.pop("latent_dim", 4), **kw)
+
+
+def _synthetic(n: int = 200, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two groups of cells with different RNA and ADT profiles."""
+    g = torch.Generator().manual_seed(seed)
+    group = torch.arange(n) % 2
+    rna_rate = torch.where(group[:, None] == 0, torch.linspace(0.1, 3, 40), torch.linspace(3, 0.1, 40))
+    adt_rate = torch.where(group[:, None] == 0, torch.tensor([50.0, 5, 20, 1, 80, 10]),
+                           torch.tensor([5.0, 50, 2, 30, 10, 80]))
+    return {"RNA": torch.poisson(rna_rate, generator=g), "ADT": torch.poisson(adt_rate, generator=g)}
+
+
+@pytest.mark.parametrize("faithful", [True, False])
+def test_zero_library_cells_give_no_nan(faithful: bool) -> None:
+    torch.manual_seed(0)
+    model = MMVAE(_config(faithful=faithful))
+    x = _synthetic(16)
+    x["RNA"][3] = 0
+    x["ADT"][5] = 0
+    out = moe_elbo(model, x, beta=1.0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch.isfinite(model.embed(x)).all()
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "layernorm"])
+def test_missing_modality_is_masked_not_faked(norm: str) -> None:
+    torch.manual_seed(0)
+    model = MMVAE(_config(norm=norm))
+    x = _synthetic(20)
+    mask = {"RNA": torch.ones(20, dtype=torch.bool), "ADT": torch.arange(20) >= 5}  # cells 0-4: RNA only
+    seen = []
+    model.encoders["ADT"].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    torch.manual_seed(1)
+    loss_a = moe_elbo(model, x, mask=mask).loss
+    assert seen[-1] == 15  # the ADT encoder saw only cells that have ADT
+    x_b = {k: v.clone() for k, v in x.items()}
+    x_b["ADT"][:5] = 1e4  # garbage where ADT is absent must not matter
+    torch.manual_seed(1)
+    loss_b = moe_elbo(model, x_b, mask=mask).loss
+    torch.testing.assert_close(loss_a, loss_b)
+
+
+def test_rna_only_cell_objective_uses_its_own_expert() -> None:
+    """A cell with one modality: objective = log p(x_RNA | z_RNA) - beta KL(q_RNA || p), not halved."""
+    torch.manual_seed(0)
+    model = MMVAE(_config(norm="layernorm")).eval()
+    x = _synthetic(6)
+    mask = {"RNA": torch.ones(6, dtype=torch.bool), "ADT": torch.tensor([False, True, True, True, True, True])}
+    torch.manual_seed(3)
+    total = moe_elbo(model, x, mask=mask, beta=0.5).loss
+    torch.manual_seed(3)
+    out = model(x, mask=mask)
+    lpx = log_likelihoods(model, out, x)
+    from scmm_atlas.model.distributions import kl_laplace
+
+    kl = {e: kl_laplace(out.qz[e], model.prior()).sum(-1) for e in model.names}
+    cell0 = lpx["RNA"][0, 0, 0] - 0.5 * kl["RNA"][0]
+    others = sum((lpx["RNA"][i, 0, 1:] + lpx["ADT"][i, 0, 1:] - 0.5 * kl[e][1:]) for i, e in enumerate(model.names)) / 2
+    torch.testing.assert_close(total, -(cell0 + others.sum()))
+
+
+def test_three_modalities_and_batch_covariates() -> None:
+    torch.manual_seed(0)
+    mods = {"RNA": {"n_features": 30, "likelihood": "nb_disp"}, "ADT": {"n_features": 5, "likelihood": "nb_disp"},
+            "ATAC": {"n_features": 50, "likelihood": "bernoulli"}}
+    model = MMVAE(_config(modalities=mods, n_batches=3, batch_in_encoder=True, norm="layernorm", dropout=0.1))
+    g = torch.Generator().manual_seed(0)
+    x = {"RNA": torch.poisson(torch.rand(12, 30, generator=g) * 3), "ADT": torch.poisson(torch.ones(12, 5) * 20),
+         "ATAC": (torch.rand(12, 50, generator=g) < 0.1).float()}
+    batch = torch.arange(12) % 3
+    out = model(x, batch=batch, K=2)
+    assert out.zs["ATAC"].shape == (2, 12, 4)
+    loss = moe_elbo(model, x, batch=batch, K=2)
+    loss.loss.backward()
+    assert set(loss.recon) == {"RNA", "ADT", "ATAC"}
+    assert model.decoders["RNA"].log_theta.shape == (3, 30)  # per-batch dispersion
+    assert model.decoders["RNA"].log_theta.grad is not None
+
+
+def _trained_tiny_model(seed: int = 0) -> tuple[MMVAE, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    model = MMVAE(_config(norm="layernorm", faithful=False))
+    data = CellData(_synthetic(120))
+    fit(model, data, np.arange(120), None, FitConfig(epochs=15, batch_size=40, lr=1e-2, warmup_epochs=0, seed=seed))
+    return model.eval(), {k: v[:40] for k, v in _synthetic(120, seed=5).items()}
+
+
+def test_iwae_bound_above_elbo_and_grows_with_k() -> None:
+    model, x = _trained_tiny_model()
+    bounds = {}
+    with torch.no_grad():
+        for k in (1, 5, 30):
+            vals = []
+            for s in range(20):
+                torch.manual_seed(100 + s)
+                vals.append(-float(moe_iwae(model, x, K=k).loss))
+            bounds[k] = np.mean(vals)
+        elbo = []
+        for s in range(20):
+            torch.manual_seed(100 + s)
+            elbo.append(-float(moe_elbo(model, x, beta=1.0).loss))
+    assert bounds[1] >= np.mean(elbo)
+    assert bounds[1] < bounds[5] < bounds[30]
+
+
+def test_dreg_gradient_matches_iwae_in_expectation_with_lower_variance() -> None:
+    model, x = _trained_tiny_model()
+    params = list(model.encoders.parameters())
+
+    def grads(objective) -> np.ndarray:
+        out = []
+        for s in range(150):
+            torch.manual_seed(1000 + s)
+            model.zero_grad()
+            objective(model, x, K=8).loss.backward()
+            out.append(torch.cat([p.grad.flatten() for p in params]).numpy().copy())
+        return np.stack(out)
+
+    g_iwae, g_dreg = grads(moe_iwae), grads(moe_dreg)
+    mean_i, mean_d = g_iwae.mean(0), g_dreg.mean(0)
+    se = np.sqrt(g_iwae.var(0) / len(g_iwae) + g_dreg.var(0) / len(g_dreg))
+    big = np.abs(mean_i) > 3 * se  # coordinates whose expected gradient is clearly non-zero
+    assert big.sum() > 20
+    z = (mean_i - mean_d) / (se + 1e-12)
+    assert np.mean(np.abs(z) < 3) > 0.95  # same expectation within sampling error
+    cos = mean_i @ mean_d / (np.linalg.norm(mean_i) * np.linalg.norm(mean_d))
+    assert cos > 0.9
+    assert g_dreg.var(0).sum() < 0.5 * g_iwae.var(0).sum()  # measurably lower variance
+
+
+def test_fit_is_deterministic_and_converges() -> None:
+    def run() -> list[float]:
+        torch.manual_seed(0)
+        model = MMVAE(_config())
+        data = CellData(_synthetic(200))
+        res = fit(model, data, np.arange(160), np.arange(160, 200),
+                  FitConfig(epochs=12, batch_size=32, lr=3e-3, warmup_epochs=4, seed=7))
+        return [r.train_loss for r in res.history] + [r.val_loss for r in res.history]
+
+    a, b = run(), run()
+    assert a == b
+    train = a[:12]
+    assert train[-1] < 0.7 * train[0]
+
+
+def test_early_stopping_on_validation_restores_best() -> None:
+    torch.manual_seed(0)
+    model = MMVAE(_config(norm="layernorm"))
+    data = CellData(_synthetic(200))
+    val = np.arange(160, 200)
+    states = {}
+    # A large learning rate makes validation noisy, so that patience runs out.
+    cfg = FitConfig(epochs=60, batch_size=16, lr=5e-2, warmup_epochs=2, patience=3, seed=0)
+    res = fit(model, data, np.arange(160), val, cfg,
+              on_epoch=lambda rec: states.__setitem__(rec.epoch, copy.deepcopy(model.state_dict())))
+    assert res.stopped_early and len(res.history) < cfg.epochs
+    assert res.best_epoch > cfg.warmup_epochs
+    assert len(res.history) == res.best_epoch + cfg.patience
+    assert res.best_val == min(r.val_loss for r in res.history if r.epoch > cfg.warmup_epochs)
+    for key, value in model.state_dict().items():  # the best epoch's weights, not the last ones
+        torch.testing.assert_close(value, states[res.best_epoch][key])
+
+
+def test_fewer_than_two_modalities_refused() -> None:
+    with pytest.raises(ValueError, match="at least two modalities"):
+        MMVAEConfig(modalities={"RNA": {"n_features": 3}})

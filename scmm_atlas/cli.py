@@ -85,7 +85,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cells", type=int, help="cells to generate (bench default if omitted)")
     p.add_argument("--genes", type=int, help="genes to generate (bench default if omitted)")
     p.add_argument("--workdir", metavar="DIR", help="where generated data and stores go (default: a temp dir)")
-    p.add_argument("--no-scaling", action="store_true", help="skip the run at twice the cells")
+    p.add_argument("--no-scaling", action="store_true", help="skip the run at twice the cells (ingest)")
+    p.add_argument("--epochs", type=int, metavar="N", help="cap training epochs (quality; default: the configs')")
 
 
 def build_parser() -> argparse.ArgumentParser:

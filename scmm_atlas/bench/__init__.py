@@ -14,7 +14,12 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-BENCHES = {"ingest": "scmm_atlas.bench.ingest", "faithful": "scmm_atlas.bench.faithful"}
+BENCHES = {
+    "ingest": "scmm_atlas.bench.ingest",
+    "faithful": "scmm_atlas.bench.faithful",
+    "step": "scmm_atlas.bench.step",
+    "quality": "scmm_atlas.bench.quality",
+}
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:

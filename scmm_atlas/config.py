@@ -1,0 +1,120 @@
+"""Typed run configs: ``configs/*.yaml`` plus ``key=value`` overrides (dotted keys).
+
+Example: ``load_config("configs/atlas_cite.yaml", ["train.lr=3e-4", "model.latent_dim=30"])``.
+A key that the file does not have is an error, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .model import MMVAEConfig, ModalitySpec
+from .model.fit import FitConfig
+from .store.errors import InputError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class ModelSection:
+    faithful: bool = False
+    latent_dim: int = 20
+    norm: str = "layernorm"
+    dropout: float = 0.1
+    learn_prior: bool = True
+    batch_covariate: bool = True
+    modalities: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def build(self, n_features: Mapping[str, int], n_batches: int = 0) -> MMVAEConfig:
+        """The model config for the modalities present in the data (their feature counts)."""
+        mods = {}
+        for name, n in n_features.items():
+            spec = dict(self.modalities.get(name, {}))
+            mods[name] = ModalitySpec(n_features=int(n), **spec)
+        return MMVAEConfig(modalities=mods, latent_dim=self.latent_dim, faithful=self.faithful, norm=self.norm,
+                           dropout=self.dropout, learn_prior=self.learn_prior,
+                           n_batches=n_batches if self.batch_covariate and n_batches > 1 else 0)
+
+
+@dataclass
+class FeatureSection:
+    n_top_genes: int = 5000
+    atac_quantile: float = 0.75
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection
+    train: FitConfig
+    features: FeatureSection
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dict(vars(self.model)), "train": dict(vars(self.train)),
+                "features": dict(vars(self.features))}
+
+
+def _set(tree: dict[str, Any], dotted: str, raw: str, where: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            raise InputError(where, dotted, f"no such config key (known: {sorted(node)})")
+        node = node[key]
+    if keys[-1] not in node and not (len(keys) >= 3 and keys[0] == "model" and keys[1] == "modalities"):
+        raise InputError(where, dotted, f"no such config key (known: {sorted(node)})")
+    node[keys[-1]] = _parse(raw)
+
+
+def _parse(raw: str) -> Any:
+    """A YAML scalar; numbers such as ``3e-4`` (a string to YAML 1.1) become floats."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _section(cls: type, data: Mapping[str, Any] | None, where: str, name: str) -> Any:
+    data = dict(data or {})
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise InputError(where, name, f"unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    return cls(**data)
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config (a path, or a name under ``configs/``) and apply ``key=value`` overrides."""
+    p = Path(path)
+    if not p.exists() and (CONFIG_DIR / p).exists():
+        p = CONFIG_DIR / p
+    if not p.exists() and (CONFIG_DIR / f"{p}.yaml").exists():
+        p = CONFIG_DIR / f"{p}.yaml"
+    if not p.is_file():
+        raise InputError(p, "path", "config file not found")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(p, "yaml", f"not valid YAML ({str(exc).splitlines()[0]})") from None
+    tree = copy.deepcopy(tree)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(item, "override", "expected key=value")
+        _set(tree, key.strip(), value, str(p))
+    unknown = set(tree) - {"model", "train", "features"}
+    if unknown:
+        raise InputError(p, "sections", f"unknown sections {sorted(unknown)}")
+    return RunConfig(model=_section(ModelSection, tree.get("model"), str(p), "model"),
+                     train=_section(FitConfig, tree.get("train"), str(p), "train"),
+                     features=_section(FeatureSection, tree.get("features"), str(p), "features"), source=str(p))

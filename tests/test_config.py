@@ -1,0 +1,45 @@
+"""Run configs: the shipped YAML files, overrides, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scmm_atlas.config import CONFIG_DIR, load_config
+from scmm_atlas.model import MMVAE
+from scmm_atlas.store.errors import InputError
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_builds_a_model(path: Path) -> None:
+    cfg = load_config(path)
+    mods = list(cfg.model.modalities)[:2]
+    model = MMVAE(cfg.model.build({m: 7 for m in mods}, n_batches=3))
+    assert set(model.names) == set(mods)
+
+
+def test_faithful_config_is_the_original() -> None:
+    cfg = load_config("faithful_scmm")
+    assert cfg.model.faithful and cfg.model.latent_dim == 10 and cfg.model.norm == "batchnorm"
+    assert cfg.model.modalities["RNA"] == {"likelihood": "nb", "hidden": 100, "n_layers": 2}
+    assert cfg.model.modalities["ADT"]["hidden"] == 20
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_epochs, cfg.train.amsgrad) == (32, 1e-4, 25, True)
+    assert cfg.train.beta(1) == 0.0 and cfg.train.beta(26) == 1.0 and cfg.train.beta(13) == pytest.approx(12 / 25)
+    built = cfg.model.build({"RNA": 50, "ADT": 5}, n_batches=4)
+    assert built.n_batches == 0 and built.faithful
+
+
+def test_overrides_and_errors(tmp_path: Path) -> None:
+    cfg = load_config("atlas_cite", ["train.lr=3e-4", "model.latent_dim=30", "model.modalities.RNA.hidden=64"])
+    assert cfg.train.lr == 3e-4 and cfg.model.latent_dim == 30 and cfg.model.modalities["RNA"]["hidden"] == 64
+    with pytest.raises(InputError, match=r"train\.lrr: no such config key"):
+        load_config("atlas_cite", ["train.lrr=1"])
+    with pytest.raises(InputError, match="expected key=value"):
+        load_config("atlas_cite", ["train.lr"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {latent_dim: 5, colour: red}\n")
+    with pytest.raises(InputError, match=r"unknown keys \['colour'\]"):
+        load_config(bad)
+    with pytest.raises(InputError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")

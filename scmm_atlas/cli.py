@@ -87,6 +87,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", metavar="DIR", help="where generated data and stores go (default: a temp dir)")
     p.add_argument("--no-scaling", action="store_true", help="skip the run at twice the cells (ingest)")
     p.add_argument("--epochs", type=int, metavar="N", help="cap training epochs (quality; default: the configs')")
+    p.add_argument("--seeds", type=int, metavar="N", help="initialisations averaged per config (faithful; default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:

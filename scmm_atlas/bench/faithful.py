@@ -81,7 +81,7 @@ def run_config(name: str, data: dict[str, sp.csr_matrix], *, seed: int, epochs: 
 
 def run(args: argparse.Namespace) -> list[dict]:
     configs = ["A", "C", "F"]
-    seeds = [0, 1, 2]
+    seeds = list(range(getattr(args, "seeds", None) or 1))
     rows = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(args.workdir) / "faithful_data" if args.workdir else Path(tmp)

@@ -5,9 +5,13 @@ model treats as a missing measurement (scvi-tools' own recipe for mosaic data). 
 cells' RNA is seen during training, unlike a model that only encodes new cells afterwards; their second modality
 never is. ``train_s`` times model set-up and training; predictions and embeddings are computed afterwards.
 
-Epoch caps (measured on 2 CPU cores, full datasets): scvi-tools' defaults (totalVI 400 epochs for <20k cells,
-MultiVI 500) would take far longer than a benchmark run can, so ``TOTALVI_EPOCHS``/``MULTIVI_EPOCHS`` cap each
-peer at roughly 3-4 minutes of training; early stopping on the validation ELBO stays on as in scvi-tools.
+Epoch caps, so that each peer trains in about 3-4 minutes on 2 CPU cores on the full datasets (measured on the
+scmm-atlas dev machine, whose speed varied about 2x between runs): totalVI 50 epochs on pbmc10k_cite (2.8-5 s per
+epoch; scvi-tools' default would be 400), MultiVI 10 epochs on mouse_cortex_snare (13-35 s per epoch, dominated by
+the 25,734-region encoders and decoder; default 500). Everything else is scvi-tools' default, including the KL
+warm-up, which therefore does not finish within the cap (totalVI: 0.75 x n_cells steps, about 230 epochs here;
+MultiVI: 50 epochs). At these caps MultiVI is far from converged (its default learning rate is 1e-4); pass a larger
+``max_epochs`` where more compute is available. scvi-tools is an optional ([bench]) dependency, imported lazily.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-TOTALVI_EPOCHS = 100
-MULTIVI_EPOCHS = 30
+TOTALVI_EPOCHS = 50
+MULTIVI_EPOCHS = 10
 PAIRED, HELD_OUT = "paired", "held_out"
 
 
@@ -95,10 +99,11 @@ def run_multivi(rna_train: sp.spmatrix, atac_train: sp.spmatrix, rna_test: sp.sp
     """Train MultiVI on paired training cells plus the held-out cells as RNA-only cells (all-zero ATAC).
 
     MultiVI's mosaic handling: a cell whose ATAC row sums to zero gets its latent from the expression encoder alone
-    and no accessibility loss. As in the scvi-tools MultiVI tutorial, the modality (paired / RNA-only) is the batch
-    key, which drives the adversarial mixing of the two; library pools (``batch_train``/``batch_test``) enter as a
-    categorical covariate. Held-out accessibility is ``get_normalized_accessibility`` decoded as if the cells were
-    paired (the ATAC decoder is never trained on the RNA-only batch), with region factors, without cell factors.
+    and no accessibility loss (as would a training cell without ATAC counts; mouse_cortex_snare has none). As in the
+    scvi-tools MultiVI tutorial, the modality (paired / RNA-only) is the batch key, which drives the adversarial
+    mixing of the two; library pools (``batch_train``/``batch_test``) enter as a categorical covariate. Held-out
+    accessibility is ``get_normalized_accessibility`` decoded as if the cells were paired (the ATAC decoder is never
+    trained on the RNA-only batch), with region factors, without cell factors.
     Returns ``embedding_train`` (joint latent means), ``atac_pred_test``, ``train_s`` and ``epochs``.
     """
     import scvi

@@ -35,8 +35,8 @@ SETS = {
 }
 
 
-def load_set(key: str, work: Path) -> tuple[dict[str, sp.csr_matrix], np.ndarray, np.ndarray]:
-    """Selected features of each modality, labels and batch codes, through our store."""
+def load_set(key: str, work: Path) -> tuple[dict[str, sp.csr_matrix], dict[str, list[str]], np.ndarray, np.ndarray]:
+    """Selected features of each modality (counts and names), labels and batch codes, through our store."""
     folder, inputs, _, config, batch_key = SETS[key]
     uri = work / f"{folder}.zarr"
     cfg = load_config(config)
@@ -45,8 +45,10 @@ def load_set(key: str, work: Path) -> tuple[dict[str, sp.csr_matrix], np.ndarray
                          progress=False))
     with open_store(uri) as store:
         counts = {m: store.read(m, 0, store.n_obs, features="selected").astype(np.float32) for m in store.modalities}
+        names = {m: list(store.feature_names(m, "selected")) for m in store.modalities}
         obs = store.obs()
-    return counts, obs["cell_type"].to_numpy().astype(str), obs["batch"].astype("category").cat.codes.to_numpy()
+    batch = obs["batch"].astype("category").cat.codes.to_numpy()
+    return counts, names, obs["cell_type"].to_numpy().astype(str), batch
 
 
 def split(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,7 +93,7 @@ def embed_and_predict(model: MMVAE, counts: dict[str, sp.csr_matrix], batch: np.
 
 def run_set(key: str, work: Path, *, epochs: int | None) -> list[dict]:
     folder, _, target, config, _ = SETS[key]
-    counts, labels, batch = load_set(key, work)
+    counts, names, labels, batch = load_set(key, work)
     train, val, test = split(len(labels))
     fitted = np.sort(np.concatenate([train, val]))  # the 90 % every method trains on
     observed = counts[target][test].toarray()
@@ -105,10 +107,12 @@ def run_set(key: str, work: Path, *, epochs: int | None) -> list[dict]:
 
     rna = counts["RNA"]
     if target == "ADT":
-        peer = run_totalvi(rna[fitted], counts["ADT"][fitted], rna[test])
+        peer = run_totalvi(rna[fitted], counts["ADT"][fitted], rna[test], protein_names=names["ADT"],
+                           gene_names=names["RNA"])
         name, pred = "totalVI", peer["adt_pred_test"]
     else:
-        peer = run_multivi(rna[fitted], counts["ATAC"][fitted], rna[test], batch_train=batch[fitted])
+        peer = run_multivi(rna[fitted], counts["ATAC"][fitted], rna[test], batch_train=batch[fitted],
+                           batch_test=batch[test], gene_names=names["RNA"], region_names=names["ATAC"])
         name, pred = "MultiVI", peer["atac_pred_test"]
     rows.append(_row(name, folder, peer["embedding_train"], labels[fitted], pred, observed, peer["train_s"]))
     print(f"  {name} on {folder}: {peer['train_s']:.0f} s", flush=True)

@@ -75,7 +75,7 @@ class CellData:
         self._dense = total <= dense_limit_bytes
         self.counts = {m: self._prepare(c) for m, c in counts.items()}
         self.mask = {m: torch.as_tensor(np.asarray(v), dtype=torch.bool) for m, v in mask.items()} if mask else None
-        self.batch = torch.as_tensor(np.asarray(batch), dtype=torch.long) if batch is not None else None
+        self.batch = torch.as_tensor(np.array(batch, dtype=np.int64)) if batch is not None else None
 
     def _prepare(self, c: np.ndarray | sp.spmatrix | torch.Tensor) -> torch.Tensor | sp.csr_matrix:
         if isinstance(c, torch.Tensor):

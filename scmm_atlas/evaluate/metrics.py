@@ -1,0 +1,119 @@
+"""Quality metrics applied identically to every method (ours, totalVI, MultiVI, the kNN baseline).
+
+Conventions:
+
+- Clustering: exact kNN graph on the embedding (scanpy, sklearn transformer), Leiden (igraph flavour). The
+  resolution is picked without labels, the same way for every method: ``RESOLUTIONS`` (0.05 to 2.0 in steps of 0.05)
+  is scanned and the resolution whose cluster count is closest to the number of distinct (non-excluded) labels
+  wins, ties going to the smaller resolution. All cells are clustered; ARI/NMI are computed only on cells whose
+  label is not in ``exclude`` (by default ``'unknown'`` is left out of the label metrics).
+- Prediction: per feature, across cells, correlation between prediction and observation after both are normalised
+  to 10,000 per cell over that modality's features and log1p-transformed; features constant (after that transform)
+  in either are skipped. Normalising the prediction too puts any non-negative prediction (expected counts, rates,
+  probabilities) on one scale; Spearman is unaffected by the log but not by the normalisation.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+import scipy.sparse as sp
+from scipy.stats import rankdata
+from sklearn.decomposition import PCA
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.neighbors import NearestNeighbors
+
+RESOLUTIONS = tuple(float(r) for r in np.round(np.arange(0.05, 2.001, 0.05), 2))
+TARGET_SUM = 1e4
+
+
+def cluster_scores(embedding: np.ndarray, labels: np.ndarray, *, exclude: tuple[str, ...] = ("unknown",),
+                   n_neighbors: int = 15, seed: int = 0) -> dict:
+    """ARI/NMI of Leiden clusters of ``embedding`` against ``labels``; resolution chosen label-free (module doc).
+
+    Returns ``ari``, ``nmi``, ``resolution`` and ``n_clusters`` (at the chosen resolution).
+    """
+    labels = np.asarray(labels).astype(str)
+    if len(labels) != len(embedding):
+        raise ValueError(f"{len(embedding)} embedding rows but {len(labels)} labels")
+    keep = ~np.isin(labels, list(exclude))
+    n_labels = len(np.unique(labels[keep]))
+    adata = ad.AnnData(np.ascontiguousarray(embedding, dtype=np.float32))
+    sc.pp.neighbors(adata, n_neighbors=n_neighbors, use_rep="X", transformer="sklearn", random_state=seed)
+    best: tuple[int, float, np.ndarray] | None = None
+    for resolution in RESOLUTIONS:
+        sc.tl.leiden(adata, resolution=resolution, flavor="igraph", n_iterations=2, directed=False,
+                     random_state=seed)
+        clusters = adata.obs["leiden"].to_numpy()
+        gap = abs(len(np.unique(clusters)) - n_labels)
+        if best is None or gap < best[0]:  # strict: ties keep the smaller resolution
+            best = (gap, resolution, clusters)
+        if gap == 0:
+            break
+    _, resolution, clusters = best
+    return {
+        "ari": float(adjusted_rand_score(labels[keep], clusters[keep])),
+        "nmi": float(normalized_mutual_info_score(labels[keep], clusters[keep])),
+        "resolution": resolution,
+        "n_clusters": len(np.unique(clusters)),
+    }
+
+
+def _log_normalised(x: np.ndarray | sp.spmatrix) -> np.ndarray:
+    """Dense log1p of rows scaled to ``TARGET_SUM`` (all-zero rows stay zero)."""
+    x = x.toarray() if sp.issparse(x) else np.asarray(x)
+    x = x.astype(np.float64)
+    totals = x.sum(axis=1, keepdims=True)
+    return np.log1p(x / np.where(totals > 0, totals, 1.0) * TARGET_SUM)
+
+
+def _columnwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r per column; NaN where either column is constant."""
+    a = a - a.mean(axis=0)
+    b = b - b.mean(axis=0)
+    denom = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
+    valid = (np.ptp(a, axis=0) > 0) & (np.ptp(b, axis=0) > 0)
+    out = np.full(a.shape[1], np.nan)
+    out[valid] = (a[:, valid] * b[:, valid]).sum(axis=0) / denom[valid]
+    return out
+
+
+def feature_correlations(pred: np.ndarray | sp.spmatrix, observed: np.ndarray | sp.spmatrix) -> dict:
+    """Per-feature Pearson/Spearman across cells, both sides normalised to 10k per cell and log1p (module doc).
+
+    ``pearson``/``spearman`` are means over features that vary in both prediction and observation; the
+    ``*_per_feature`` arrays hold NaN for the skipped features.
+    """
+    if pred.shape != observed.shape:
+        raise ValueError(f"prediction {pred.shape} and observation {observed.shape} differ in shape")
+    p, o = _log_normalised(pred), _log_normalised(observed)
+    pearson = _columnwise_pearson(p, o)
+    spearman = _columnwise_pearson(rankdata(p, axis=0), rankdata(o, axis=0))
+    return {
+        "pearson": float(np.nanmean(pearson)) if np.isfinite(pearson).any() else float("nan"),
+        "spearman": float(np.nanmean(spearman)) if np.isfinite(spearman).any() else float("nan"),
+        "pearson_per_feature": pearson,
+        "spearman_per_feature": spearman,
+    }
+
+
+def knn_regression(train_rna: np.ndarray | sp.spmatrix, train_target: np.ndarray | sp.spmatrix,
+                   test_rna: np.ndarray | sp.spmatrix, *, n_pcs: int = 50, k: int = 15, seed: int = 0) -> np.ndarray:
+    """The kNN regression baseline in RNA PCA space: predicts a second modality from RNA without any model.
+
+    RNA counts -> log1p counts per 10k -> PCA fitted on the training cells; each test cell gets the mean of its
+    ``k`` nearest training cells' target, normalised to 10k per cell. Returns a dense (n_test, n_target) array.
+    """
+    train_x, test_x = _log_normalised(train_rna), _log_normalised(test_rna)
+    n_components = min(n_pcs, train_x.shape[0] - 1, train_x.shape[1] - 1)
+    pca = PCA(n_components=n_components, svd_solver="randomized", random_state=seed).fit(train_x)
+    index = NearestNeighbors(n_neighbors=min(k, train_x.shape[0])).fit(pca.transform(train_x))
+    neighbours = index.kneighbors(pca.transform(test_x), return_distance=False)
+    target = sp.csr_matrix(train_target, dtype=np.float64)
+    totals = np.asarray(target.sum(axis=1)).ravel()
+    target = sp.diags(np.where(totals > 0, TARGET_SUM / np.where(totals > 0, totals, 1.0), 0.0)) @ target
+    n_test, n_k = neighbours.shape
+    weights = sp.csr_matrix((np.full(n_test * n_k, 1.0 / n_k), neighbours.ravel(),
+                             np.arange(0, n_test * n_k + 1, n_k)), shape=(n_test, target.shape[0]))
+    return (weights @ target).toarray()

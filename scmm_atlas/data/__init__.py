@@ -1,5 +1,5 @@
-"""The data layer: shuffle plans (pure, seeded, testable without Ray). The Ray Data datasource and
-the per-worker iterator come with the loader issue."""
+"""The data layer: shuffle plans (pure, seeded, testable without Ray), sparse blocks, the shuffle
+buffer and dense minibatches. The Ray Data datasource is still to come (loader issue)."""
 
 from .plan import BlockShufflePlan, LoadRequest
 

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from ..config import load_config
-from ..evaluate.metrics import cluster_scores, feature_correlations, knn_regression
+from ..evaluate.metrics import cluster_scores, feature_correlations, knn_regression, rna_pca
 from ..model import MMVAE
 from ..model.fit import CellData, fit
 from ..store import open_store
@@ -122,12 +122,9 @@ def run_set(key: str, work: Path, *, epochs: int | None) -> list[dict]:
                      epochs=peer["epochs"]))
     print(f"  {name} on {folder}: {peer['train_s']:.0f} s", flush=True)
     t0 = time.perf_counter()
-    from sklearn.decomposition import PCA
-
     knn_pred = knn_regression(rna[fitted], counts[target][fitted].toarray(), rna[test])
-    lognorm = np.log1p(rna[fitted].toarray() / np.maximum(rna[fitted].sum(1).A, 1) * 1e4)
-    pcs = PCA(n_components=50, random_state=0).fit_transform(lognorm)
-    rows.append(_row("knn", folder, pcs, labels[fitted], knn_pred, observed, time.perf_counter() - t0))
+    rows.append(_row("knn", folder, rna_pca(rna[fitted]), labels[fitted], knn_pred, observed,
+                     time.perf_counter() - t0))
     return rows
 
 

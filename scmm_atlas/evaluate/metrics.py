@@ -98,6 +98,13 @@ def feature_correlations(pred: np.ndarray | sp.spmatrix, observed: np.ndarray | 
     }
 
 
+def rna_pca(rna: np.ndarray | sp.spmatrix, *, n_pcs: int = 50, seed: int = 0) -> np.ndarray:
+    """RNA embedded the baseline's way: log1p counts per 10k, then PCA (the kNN row's embedding)."""
+    x = _log_normalised(rna)
+    n_components = min(n_pcs, x.shape[0] - 1, x.shape[1] - 1)
+    return PCA(n_components=n_components, svd_solver="randomized", random_state=seed).fit_transform(x)
+
+
 def knn_regression(train_rna: np.ndarray | sp.spmatrix, train_target: np.ndarray | sp.spmatrix,
                    test_rna: np.ndarray | sp.spmatrix, *, n_pcs: int = 50, k: int = 15, seed: int = 0) -> np.ndarray:
     """The kNN regression baseline in RNA PCA space: predicts a second modality from RNA without any model.

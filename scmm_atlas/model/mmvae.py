@@ -76,6 +76,10 @@ class MMVAE(nn.Module):
             for m, s in cfg.modalities.items()})
         self.prior_logits = nn.Parameter(torch.zeros(1, cfg.latent_dim), requires_grad=cfg.learn_prior)
 
+    def full_mask(self, x: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every cell has every modality (paired data)."""
+        return {m: torch.ones(x[m].shape[0], dtype=torch.bool, device=x[m].device) for m in self.names}
+
     # -- distributions -------------------------------------------------------------------------
     def prior(self) -> Laplace:
         """Laplace(0, softmax(psi) * D): scMM's prior; the scales sum to D."""
@@ -116,8 +120,7 @@ class MMVAE(nn.Module):
     def forward(self, x: Mapping[str, torch.Tensor], *, mask: Mapping[str, torch.Tensor] | None = None,
                 batch: torch.Tensor | None = None, K: int = 1) -> MMVAEOutput:
         n = next(iter(x.values())).shape[0]
-        if mask is None:
-            mask = {m: torch.ones(n, dtype=torch.bool, device=x[m].device) for m in self.names}
+        mask = self.full_mask(x) if mask is None else mask
         library = {m: x[m].sum(-1, keepdim=True) for m in self.names}
         qz = self.encode(x, mask, batch, library)
         zs = {m: q.rsample((K,)) for m, q in qz.items()}
@@ -140,9 +143,7 @@ class MMVAE(nn.Module):
     def embed(self, x: Mapping[str, torch.Tensor], *, mask: Mapping[str, torch.Tensor] | None = None,
               batch: torch.Tensor | None = None) -> torch.Tensor:
         """Joint embedding: the mean of the locations of the experts each cell has."""
-        n = next(iter(x.values())).shape[0]
-        if mask is None:
-            mask = {m: torch.ones(n, dtype=torch.bool, device=x[m].device) for m in self.names}
+        mask = self.full_mask(x) if mask is None else mask
         qz = self.encode(x, mask, batch)
         weights = torch.stack([mask[m].to(qz[m].loc.dtype) for m in self.names])  # [M, B]
         locs = torch.stack([qz[m].loc for m in self.names])  # [M, B, D]

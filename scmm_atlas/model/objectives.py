@@ -28,9 +28,7 @@ class Objective:
 
 def _masks(model: MMVAE, x: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
     """[M, B] float presence (1 where a cell has the modality)."""
-    n = next(iter(x.values())).shape[0]
-    if mask is None:
-        return torch.ones(len(model.names), n, device=next(iter(x.values())).device)
+    mask = model.full_mask(x) if mask is None else mask
     return torch.stack([mask[m].float() for m in model.names])
 
 

@@ -121,19 +121,20 @@ def _obs_ids(sources: Sequence[MatrixSource], rows: Mapping[str, np.ndarray], pr
     return ids if not prefix else np.array([prefix + v for v in ids], dtype=object)
 
 
-def _source_ids(sources: Sequence[MatrixSource], rows: Mapping[str, np.ndarray], prefix: str) -> np.ndarray:
-    """Hashes of the new cells' obs_id."""
-    first = np.full(len(next(iter(rows.values()))), -1)
-    out = np.zeros(len(first), dtype=np.uint64)
+def _new_id_hashes(sources: Sequence[MatrixSource], rows: Mapping[str, np.ndarray], prefix: str) -> np.ndarray:
+    """Hashes of the new cells' obs_id: the barcode hashes already held, unless a prefix changes the ids."""
+    n = len(next(iter(rows.values())))
+    if prefix:
+        return np.concatenate([hash_strings(_obs_ids(sources, rows, prefix, a, min(a + HASH_CHUNK, n)))
+                               for a in range(0, n, HASH_CHUNK)])
+    out = np.zeros(n, dtype=np.uint64)
+    filled = np.zeros(n, dtype=bool)
     for src in sources:
         row = rows[src.modality]
-        take = (row >= 0) & (first < 0)
+        take = (row >= 0) & ~filled
         out[take] = src.barcodes.hashes[row[take]]
-        first[take] = 0
-    if not prefix:
-        return out
-    return np.concatenate([hash_strings(_obs_ids(sources, rows, prefix, a, min(a + HASH_CHUNK, len(out))))
-                           for a in range(0, len(out), HASH_CHUNK)])
+        filled |= take
+    return out
 
 
 def _combine_obs(sources: Sequence[MatrixSource], rows: Mapping[str, np.ndarray], key: str | None) -> pd.Categorical:
@@ -232,7 +233,7 @@ def _plan(sources: Sequence[MatrixSource], opts: IngestOptions, store: Store | N
     dataset = opts.dataset or _default_dataset(sources)
     prefix = f"{dataset}:" if opts.prefix_barcodes else ""
     if store is not None:
-        new_ids = _source_ids(sources, rows, prefix)
+        new_ids = _new_id_hashes(sources, rows, prefix)
         clash = np.isin(new_ids, store.obs_id_hashes())
         if clash.any():
             first = _obs_ids(sources, rows, prefix, int(np.argmax(clash)), int(np.argmax(clash)) + 1)[0]

@@ -57,7 +57,8 @@ def _tree_sum(parts: list) -> object:
     return parts[0]
 
 
-def _reduce_blocks(store: Store, mod: str, present: np.ndarray, fn: Callable, progress: bool) -> Moments:
+def _reduce_blocks(store: Store, mod: str, present: np.ndarray, blocks: list[tuple[int, int]], fn: Callable,
+                   progress: bool) -> Moments:
     """Sum ``fn(counts_block)`` over blocks of present cells, one dask task per block."""
     uri = store.uri
 
@@ -69,7 +70,7 @@ def _reduce_blocks(store: Store, mod: str, present: np.ndarray, fn: Callable, pr
         rows = present[start:stop]
         return fn(mat[rows] if not rows.all() else mat)
 
-    parts = [dask.delayed(task, pure=True)(a, b) for a, b in _blocks(store, mod, present)]
+    parts = [dask.delayed(task, pure=True)(a, b) for a, b in blocks]
     total = _tree_sum(parts)
     with ProgressBar(minimum=2) if progress else nullcontext():
         (result,) = dask.compute(total, scheduler="threads", num_workers=os.cpu_count() or 1)
@@ -112,7 +113,8 @@ def compute_stats(store: Store, *, n_top_genes: int = 5000, atac_quantile: float
     for mod in store.modalities:
         present = obs[f"has_{mod}"].to_numpy()
         n_var = len(store.var(mod))
-        m = _reduce_blocks(store, mod, present, _moments(n_var), progress)
+        blocks = _blocks(store, mod, present)  # one obs read per modality, shared by both passes
+        m = _reduce_blocks(store, mod, present, blocks, _moments(n_var), progress)
         n = max(m.n, 1.0)
         mean = m.sums / n
         var = np.maximum(m.sumsq - n * mean**2, 0) / max(n - 1, 1.0)
@@ -121,8 +123,8 @@ def compute_stats(store: Store, *, n_top_genes: int = 5000, atac_quantile: float
         kind = store.kind(mod)
         if kind == "rna" and n_top_genes < n_var:
             norm = seurat_v3_norm_var(
-                mean, var, n, lambda clip, mod=mod, present=present, n_var=n_var: _reduce_blocks(
-                    store, mod, present, _moments(n_var, clip), progress))
+                mean, var, n, lambda clip, mod=mod, present=present, blocks=blocks, n_var=n_var: _reduce_blocks(
+                    store, mod, present, blocks, _moments(n_var, clip), progress))
             rank = np.empty(n_var)
             rank[np.argsort(-norm, kind="stable")] = np.arange(n_var)
             stats["variances_norm"], stats["hvg_rank"] = norm, rank

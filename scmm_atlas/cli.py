@@ -69,6 +69,13 @@ def _add_store_cmds(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--atac-quantile", type=float, default=0.75, metavar="Q",
                    help="keep ATAC peaks whose total counts reach this quantile (default: 0.75)")
     p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("prepare", help="write or extend the pre-shuffled training layout the loader reads")
+    p.add_argument("--store", required=True, metavar="URI", help="store path or s3://bucket/prefix")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cell shuffle (default: 0)")
+    p.add_argument("--shard-cells", type=int, default=1 << 16, metavar="N",
+                   help="cells per shard: bounds the memory of the shuffle (default: 65536)")
+    p.add_argument("--rebuild", action="store_true", help="rewrite the whole layout, not only new cells")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = sub.add_parser("info", help="summarise a store")
     p.add_argument("--store", required=True, metavar="URI")
     p = sub.add_parser("demo", help="run the pipeline on the bundled real data (what `make demo` runs)")
@@ -151,6 +158,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run_ingest(args)
         elif args.command == "stats":
             _run_stats(args)
+        elif args.command == "prepare":
+            from .data.prepare import prepare_layout
+            from .store import open_store
+
+            with open_store(args.store) as store:
+                _, what = prepare_layout(store, seed=args.seed, shard_cells=args.shard_cells, rebuild=args.rebuild,
+                                         progress=not args.no_progress)
+            print(what)
         elif args.command == "info":
             from .store import open_store
 

@@ -111,3 +111,44 @@ def s3_bucket(s3_server, monkeypatch):
     name = f"atlas-{time.time_ns()}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+PLANTED_N = 1000
+
+
+def make_planted_stores(tmp: Path, n: int = PLANTED_N, *, backends=("soma", "zarr")) -> dict[str, Path]:
+    """The same cells in each backend: column 0 of RNA holds cell + 1 and of ADT 2 * (cell + 1), so any
+    row says which cell it is; the last 100 cells have no ADT; batch = "b{cell % 3}"."""
+    from scmm_atlas.store.ingest import IngestOptions, ingest
+
+    rna = sp.lil_matrix(random_counts(n, 20, 1))
+    adt = sp.lil_matrix(random_counts(n, 4, 2))
+    rna[:, 0] = np.arange(n)[:, None] + 1
+    adt[:, 0] = 2 * (np.arange(n)[:, None] + 1)
+    batch = np.array([f"b{i % 3}" for i in range(n)])
+    write_h5ad(tmp / "rna.h5ad", rna.tocsr(), obs={"donor": batch})
+    write_h5ad(tmp / "adt.h5ad", adt.tocsr()[: n - 100], obs_names=[f"c{i}" for i in range(n - 100)],
+               var_names=[f"p{j}" for j in range(4)])
+    out = {}
+    for backend in backends:
+        out[backend] = tmp / f"cells.{backend}"
+        ingest(str(out[backend]), [f"RNA={tmp / 'rna.h5ad'}", f"ADT={tmp / 'adt.h5ad'}"],
+               IngestOptions(batch_key="donor", progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def planted_stores(tmp_path_factory) -> dict[str, Path]:
+    return make_planted_stores(tmp_path_factory.mktemp("planted"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session: 2 CPUs, a bounded object store, no dashboard."""
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING", configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

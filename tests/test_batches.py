@@ -6,45 +6,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
-from conftest import random_counts, write_h5ad
+from conftest import PLANTED_N
 
 from scmm_atlas.data import BlockShufflePlan
-from scmm_atlas.data.batches import minibatches, read_block, to_dense
+from scmm_atlas.data.batches import minibatches, to_dense
+from scmm_atlas.data.reading import StoreBlockReader
 from scmm_atlas.store import open_store
-from scmm_atlas.store.ingest import IngestOptions, ingest
 
-N = 1000
+N = PLANTED_N
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory) -> dict[str, Path]:
-    """The same cells in both backends; column 0 of each modality encodes the cell index."""
-    tmp = tmp_path_factory.mktemp("batches")
-    rna = sp.lil_matrix(random_counts(N, 20, 1))
-    adt = sp.lil_matrix(random_counts(N, 4, 2))
-    rna[:, 0] = np.arange(N)[:, None] + 1
-    adt[:, 0] = 2 * (np.arange(N)[:, None] + 1)
-    batch = np.array([f"b{i % 3}" for i in range(N)])
-    write_h5ad(tmp / "rna.h5ad", rna.tocsr(), obs={"donor": batch})
-    write_h5ad(tmp / "adt.h5ad", adt.tocsr()[: N - 100], obs_names=[f"c{i}" for i in range(N - 100)],
-               var_names=[f"p{j}" for j in range(4)])
-    out = {}
-    for backend in ("soma", "zarr"):
-        out[backend] = tmp / f"cells.{backend}"
-        ingest(str(out[backend]), [f"RNA={tmp / 'rna.h5ad'}", f"ADT={tmp / 'adt.h5ad'}"],
-               IngestOptions(batch_key="donor", progress=False))
-    return out
+def stores(planted_stores) -> dict[str, Path]:
+    return planted_stores
 
 
 def _epoch(uri: Path, *, epoch: int, rank: int, world: int, seed: int = 0):
     plan = BlockShufflePlan(N, block_size=64, seed=seed)
     with open_store(uri) as store:
-        obs = store.obs()
-        codes = obs["batch"].astype("category").cat.codes.to_numpy()
-        presence = {m: obs[f"has_{m}"].to_numpy() for m in store.modalities}
-        blocks = [read_block(store, r, features="all", batch_codes=codes, presence=presence)
-                  for r in plan.epoch(epoch, rank=rank, world_size=world)]
+        reader = StoreBlockReader(store, features="all")
+        blocks = [reader.read(r.start, r.stop) for r in plan.epoch(epoch, rank=rank, world_size=world)]
     rng = np.random.default_rng([seed, epoch, rank])
     return [(*to_dense(b), b.obs["cell"]) for b in minibatches(blocks, batch_size=50, buffer_cells=256, rng=rng)]
 

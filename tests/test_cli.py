@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import anndata as ad
@@ -44,6 +45,12 @@ def test_ingest_then_info_and_stats(data_dir: Path, tmp_path: Path, capsys) -> N
     assert main(["info", "--store", str(uri)]) == 0
     info = capsys.readouterr().out
     assert "2,641 cells" in info and "cell_type 3 values" in info
+    assert main(["prepare", "--store", str(uri), "--no-progress"]) == 0
+    assert "wrote 2,641 cells in 1 shards" in capsys.readouterr().out
+    assert main(["prepare", "--store", str(uri)]) == 0
+    assert "layout up to date (2,641 cells)" in capsys.readouterr().out
+    assert main(["prepare", "--store", str(tmp_path / "nothing")]) == 2
+    assert "nothing: uri: no store here" in capsys.readouterr().err
 
 
 def test_bench_ingest_small(tmp_path: Path, capsys) -> None:
@@ -69,3 +76,30 @@ def test_generated_h5ad_is_realistic(tmp_path: Path) -> None:
     assert 0.06 < density < 0.09
     assert np.all(a.X.data == np.round(a.X.data)) and a.X.data.min() >= 1
     assert a.obs["cell_type"].nunique() == 20
+
+
+def test_loader_bench_measures_rate_mixing_and_the_memory_of_child_processes() -> None:
+    import subprocess
+    import time
+
+    from scmm_atlas.bench.loader import PssSampler, batch_entropy, measure
+
+    assert batch_entropy(np.zeros(256, dtype=int)) == 0.0
+    assert abs(batch_entropy(np.arange(256) % 16) - 4.0) < 1e-9
+
+    def stream():
+        while True:
+            time.sleep(0.01)
+            yield np.arange(100) % 4
+
+    result = measure(stream(), start=time.perf_counter(), warmup_s=0.05, window_s=0.2, windows=3)
+    assert len(result["rates"]) == 3 and all(5_000 < r < 10_000 for r in result["rates"])  # 100 cells / ~11 ms
+    assert result["mixing_bits"] == 2.0 and 0 < result["first_batch_s"] < 0.1
+    with PssSampler(every_s=0.05) as alone:
+        time.sleep(0.3)
+    hog = "import numpy as np, time; a = np.ones(200 * 2**20 // 8); time.sleep(2)"
+    with PssSampler(every_s=0.05) as both:
+        child = subprocess.Popen([sys.executable, "-c", hog])
+        time.sleep(1.5)
+        child.wait()
+    assert both.peak_kib > alone.peak_kib + 150 * 1024  # the child's 200 MB are counted

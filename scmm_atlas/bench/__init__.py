@@ -19,6 +19,7 @@ BENCHES = {
     "faithful": "scmm_atlas.bench.faithful",
     "step": "scmm_atlas.bench.step",
     "quality": "scmm_atlas.bench.quality",
+    "loader": "scmm_atlas.bench.loader",
 }
 
 

@@ -1,58 +1,19 @@
-"""Sparse blocks of cells, a shuffle buffer over whole blocks, and dense minibatches.
+"""The shuffle buffer over whole sparse blocks, and dense minibatches.
 
-Blocks stay sparse (CSR per modality plus a few per-cell arrays) until the minibatch is made dense
-on the device that computes: nothing dense crosses a process boundary. The buffer gathers several
-blocks (so a minibatch mixes cells from different parts of the store) and deals shuffled
-minibatches with vectorised row indexing, never one cell at a time.
+Blocks stay sparse until the minibatch is made dense on the device that computes: nothing dense
+crosses a process boundary. The buffer gathers several blocks (so a minibatch mixes cells from
+different parts of the store) and deals shuffled minibatches with vectorised row indexing, never
+one cell at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Generator, Iterable, Iterator
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
-from ..store import Store
-from .plan import LoadRequest
-
-
-@dataclass
-class SparseBlock:
-    """Cells of one or more ranges: counts per modality (CSR) and per-cell arrays."""
-
-    counts: dict[str, sp.csr_matrix]
-    obs: dict[str, np.ndarray]  # "cell" (store index), "batch" codes, "has_<MOD>" masks
-
-    def __len__(self) -> int:
-        return len(self.obs["cell"])
-
-    def take(self, rows: np.ndarray) -> SparseBlock:
-        return SparseBlock({m: c[rows] for m, c in self.counts.items()}, {k: v[rows] for k, v in self.obs.items()})
-
-    @staticmethod
-    def concat(blocks: Sequence[SparseBlock]) -> SparseBlock:
-        if len(blocks) == 1:
-            return blocks[0]
-        counts = {m: sp.vstack([b.counts[m] for b in blocks], format="csr") for m in blocks[0].counts}
-        obs = {k: np.concatenate([b.obs[k] for b in blocks]) for k in blocks[0].obs}
-        return SparseBlock(counts, obs)
-
-
-def read_block(store: Store, request: LoadRequest, *, features: str = "selected",
-               batch_codes: np.ndarray | None = None, presence: dict[str, np.ndarray] | None = None) -> SparseBlock:
-    """One contiguous range of cells from ``store`` (``batch_codes``/``presence``: per-cell arrays of the
-    whole store, read once by the caller)."""
-    cells = np.arange(request.start, request.stop)
-    counts = {m: store.read(m, request.start, request.stop, features=features) for m in store.modalities}
-    obs = {"cell": cells}
-    if batch_codes is not None:
-        obs["batch"] = batch_codes[request.start : request.stop]
-    for m, flags in (presence or {}).items():
-        obs[f"has_{m}"] = flags[request.start : request.stop]
-    return SparseBlock(counts, obs)
+from .blocks import SparseBlock
 
 
 def minibatches(blocks: Iterable[SparseBlock], *, batch_size: int, buffer_cells: int, rng: np.random.Generator,

@@ -48,7 +48,7 @@ class BlockShufflePlan:
 
     def cells_per_rank(self, world_size: int) -> int:
         """Cells every rank reads per epoch (the same for all ranks)."""
-        self._check_world(0, world_size)
+        self.check_rank(0, world_size)
         return self.n_cells // world_size
 
     def block_order(self, epoch: int) -> np.ndarray:
@@ -57,7 +57,7 @@ class BlockShufflePlan:
 
     def epoch(self, epoch: int, *, rank: int = 0, world_size: int = 1) -> list[LoadRequest]:
         """The contiguous ranges ``rank`` reads in ``epoch``, in reading order."""
-        self._check_world(rank, world_size)
+        self.check_rank(rank, world_size)
         order = self.block_order(epoch)
         sizes = self._stops[order] - self._starts[order]
         ends = np.cumsum(sizes)  # position of each shuffled block's end in the epoch sequence
@@ -74,7 +74,8 @@ class BlockShufflePlan:
             requests.append(LoadRequest(block_start + a, block_start + b))
         return requests
 
-    def _check_world(self, rank: int, world_size: int) -> None:
+    def check_rank(self, rank: int, world_size: int) -> None:
+        """A clear error when ``rank`` of ``world_size`` cannot read this plan."""
         if world_size <= 0:
             raise ValueError(f"world_size must be positive, got {world_size}")
         if not 0 <= rank < world_size:

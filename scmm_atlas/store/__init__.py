@@ -1,4 +1,7 @@
-"""The store layer: the only code that knows TileDB-SOMA or Zarr."""
+"""The store layer: the only code that knows TileDB-SOMA or Zarr.
+
+The backends are imported when a store is opened or created, not with the package: Ray read workers
+that only need :mod:`.uri` should not pay tiledbsoma's ~250 MB per process."""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from . import soma_backend, zarr_backend
 from .base import Store, StoreInfo, StoreWriter
 from .errors import InputError, StoreError
 from .uri import StoreURI, parse_uri
@@ -28,6 +30,8 @@ def backend_for(uri: StoreURI, backend: str | None = None) -> str:
 
 
 def _detect(uri: StoreURI) -> str | None:
+    from . import soma_backend, zarr_backend
+
     if zarr_backend.is_zarr(uri):
         return "zarr"
     if soma_backend.is_soma(uri):
@@ -57,12 +61,18 @@ def open_store(uri: str | os.PathLike[str] | StoreURI, *, writable: bool = False
         raise StoreError(loc, "uri", "not an scmm-atlas store (neither an scmm-atlas Zarr group "
                          "nor a TileDB-SOMA experiment)")
     if kind == "zarr":
-        return zarr_backend.ZarrStore(loc, writable=writable)
-    return soma_backend.SomaStore(loc)
+        from .zarr_backend import ZarrStore
+
+        return ZarrStore(loc, writable=writable)
+    from .soma_backend import SomaStore
+
+    return SomaStore(loc)
 
 
 def create_store(uri: StoreURI, backend: str, info: StoreInfo, vars_: Mapping[str, pd.DataFrame],
                  n_obs: int) -> StoreWriter:
     """Create the layout at ``uri`` (which must not exist) and return a writer for its cells."""
+    from . import soma_backend, zarr_backend
+
     module = zarr_backend if backend == "zarr" else soma_backend
     return module.create(uri, info, vars_, n_obs)

@@ -143,16 +143,22 @@ class Store(abc.ABC):
     def obs(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """The obs table (index: ``obs_id``), optionally only some columns."""
 
+    def obs_slice(self, start: int, stop: int, columns: Sequence[str]) -> pd.DataFrame:
+        """Some obs columns of cells ``[start, stop)`` in store order (no index): for chunked passes."""
+        if not 0 <= start <= stop <= self.n_obs:
+            raise IndexError(f"cell range [{start}, {stop}) outside [0, {self.n_obs})")
+        return self._read_obs_slice(start, stop, list(columns))
+
+    @abc.abstractmethod
+    def _read_obs_slice(self, start: int, stop: int, columns: list[str]) -> pd.DataFrame: ...
+
     def obs_id_hashes(self) -> np.ndarray:
         """:func:`hash_strings` of every ``obs_id``, read in chunks (8 bytes per cell in memory)."""
         out = np.empty(self.n_obs, dtype=np.uint64)
         for start in range(0, self.n_obs, HASH_CHUNK):
             stop = min(start + HASH_CHUNK, self.n_obs)
-            out[start:stop] = hash_strings(self._read_obs_ids(start, stop))
+            out[start:stop] = hash_strings(self._read_obs_slice(start, stop, ["obs_id"])["obs_id"].to_numpy())
         return out
-
-    @abc.abstractmethod
-    def _read_obs_ids(self, start: int, stop: int) -> np.ndarray: ...
 
     @property
     def obs_columns(self) -> list[str]:

@@ -88,10 +88,12 @@ class SomaStore(Store):
         df = self._exp.obs.read(column_names=names).concat().to_pandas()
         return df.iloc[: self.n_obs].set_index("obs_id")
 
-    def _read_obs_ids(self, start: int, stop: int) -> np.ndarray:
-        tbl = self._exp.obs.read(coords=(slice(start, stop - 1),), column_names=["soma_joinid", "obs_id"]).concat()
-        order = np.argsort(tbl.column("soma_joinid").to_numpy())
-        return tbl.column("obs_id").to_numpy(zero_copy_only=False)[order]
+    def _read_obs_slice(self, start: int, stop: int, columns: list[str]) -> pd.DataFrame:
+        if stop <= start:
+            return pd.DataFrame({c: [] for c in columns})
+        tbl = self._exp.obs.read(coords=(slice(start, stop - 1),), column_names=["soma_joinid", *columns]).concat()
+        df = tbl.to_pandas().sort_values("soma_joinid")
+        return df[columns].reset_index(drop=True)
 
     def _read_var(self, mod: str) -> pd.DataFrame:
         df = self._exp.ms[mod].var.read().concat().to_pandas()

@@ -10,9 +10,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from .errors import StoreError
+
+if TYPE_CHECKING:
+    import zarr
 
 
 @dataclass(frozen=True)
@@ -82,3 +86,12 @@ def fsspec_options() -> dict[str, object]:
     """s3fs options equivalent to :func:`tiledb_config`."""
     endpoint = s3_endpoint()
     return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+def zarr_store(uri: StoreURI, *, read_only: bool) -> zarr.abc.store.Store:
+    """A Zarr store object for ``uri`` (local folder or S3 through fsspec)."""
+    import zarr.storage  # here, not at the top: most users of this module never touch Zarr
+
+    if uri.is_s3:
+        return zarr.storage.FsspecStore.from_url(uri.uri, storage_options=fsspec_options(), read_only=read_only)
+    return zarr.storage.LocalStore(uri.path, read_only=read_only)

@@ -17,19 +17,13 @@ import zarr.storage
 
 from .base import Store, StoreInfo, StoreWriter, obs_dtypes
 from .errors import StoreError
-from .uri import StoreURI, fsspec_options
+from .uri import StoreURI, zarr_store
 
 META_KEY = "scmm_atlas"
 VALUE_CHUNK = 1 << 20
 FRAME_CHUNK = 1 << 16
 _ZDTYPE = {"str": str, "bool": bool, "int64": "int64", "float64": "float64"}
 _ENC = {"encoding-version": "0.2.0"}
-
-
-def zarr_store(uri: StoreURI, *, read_only: bool) -> zarr.abc.store.Store:
-    if uri.is_s3:
-        return zarr.storage.FsspecStore.from_url(uri.uri, storage_options=fsspec_options(), read_only=read_only)
-    return zarr.storage.LocalStore(uri.path, read_only=read_only)
 
 
 def is_zarr(uri: StoreURI) -> bool:
@@ -109,8 +103,9 @@ class ZarrStore(Store):
         index = pd.Index(_column(g["obs_id"][: self.n_obs]), name="obs_id")
         return pd.DataFrame(data, index=index)
 
-    def _read_obs_ids(self, start: int, stop: int) -> np.ndarray:
-        return _column(self._root["obs"]["obs_id"][start:stop])
+    def _read_obs_slice(self, start: int, stop: int, columns: list[str]) -> pd.DataFrame:
+        g = self._root["obs"]
+        return pd.DataFrame({c: _column(g[c][start:stop]) for c in columns})
 
     def _read_var(self, mod: str) -> pd.DataFrame:
         df = ad.io.read_elem(self._root["mod"][mod]["var"])

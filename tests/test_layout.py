@@ -1,0 +1,114 @@
+"""The wire format of blocks and the pre-shuffled training layout (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from conftest import PLANTED_N, make_planted_stores, random_counts, write_h5ad
+
+from scmm_atlas.data.blocks import SparseBlock, compact_arrays, decode, encode
+from scmm_atlas.data.layout import Layout, layout_uri, read_info
+from scmm_atlas.data.prepare import prepare_layout
+from scmm_atlas.data.reading import StoreBlockReader
+from scmm_atlas.store import StoreError, open_store
+from scmm_atlas.store.ingest import IngestOptions, ingest
+from scmm_atlas.store.stats import compute_stats
+
+
+def test_encode_decode_round_trip_keeps_values_and_picks_compact_dtypes() -> None:
+    rng = np.random.default_rng(0)
+    small = sp.random(50, 300, density=0.2, format="csr", random_state=1, dtype=np.float64)
+    small.data = rng.integers(1, 1000, small.nnz).astype(np.int32)
+    big = sp.random(50, 70_000, density=0.001, format="csr", random_state=2, dtype=np.float64)
+    big.data = rng.integers(1, 100_000, big.nnz).astype(np.int32)
+    obs = {"cell": np.arange(50, dtype=np.int64), "batch": rng.integers(0, 3, 50).astype(np.int32),
+           "has_A": rng.random(50) < 0.5, "library_A": rng.random(50).astype(np.float32)}
+    arrays = compact_arrays(SparseBlock({"A": small.astype(np.int32), "B": big.astype(np.int32)}, obs))
+    assert arrays["A/indices"].dtype == np.uint16 and arrays["A/data"].dtype == np.uint16
+    assert arrays["B/indices"].dtype == np.int32 and arrays["B/data"].dtype == np.int32  # too wide for uint16
+    out = decode(memoryview(encode(arrays, {"A": 300, "B": 70_000})))
+    for mod, mat in (("A", small), ("B", big)):
+        assert out.counts[mod].dtype == np.float32 and out.counts[mod].shape == mat.shape
+        np.testing.assert_array_equal(out.counts[mod].toarray(), mat.toarray())
+    for key, values in obs.items():
+        np.testing.assert_array_equal(out.obs[key], values)
+
+
+@pytest.fixture()
+def stores(tmp_path: Path) -> dict[str, Path]:
+    return make_planted_stores(tmp_path)
+
+
+def _layout_rows(uri: Path) -> dict[str, np.ndarray]:
+    layout = Layout(layout_uri(open_store(uri).uri))
+    return layout.read(0, layout.n_cells)
+
+
+def test_layout_holds_every_cell_once_shuffled_with_its_own_rows(stores) -> None:
+    for uri in stores.values():
+        with open_store(uri) as store:
+            info, what = prepare_layout(store, shard_cells=300, chunk_cells=128)
+            assert "wrote 1,000 cells in 4 shards" in what and info.n_cells == PLANTED_N
+            expected = StoreBlockReader(store).read(0, PLANTED_N)
+        rows = _layout_rows(uri)
+        cells = rows["cell"]
+        np.testing.assert_array_equal(np.sort(cells), np.arange(PLANTED_N))
+        assert abs(np.corrcoef(cells, np.arange(PLANTED_N))[0, 1]) < 0.1  # not the store's order
+        rna = sp.csr_matrix((rows["RNA/data"], rows["RNA/indices"], rows["RNA/indptr"]), shape=(PLANTED_N, 20))
+        np.testing.assert_array_equal(rna.toarray(), expected.counts["RNA"][cells].toarray())
+        np.testing.assert_array_equal(rows["batch"], cells % 3)
+        np.testing.assert_array_equal(rows["has_ADT"], cells < PLANTED_N - 100)
+        np.testing.assert_array_equal(rows["library_RNA"], expected.obs["library_RNA"][cells])
+
+
+def test_both_backends_get_the_same_layout(stores) -> None:
+    for uri in stores.values():
+        with open_store(uri) as store:
+            prepare_layout(store, seed=3)
+    a, b = (_layout_rows(stores[k]) for k in ("soma", "zarr"))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_appended_cells_get_their_own_shards_and_old_ones_stay(stores, tmp_path: Path) -> None:
+    uri = stores["zarr"]
+    with open_store(uri) as store:
+        first, _ = prepare_layout(store, shard_cells=400)
+    before = _layout_rows(uri)
+    more = random_counts(150, 20, 7)
+    write_h5ad(tmp_path / "more.h5ad", more, obs_names=[f"new{i}" for i in range(150)], obs={"donor": ["b9"] * 150})
+    ingest(str(uri), [f"RNA={tmp_path / 'more.h5ad'}"], IngestOptions(append=True, batch_key="donor", progress=False))
+    with open_store(uri) as store:
+        info, what = prepare_layout(store, shard_cells=400)
+        assert "added 150 cells in 1 shards" in what
+        assert info.shards[: len(first.shards)] == first.shards and info.batches == ["b0", "b1", "b2", "b9"]
+        assert prepare_layout(store)[1].startswith("layout up to date")
+    after = _layout_rows(uri)
+    for key in ("cell", "batch", "RNA/data", "RNA/indices"):
+        np.testing.assert_array_equal(after[key][: len(before[key])], before[key])
+    np.testing.assert_array_equal(np.sort(after["cell"][PLANTED_N:]), np.arange(PLANTED_N, PLANTED_N + 150))
+    assert (after["batch"][PLANTED_N:] == 3).all()
+
+
+def test_a_new_feature_selection_rebuilds_the_layout_and_removes_the_old_shards(stores) -> None:
+    uri = stores["zarr"]
+    with open_store(uri) as store:
+        old, _ = prepare_layout(store)
+    with open_store(uri, writable=True) as store:
+        compute_stats(store, n_top_genes=10)
+    with open_store(uri) as store:
+        new, what = prepare_layout(store)
+    assert new.selection != old.selection and new.n_features["RNA"] == 10 and "wrote 1,000 cells" in what
+    names = {p.name for p in (uri / "train_layout" / "shards").iterdir() if p.is_dir()}
+    assert names == {n for n, _ in new.shards} and not names & {n for n, _ in old.shards}
+
+
+def test_no_layout_reads_as_none_and_opening_one_says_what_to_run(stores) -> None:
+    loc = layout_uri(open_store(stores["soma"]).uri)
+    assert read_info(loc) is None
+    with pytest.raises(StoreError, match="no training layout here: run `scmm-atlas prepare"):
+        Layout(loc)

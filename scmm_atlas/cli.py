@@ -74,6 +74,8 @@ def _add_store_cmds(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the cell shuffle (default: 0)")
     p.add_argument("--shard-cells", type=int, default=1 << 16, metavar="N",
                    help="cells per shard: bounds the memory of the shuffle (default: 65536)")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                   help="cells held out for validation, by a stable hash of the cell id (default: 0.1)")
     p.add_argument("--rebuild", action="store_true", help="rewrite the whole layout, not only new cells")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = sub.add_parser("info", help="summarise a store")
@@ -163,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .store import open_store
 
             with open_store(args.store) as store:
-                _, what = prepare_layout(store, seed=args.seed, shard_cells=args.shard_cells, rebuild=args.rebuild,
+                _, what = prepare_layout(store, seed=args.seed, val_fraction=args.val_fraction,
+                                         shard_cells=args.shard_cells, rebuild=args.rebuild,
                                          progress=not args.no_progress)
             print(what)
         elif args.command == "info":

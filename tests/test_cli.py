@@ -45,10 +45,10 @@ def test_ingest_then_info_and_stats(data_dir: Path, tmp_path: Path, capsys) -> N
     assert main(["info", "--store", str(uri)]) == 0
     info = capsys.readouterr().out
     assert "2,641 cells" in info and "cell_type 3 values" in info
-    assert main(["prepare", "--store", str(uri), "--no-progress"]) == 0
-    assert "wrote 2,641 cells in 1 shards" in capsys.readouterr().out
-    assert main(["prepare", "--store", str(uri)]) == 0
-    assert "layout up to date (2,641 cells)" in capsys.readouterr().out
+    assert main(["prepare", "--store", str(uri), "--no-progress", "--val-fraction", "0"]) == 0
+    assert "wrote 2,641 training + 0 held-out cells (1 shards)" in capsys.readouterr().out
+    assert main(["prepare", "--store", str(uri), "--val-fraction", "0"]) == 0
+    assert "layout up to date (2,641 training + 0 held-out cells)" in capsys.readouterr().out
     assert main(["prepare", "--store", str(tmp_path / "nothing")]) == 2
     assert "nothing: uri: no store here" in capsys.readouterr().err
 

@@ -10,7 +10,7 @@ import scipy.sparse as sp
 from conftest import PLANTED_N, make_planted_stores, random_counts, write_h5ad
 
 from scmm_atlas.data.blocks import SparseBlock, compact_arrays, decode, encode
-from scmm_atlas.data.layout import Layout, layout_uri, read_info
+from scmm_atlas.data.layout import Layout, is_validation, layout_uri, read_info
 from scmm_atlas.data.prepare import prepare_layout
 from scmm_atlas.data.reading import StoreBlockReader
 from scmm_atlas.store import StoreError, open_store
@@ -42,16 +42,16 @@ def stores(tmp_path: Path) -> dict[str, Path]:
     return make_planted_stores(tmp_path)
 
 
-def _layout_rows(uri: Path) -> dict[str, np.ndarray]:
-    layout = Layout(layout_uri(open_store(uri).uri))
+def _layout_rows(uri: Path, split: str = "train") -> dict[str, np.ndarray]:
+    layout = Layout(layout_uri(open_store(uri).uri), split)
     return layout.read(0, layout.n_cells)
 
 
 def test_layout_holds_every_cell_once_shuffled_with_its_own_rows(stores) -> None:
     for uri in stores.values():
         with open_store(uri) as store:
-            info, what = prepare_layout(store, shard_cells=300, chunk_cells=128)
-            assert "wrote 1,000 cells in 4 shards" in what and info.n_cells == PLANTED_N
+            info, what = prepare_layout(store, shard_cells=300, chunk_cells=128, val_fraction=0)
+            assert "wrote 1,000 training + 0 held-out cells (4 shards)" in what and info.n_cells() == PLANTED_N
             expected = StoreBlockReader(store).read(0, PLANTED_N)
         rows = _layout_rows(uri)
         cells = rows["cell"]
@@ -67,31 +67,41 @@ def test_layout_holds_every_cell_once_shuffled_with_its_own_rows(stores) -> None
 def test_both_backends_get_the_same_layout(stores) -> None:
     for uri in stores.values():
         with open_store(uri) as store:
-            prepare_layout(store, seed=3)
-    a, b = (_layout_rows(stores[k]) for k in ("soma", "zarr"))
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key])
+            prepare_layout(store, seed=3, val_fraction=0.2)
+    for split in ("train", "val"):
+        a, b = (_layout_rows(stores[k], split) for k in ("soma", "zarr"))
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_appended_cells_get_their_own_shards_and_old_ones_stay(stores, tmp_path: Path) -> None:
     uri = stores["zarr"]
     with open_store(uri) as store:
         first, _ = prepare_layout(store, shard_cells=400)
-    before = _layout_rows(uri)
+        held = is_validation(store.obs_id_hashes(), 0.1)
+    assert 50 < held.sum() < 150
+    before = {s: _layout_rows(uri, s) for s in ("train", "val")}
     more = random_counts(150, 20, 7)
     write_h5ad(tmp_path / "more.h5ad", more, obs_names=[f"new{i}" for i in range(150)], obs={"donor": ["b9"] * 150})
     ingest(str(uri), [f"RNA={tmp_path / 'more.h5ad'}"], IngestOptions(append=True, batch_key="donor", progress=False))
     with open_store(uri) as store:
         info, what = prepare_layout(store, shard_cells=400)
-        assert "added 150 cells in 1 shards" in what
-        assert info.shards[: len(first.shards)] == first.shards and info.batches == ["b0", "b1", "b2", "b9"]
+        assert "added" in what and "(2 shards)" in what
+        assert info.batches == ["b0", "b1", "b2", "b9"]
+        for split in ("train", "val"):
+            assert info.splits[split][: len(first.splits[split])] == first.splits[split]
         assert prepare_layout(store)[1].startswith("layout up to date")
-    after = _layout_rows(uri)
-    for key in ("cell", "batch", "RNA/data", "RNA/indices"):
-        np.testing.assert_array_equal(after[key][: len(before[key])], before[key])
-    np.testing.assert_array_equal(np.sort(after["cell"][PLANTED_N:]), np.arange(PLANTED_N, PLANTED_N + 150))
-    assert (after["batch"][PLANTED_N:] == 3).all()
+        held_now = is_validation(store.obs_id_hashes(), 0.1)
+    np.testing.assert_array_equal(held_now[:PLANTED_N], held)  # old cells keep their assignment
+    after = {s: _layout_rows(uri, s) for s in ("train", "val")}
+    for split in ("train", "val"):
+        n_old = len(before[split]["cell"])
+        for key in ("cell", "batch", "RNA/data", "RNA/indices"):
+            np.testing.assert_array_equal(after[split][key][: len(before[split][key])], before[split][key])
+        new_cells = after[split]["cell"][n_old:]
+        assert (new_cells >= PLANTED_N).all() and (after[split]["batch"][n_old:] == 3).all()
+        np.testing.assert_array_equal(np.sort(after[split]["cell"]), np.flatnonzero(held_now == (split == "val")))
 
 
 def test_a_new_feature_selection_rebuilds_the_layout_and_removes_the_old_shards(stores) -> None:
@@ -102,9 +112,10 @@ def test_a_new_feature_selection_rebuilds_the_layout_and_removes_the_old_shards(
         compute_stats(store, n_top_genes=10)
     with open_store(uri) as store:
         new, what = prepare_layout(store)
-    assert new.selection != old.selection and new.n_features["RNA"] == 10 and "wrote 1,000 cells" in what
+    assert new.selection != old.selection and new.n_features["RNA"] == 10 and "wrote" in what
     names = {p.name for p in (uri / "train_layout" / "shards").iterdir() if p.is_dir()}
-    assert names == {n for n, _ in new.shards} and not names & {n for n, _ in old.shards}
+    live = {n for shards in new.splits.values() for n, _ in shards}
+    assert names == live and not names & {n for shards in old.splits.values() for n, _ in shards}
 
 
 def test_no_layout_reads_as_none_and_opening_one_says_what_to_run(stores) -> None:

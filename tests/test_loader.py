@@ -24,7 +24,7 @@ SMALL = {"batch_size": 50, "block_cells": 128}
 def stores(planted_stores, ray_session) -> dict[str, Path]:
     for uri in planted_stores.values():
         with open_store(uri) as store:
-            prepare_layout(store, shard_cells=300, seed=5)
+            prepare_layout(store, shard_cells=300, seed=5, val_fraction=0)
     return planted_stores
 
 
@@ -84,6 +84,21 @@ def test_both_backends_give_identical_batches(stores, mode) -> None:
         assert bool((ba == bb).all())
 
 
+def test_train_and_validation_splits_partition_the_cells(tmp_path, ray_session) -> None:
+    from conftest import make_planted_stores
+
+    uri = make_planted_stores(tmp_path, backends=("zarr",))["zarr"]
+    with open_store(uri) as store:
+        info, _ = prepare_layout(store, val_fraction=0.2)
+    config = LoaderConfig(**SMALL, drop_last=False)
+    with ShardLoader(uri, config=config) as train, ShardLoader(uri, split="val", config=config) as val:
+        a = np.concatenate([b.cells for b in train.epoch(0)])
+        b = np.concatenate([b.cells for b in val.epoch(0)])
+    assert len(b) == info.n_cells("val") and 120 < len(b) < 280
+    assert not set(a) & set(b)
+    np.testing.assert_array_equal(np.sort(np.concatenate([a, b])), np.arange(N))
+
+
 def test_store_order_batches_mix_cells_through_the_buffer(stores) -> None:
     batches = _cells(stores["soma"], 0, mode="store", buffer_blocks=4)
     assert np.median([np.ptp(c) for c in batches]) > 128  # cells from several 128-cell blocks
@@ -99,7 +114,7 @@ def test_a_store_larger_than_the_buffer_streams_in_bounded_memory(tmp_path, ray_
         uri = tmp_path / f"s{n}.zarr"
         ingest(str(uri), [f"RNA={tmp_path / f'x{n}.h5ad'}"], IngestOptions(progress=False))
         with open_store(uri) as store:
-            prepare_layout(store, shard_cells=2_000)
+            prepare_layout(store, shard_cells=2_000, val_fraction=0)
         config = LoaderConfig(batch_size=100, block_cells=500)
         with ShardLoader(uri, config=config) as loader:
             tracemalloc.start()
@@ -124,6 +139,8 @@ def test_clear_errors_for_bad_settings(stores, tmp_path) -> None:
     ingest(str(bare), [f"RNA={tmp_path / 'x.h5ad'}"], IngestOptions(progress=False))
     with pytest.raises(StoreError, match="train_layout: no training layout: run `scmm-atlas prepare --store"):
         ShardLoader(bare, config=LoaderConfig(mode="layout"))
+    with pytest.raises(StoreError, match="no training layout"):
+        ShardLoader(bare, split="val")
 
 
 def _train_loop(cfg: dict) -> None:

@@ -270,7 +270,7 @@ def _prepare(work: Path, cells: int, genes: int, backends: tuple[str, ...]) -> d
                                                           n_top_genes=genes, progress=False))
         t1 = time.perf_counter()
         with open_store(store) as s:
-            prepare_layout(s)
+            prepare_layout(s, val_fraction=0.0)  # every cell streams
             if not Path(out["labels"]).exists():
                 np.save(out["labels"], s.obs(["cell_type"])["cell_type"].astype(int).to_numpy())
         print(f"  {backend} store: ingest {t1 - t0:.1f} s, training layout {time.perf_counter() - t1:.1f} s",

@@ -6,11 +6,13 @@ once: cells are dealt at random into shards and shuffled within them (see ``prep
 contiguous range of layout rows is a random sample of the store and the loader only ever makes
 large contiguous reads.
 
-It is a Zarr group ``<store>/train_layout`` beside the store's own data (for both backends):
-``shards/<name>/`` holds per modality ``<MOD>/indptr|indices|data`` (CSR, uncompressed, compact
+Cells are split into ``train`` and ``val`` by a stable hash of their id (:func:`is_validation`), so
+the same cells are held out on every run and appended cells never move old ones; each split has
+its own shards. It is a Zarr group ``<store>/train_layout`` beside the store's own data (for both
+backends): ``shards/<name>/`` holds per modality ``<MOD>/indptr|indices|data`` (CSR, uncompressed, compact
 dtypes) and per-cell ``cell`` (store index), ``batch``, ``has_<MOD>``, ``library_<MOD>``. The root
-attribute ``scmm_atlas_layout`` (:class:`LayoutInfo`) lists the shards in row order and is written
-last: it is the commit point. Shards are never modified; appended cells get their own shards.
+attribute ``scmm_atlas_layout`` (:class:`LayoutInfo`) lists each split's shards in row order and is
+written last: it is the commit point. Shards are never modified; appended cells get their own shards.
 
 Only zarr and numpy here: this runs inside Ray read workers.
 """
@@ -28,24 +30,34 @@ from ..store.uri import StoreURI, zarr_store
 
 LAYOUT_NAME = "train_layout"
 META_KEY = "scmm_atlas_layout"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ROW_CHUNK = 1 << 14
 VALUE_CHUNK = 1 << 20
+SPLITS = ("train", "val")
+_HASH_MOD = 1_000_000
+
+
+def is_validation(id_hashes: np.ndarray, fraction: float) -> np.ndarray:
+    """Held-out cells: those whose 64-bit id hash falls in the first ``fraction`` of 10**6 buckets."""
+    return (np.asarray(id_hashes, dtype=np.uint64) % np.uint64(_HASH_MOD)) < np.uint64(round(fraction * _HASH_MOD))
 
 
 @dataclass
 class LayoutInfo:
     """What a layout holds. ``store_n_obs``: it covers the store's cells ``[0, store_n_obs)``."""
 
-    n_cells: int
     store_n_obs: int
     modalities: list[str]
     n_features: dict[str, int]
     selection: str  # fingerprint of the selected features it was written with
     batches: list[str]  # batch code -> store obs "batch" value
     seed: int
-    shards: list[list] = field(default_factory=list)  # [name, rows] in row order
+    val_fraction: float
+    splits: dict[str, list[list]] = field(default_factory=dict)  # split -> [[name, rows], ...] in row order
     format_version: int = FORMAT_VERSION
+
+    def n_cells(self, split: str = "train") -> int:
+        return sum(rows for _, rows in self.splits.get(split, []))
 
 
 def layout_uri(store_uri: StoreURI) -> StoreURI:
@@ -57,12 +69,15 @@ def open_root(uri: StoreURI, *, mode: str) -> zarr.Group:
 
 
 def read_info(uri: StoreURI) -> LayoutInfo | None:
-    """The committed layout at ``uri``, or None when there is none."""
+    """The committed layout at ``uri``, or None when there is none (or only one of an older format)."""
     try:
         attrs = open_root(uri, mode="r").attrs
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return None
-    return LayoutInfo(**attrs[META_KEY]) if META_KEY in attrs else None
+    meta = attrs.get(META_KEY)
+    if meta is None or meta.get("format_version") != FORMAT_VERSION:
+        return None  # none, or an older format that ``prepare`` rewrites
+    return LayoutInfo(**meta)
 
 
 def write_shard(root: zarr.Group, name: str, arrays: Mapping[str, np.ndarray]) -> None:
@@ -81,25 +96,28 @@ def commit(root: zarr.Group, info: LayoutInfo) -> None:
 
 
 class Layout:
-    """Reads contiguous layout rows ``[start, stop)`` (which may span shards) as compact arrays."""
+    """Reads contiguous rows ``[start, stop)`` of one split (which may span shards) as compact arrays."""
 
-    def __init__(self, uri: StoreURI) -> None:
+    def __init__(self, uri: StoreURI, split: str = "train") -> None:
         info = read_info(uri)
         if info is None:
             raise StoreError(uri, META_KEY, "no training layout here: run `scmm-atlas prepare --store STORE`")
-        self.uri, self.info = uri, info
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.uri, self.info, self.split = uri, info, split
+        self._shards = info.splits.get(split, [])
         self._root = open_root(uri, mode="r")
-        rows = np.array([r for _, r in info.shards], dtype=np.int64)
+        rows = np.array([r for _, r in self._shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(rows)])
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
 
     @property
     def n_cells(self) -> int:
-        return self.info.n_cells
+        return int(self._starts[-1])
 
     def _array(self, shard: int, key: str) -> zarr.Array:
         if (shard, key) not in self._arrays:
-            self._arrays[shard, key] = self._root[f"shards/{self.info.shards[shard][0]}/{key}"]
+            self._arrays[shard, key] = self._root[f"shards/{self._shards[shard][0]}/{key}"]
         return self._arrays[shard, key]
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -107,7 +125,7 @@ class Layout:
             raise IndexError(f"layout rows [{start}, {stop}) outside [0, {self.n_cells})")
         first = int(np.searchsorted(self._starts, start, side="right")) - 1
         pieces = []
-        for shard in range(first, len(self.info.shards)):
+        for shard in range(first, len(self._shards)):
             lo, hi = self._starts[shard], self._starts[shard + 1]
             if lo >= stop:
                 break

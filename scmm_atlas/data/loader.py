@@ -38,17 +38,19 @@ MODES = ("auto", "layout", "store")
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """How a worker loads. The defaults reached ~150k+ cells/s on 2 cores (``scmm-atlas bench loader``)."""
+    """How a worker loads. The defaults were tuned with ``scmm-atlas bench loader`` on 2 cores."""
 
     batch_size: int = 256
-    block_cells: int = 16384  # cells per contiguous read (and per Ray block)
+    block_cells: int = 32768  # cells per contiguous read and per Ray block (fewer, larger Ray objects:
+    # 8k-cell blocks ran ~190k cells/s, 32k-cell blocks ~290k on 2 cores)
     buffer_blocks: int | None = None  # blocks mixed by the local shuffle buffer (None: 1 on the pre-shuffled
     # layout, whose blocks are already random samples; 8 in store order)
-    prefetch_blocks: int = 3  # decoded blocks read ahead (Ray reads 2 more ahead of these)
+    prefetch_blocks: int = 1  # decoded blocks read ahead (Ray holds 2 more encoded ones)
     prefetch_batches: int = 4  # dense minibatches made ahead by a thread
     ranges_per_task: int = 1  # ranges per Ray read task
     read_cpus: float = 0.5  # logical CPUs reserved by each read task
-    read_tasks: int | None = None  # read tasks in flight per worker (None: 2 // world size, at least 1)
+    read_tasks: int = 1  # read tasks in flight per worker: one read process keeps up with a consumer
+    # (~600k cells/s read + encode) and each more costs ~150 MB
     mode: str = "auto"  # "layout" (pre-shuffled), "store" (store order), "auto": layout if up to date
     seed: int = 0
     drop_last: bool = True  # drop each epoch's last partial minibatch (DDP needs equal steps)
@@ -82,13 +84,13 @@ class LoaderStats:
 class ShardLoader:
     """One rank's view of the epochs of a store."""
 
-    def __init__(self, store_uri: str | StoreURI, *, rank: int = 0, world_size: int = 1,
+    def __init__(self, store_uri: str | StoreURI, *, split: str = "train", rank: int = 0, world_size: int = 1,
                  config: LoaderConfig | None = None, device: torch.device | str = "cpu") -> None:
         self.config = config or LoaderConfig()
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.spec = _source_spec(parse_uri(store_uri) if not isinstance(store_uri, StoreURI) else store_uri,
-                                 self.config.mode)
+                                 self.config.mode, split)
         self.n_cells = self.spec.n_cells
         self.plan = BlockShufflePlan(self.n_cells, block_size=self.config.block_cells, seed=self.config.seed)
         self.plan.check_rank(rank, world_size)
@@ -97,14 +99,15 @@ class ShardLoader:
         self._stream_epoch = -1
 
     @classmethod
-    def for_train_worker(cls, store_uri: str, config: LoaderConfig | None = None) -> ShardLoader:
+    def for_train_worker(cls, store_uri: str, config: LoaderConfig | None = None, *, split: str = "train"
+                         ) -> ShardLoader:
         """Inside a Ray Train worker: rank, world size and device from the train context."""
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
-        return cls(store_uri, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), config=config,
-                   device=ray.train.torch.get_device())
+        return cls(store_uri, split=split, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                   config=config, device=ray.train.torch.get_device())
 
     @property
     def n_features(self) -> dict[str, int]:
@@ -133,9 +136,8 @@ class ShardLoader:
 
     def _dataset(self, requests: list[LoadRequest]) -> ray.data.Dataset:
         source = StoreDatasource(self.spec, requests, ranges_per_task=self.config.ranges_per_task)
-        tasks = self.config.read_tasks or max(1, 2 // self.world_size)
         ds = ray.data.read_datasource(source, override_num_blocks=len(requests), num_cpus=self.config.read_cpus,
-                                      concurrency=tasks)
+                                      concurrency=self.config.read_tasks)
         ds.context.execution_options.preserve_order = True  # reproducible batches
         return ds
 
@@ -256,7 +258,7 @@ class Prefetcher:
         self._thread.join(timeout=5)
 
 
-def _source_spec(uri: StoreURI, mode: str) -> SourceSpec:
+def _source_spec(uri: StoreURI, mode: str, split: str) -> SourceSpec:
     info = read_info(layout_uri(uri)) if mode != "store" else None
     if info is not None and mode == "auto":
         from ..store import open_store
@@ -266,18 +268,18 @@ def _source_spec(uri: StoreURI, mode: str) -> SourceSpec:
                 log.warning("%s: the training layout covers %d of %d cells: reading in store order (less mixed "
                             "batches); run `scmm-atlas prepare --store %s`", uri, info.store_n_obs, store.n_obs, uri)
                 info = None
-    if mode == "layout" and info is None:
+    if info is None and (mode == "layout" or split != "train"):
         raise StoreError(uri, "train_layout", f"no training layout: run `scmm-atlas prepare --store {uri}` "
                          "(or read in store order with mode='store')")
     if info is not None:
-        return SourceSpec(uri.uri, "layout", info.n_cells, dict(info.n_features), tuple(info.batches),
-                          _bytes_per_cell(info))
+        return SourceSpec(uri.uri, "layout", info.n_cells(split), split, dict(info.n_features),
+                          tuple(info.batches), _bytes_per_cell(info))
     from ..store import open_store
     from .reading import StoreBlockReader
 
     with open_store(uri) as store:
         reader = StoreBlockReader(store)
-        return SourceSpec(uri.uri, "store", store.n_obs, reader.n_features, tuple(reader.batches))
+        return SourceSpec(uri.uri, "store", store.n_obs, split, reader.n_features, tuple(reader.batches))
 
 
 def _bytes_per_cell(info: LayoutInfo) -> float:

@@ -1,13 +1,15 @@
 """``scmm-atlas prepare``: write (or extend) the pre-shuffled training layout of a store.
 
-An out-of-core shuffle in two passes, memory bounded by ``chunk_cells`` + ``shard_cells`` cells:
-1. read the store in contiguous chunks; deal each chunk's cells at random into shards, with the
-   number each shard receives drawn from a multivariate hypergeometric over the shards' remaining
-   room (so shards end exactly balanced and every assignment is equally likely), spilling the
-   pieces to a local temporary folder;
+An out-of-core shuffle, memory bounded by ``chunk_cells`` + ``shard_cells`` cells:
+0. count the held-out cells (:func:`~.layout.is_validation` of the cell ids), chunk by chunk;
+1. read the store in contiguous chunks; deal each chunk's cells of each split at random into that
+   split's shards, the number each shard receives drawn from a multivariate hypergeometric over
+   the shards' remaining room (so shards end exactly balanced and every assignment is equally
+   likely), spilling the pieces to a local temporary folder;
 2. per shard, gather its pieces, shuffle them and write the shard.
 Cells appended to the store later get shards of their own (their rows follow the existing ones);
-a changed feature selection rebuilds the layout, committed before the old shards are removed.
+a changed feature selection or validation fraction rebuilds the layout, committed before the old
+shards are removed.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from ..store import Store
+from ..store.base import HASH_CHUNK, hash_strings
 from .blocks import SparseBlock, compact_arrays
-from .layout import LayoutInfo, commit, layout_uri, open_root, read_info, write_shard
+from .layout import SPLITS, LayoutInfo, commit, is_validation, layout_uri, open_root, read_info, write_shard
 from .reading import StoreBlockReader, batch_categories
 
 log = logging.getLogger(__name__)
 SHARD_CELLS = 1 << 16
 CHUNK_CELLS = 1 << 16
+VAL_FRACTION = 0.1
 
 
 def selection_fingerprint(store: Store, features: str = "selected") -> str:
@@ -38,35 +42,41 @@ def selection_fingerprint(store: Store, features: str = "selected") -> str:
     return digest.hexdigest()[:16]
 
 
-def prepare_layout(store: Store, *, seed: int = 0, shard_cells: int = SHARD_CELLS, chunk_cells: int = CHUNK_CELLS,
-                   rebuild: bool = False, tmp_dir: str | None = None, progress: bool = False) -> tuple[LayoutInfo, str]:
+def prepare_layout(store: Store, *, seed: int = 0, val_fraction: float = VAL_FRACTION, shard_cells: int = SHARD_CELLS,
+                   chunk_cells: int = CHUNK_CELLS, rebuild: bool = False, tmp_dir: str | None = None,
+                   progress: bool = False) -> tuple[LayoutInfo, str]:
     """Bring the layout of ``store`` up to date; returns it and what was done, in words."""
     if shard_cells <= 0 or chunk_cells <= 0:
         raise ValueError(f"shard_cells and chunk_cells must be positive, got {shard_cells} and {chunk_cells}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     uri = layout_uri(store.uri)
     fingerprint = selection_fingerprint(store)
     old = None if rebuild else read_info(uri)
-    if old is not None and (old.selection != fingerprint or old.store_n_obs > store.n_obs):
-        log.info("feature selection changed since the layout was written: rebuilding it")
+    if old is not None and (old.selection != fingerprint or old.val_fraction != val_fraction
+                            or old.store_n_obs > store.n_obs):
+        log.warning("%s: feature selection or validation fraction changed: rebuilding the training layout", uri)
         old = None
     if old is not None and old.store_n_obs == store.n_obs:
-        return old, f"layout up to date ({old.n_cells:,} cells)"
+        return old, f"layout up to date ({old.n_cells('train'):,} training + {old.n_cells('val'):,} held-out cells)"
     lo = old.store_n_obs if old is not None else 0
     reader = StoreBlockReader(store, batches=batch_categories(store))
     root = open_root(uri, mode="a")
-    shards = _shuffle_into_shards(store, reader, lo, _next_generation(root), root, seed=seed, shard_cells=shard_cells,
-                                  chunk_cells=chunk_cells, tmp_dir=tmp_dir, progress=progress)
-    kept = list(old.shards) if old is not None else []
-    info = LayoutInfo(n_cells=sum(r for _, r in kept + shards), store_n_obs=store.n_obs,
-                      modalities=store.modalities, n_features=reader.n_features, selection=fingerprint,
-                      batches=reader.batches, seed=seed, shards=kept + shards)
-    stale = [name for name in _shard_names(root) if name not in {n for n, _ in info.shards}]
+    new = _shuffle_into_shards(store, reader, lo, _next_generation(root), root, seed=seed, val_fraction=val_fraction,
+                               shard_cells=shard_cells, chunk_cells=chunk_cells, tmp_dir=tmp_dir, progress=progress)
+    splits = {s: (list(old.splits.get(s, [])) if old is not None else []) + new[s] for s in SPLITS}
+    info = LayoutInfo(store_n_obs=store.n_obs, modalities=store.modalities, n_features=reader.n_features,
+                      selection=fingerprint, batches=reader.batches, seed=seed, val_fraction=val_fraction,
+                      splits=splits)
+    live = {name for shards in splits.values() for name, _ in shards}
+    stale = [name for name in _shard_names(root) if name not in live]
     commit(root, info)
     for name in stale:  # after the commit: readers of the previous layout never see a hole
         del root["shards"][name]
-    what = f"added {store.n_obs - lo:,} cells in {len(shards)} shards" if old else \
-        f"wrote {info.n_cells:,} cells in {len(shards)} shards"
-    return info, f"layout {uri}: {what}"
+    n_new = {s: sum(r for _, r in new[s]) for s in SPLITS}
+    what = "added" if old is not None else "wrote"
+    return info, (f"layout {uri}: {what} {n_new['train']:,} training + {n_new['val']:,} held-out cells "
+                  f"({len(new['train']) + len(new['val'])} shards)")
 
 
 def _shard_names(root) -> list[str]:
@@ -77,33 +87,49 @@ def _next_generation(root) -> int:
     return 1 + max((int(n.split("-")[0]) for n in _shard_names(root)), default=-1)
 
 
+def _held_out(store: Store, start: int, stop: int, fraction: float) -> np.ndarray:
+    ids = store.obs_slice(start, stop, ["obs_id"])["obs_id"].to_numpy()
+    return is_validation(hash_strings(ids), fraction)
+
+
+def _balanced(n: int, shard_cells: int) -> np.ndarray:
+    k = -(-n // shard_cells)
+    return np.full(k, n // k, dtype=np.int64) + (np.arange(k) < n % k) if n else np.zeros(0, dtype=np.int64)
+
+
 def _shuffle_into_shards(store: Store, reader: StoreBlockReader, lo: int, generation: int, root, *, seed: int,
-                         shard_cells: int, chunk_cells: int, tmp_dir: str | None, progress: bool) -> list[list]:
-    n = store.n_obs - lo
-    n_shards = -(-n // shard_cells)
-    room = np.full(n_shards, n // n_shards, dtype=np.int64) + (np.arange(n_shards) < n % n_shards)
+                         val_fraction: float, shard_cells: int, chunk_cells: int, tmp_dir: str | None,
+                         progress: bool) -> dict[str, list[list]]:
+    n_val = sum(int(_held_out(store, a, min(a + HASH_CHUNK, store.n_obs), val_fraction).sum())
+                for a in range(lo, store.n_obs, HASH_CHUNK))
+    room = {"train": _balanced(store.n_obs - lo - n_val, shard_cells), "val": _balanced(n_val, shard_cells)}
     rng = np.random.default_rng([seed, lo])  # appended cells get their own stream
-    bar = tqdm(total=2 * n, desc="prepare layout", unit="cell", disable=not progress)
+    bar = tqdm(total=2 * (store.n_obs - lo), desc="prepare layout", unit="cell", disable=not progress)
     with tempfile.TemporaryDirectory(prefix="scmm-layout-", dir=tmp_dir) as tmp:
         for chunk, start in enumerate(range(lo, store.n_obs, chunk_cells)):
-            block = reader.read(start, min(start + chunk_cells, store.n_obs))
-            counts = rng.multivariate_hypergeometric(room, len(block))
-            room -= counts
-            parts = np.split(rng.permutation(len(block)), np.cumsum(counts)[:-1])
-            for shard, rows in enumerate(parts):
-                if len(rows):
-                    _spill(Path(tmp, f"{shard}-{chunk}.npz"), block.take(np.sort(rows)))
+            stop = min(start + chunk_cells, store.n_obs)
+            block = reader.read(start, stop)
+            held = _held_out(store, start, stop, val_fraction)
+            for split, rows in (("train", np.flatnonzero(~held)), ("val", np.flatnonzero(held))):
+                if not len(rows):
+                    continue
+                counts = rng.multivariate_hypergeometric(room[split], len(rows))
+                room[split] -= counts
+                for shard, part in enumerate(np.split(rng.permutation(rows), np.cumsum(counts)[:-1])):
+                    if len(part):
+                        _spill(Path(tmp, f"{split}-{shard}-{chunk}.npz"), block.take(np.sort(part)))
             bar.update(len(block))
-        shards = []
-        for shard in range(n_shards):
-            paths = sorted(Path(tmp).glob(f"{shard}-*.npz"), key=lambda p: int(p.stem.split("-")[1]))
-            block = SparseBlock.concat([_load(p) for p in paths])
-            for p in paths:
-                p.unlink()
-            name = f"{generation:03d}-{shard:05d}"
-            write_shard(root, name, compact_arrays(block.take(rng.permutation(len(block)))))
-            shards.append([name, len(block)])
-            bar.update(len(block))
+        shards: dict[str, list[list]] = {s: [] for s in SPLITS}
+        for split in SPLITS:
+            for shard in range(len(room[split])):
+                paths = sorted(Path(tmp).glob(f"{split}-{shard}-*.npz"), key=lambda p: int(p.stem.split("-")[2]))
+                block = SparseBlock.concat([_load(p) for p in paths])
+                for p in paths:
+                    p.unlink()
+                name = f"{generation:03d}-{split}-{shard:05d}"
+                write_shard(root, name, compact_arrays(block.take(rng.permutation(len(block)))))
+                shards[split].append([name, len(block)])
+                bar.update(len(block))
     bar.close()
     return shards
 

@@ -33,6 +33,7 @@ class SourceSpec:
     store_uri: str
     mode: str  # "layout" | "store"
     n_cells: int
+    split: str  # "train" | "val" of the layout ("store" mode: "train", every cell)
     n_features: dict[str, int]
     batches: tuple[str, ...] = ()  # batch categories ("store" mode: fixed by the driver)
     bytes_per_cell: float = 1024.0  # estimate, for Ray's memory accounting
@@ -42,10 +43,10 @@ _READERS: dict[tuple, object] = {}  # per worker process: opened once, reused by
 
 
 def _reader(spec: SourceSpec):
-    key = (spec.store_uri, spec.mode, spec.n_cells, spec.batches)
+    key = (spec.store_uri, spec.mode, spec.split, spec.n_cells, spec.batches)
     if key not in _READERS:
         if spec.mode == "layout":
-            _READERS[key] = Layout(layout_uri(StoreURI(spec.store_uri)))
+            _READERS[key] = Layout(layout_uri(StoreURI(spec.store_uri)), spec.split)
         else:  # the store's own order: the store layer (and its backend) is only needed here
             from ..store import open_store
             from .reading import StoreBlockReader

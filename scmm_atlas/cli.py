@@ -78,6 +78,20 @@ def _add_store_cmds(sub: argparse._SubParsersAction) -> None:
                    help="cells held out for validation, by a stable hash of the cell id (default: 0.1)")
     p.add_argument("--rebuild", action="store_true", help="rewrite the whole layout, not only new cells")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p = sub.add_parser("train", help="train scMM on a store with Ray Train (DDP), tracked and registered in MLflow")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides with dotted keys, e.g. train.epochs=50 distributed.num_workers=2")
+    p.add_argument("--config", default="atlas_cite", metavar="YAML",
+                   help="a config file or a name under configs/ (default: atlas_cite)")
+    p.add_argument("--store", required=True, metavar="URI", help="store path or s3://bucket/prefix")
+    p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
+    p.add_argument("--num-workers", type=int, metavar="N", help="DDP workers (overrides distributed.num_workers)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast (distributed.bf16)")
+    p.add_argument("--name", metavar="NAME", help="run name (default: scmm-<time>); with --resume, the run to continue")
+    p.add_argument("--resume", action="store_true", help="continue the run --name from its last checkpoint")
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = sub.add_parser("info", help="summarise a store")
     p.add_argument("--store", required=True, metavar="URI")
     p = sub.add_parser("demo", help="run the pipeline on the bundled real data (what `make demo` runs)")
@@ -151,6 +165,24 @@ def _run_stats(args: argparse.Namespace) -> None:
             print(f"{mod}: {sel['n_selected']:,} features selected ({sel['method']})")
 
 
+def _run_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train.run import train
+
+    overrides = list(args.overrides)
+    if args.num_workers is not None:
+        overrides.append(f"distributed.num_workers={args.num_workers}")
+    if args.gpu:
+        overrides.append("distributed.use_gpu=true")
+    config = load_config(args.config, overrides)
+    result = train(config, args.store, ray_address=args.ray_address, resume=args.resume, run_name=args.name,
+                   tracking=args.tracking_uri, progress=not args.no_progress)
+    best = f"{result.best_val:,.2f}" if result.best_val is not None else "n/a"
+    print(f"run {result.run_name} ({result.run_id}): {result.epochs} epochs in {result.wall_s:.0f} s, best validation "
+          f"loss {best}; registered {config.distributed.model_name} version {result.model_version}"
+          f"{' (champion)' if result.champion else ''}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -169,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          shard_cells=args.shard_cells, rebuild=args.rebuild,
                                          progress=not args.no_progress)
             print(what)
+        elif args.command == "train":
+            _run_train(args)
         elif args.command == "info":
             from .store import open_store
 

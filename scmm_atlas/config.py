@@ -50,19 +50,56 @@ class FeatureSection:
 
 
 @dataclass
+class DistributedSection:
+    """How ``scmm-atlas train`` runs: Ray Train workers, precision, checkpoints, tracking."""
+
+    num_workers: int = 1  # DDP workers (one per GPU on clusters)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 0  # intra-op threads per worker (0: the worker's CPUs, at least 1)
+    bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    checkpoint_every_steps: int = 0  # extra checkpoints inside an epoch (0: only at epoch ends)
+    max_failures: int = 1  # worker-group restarts from the last checkpoint
+    val_fraction: float = 0.1  # cells held out by a stable hash of their id
+    storage_path: str = "runs/ray"  # Ray Train checkpoints (local folder or s3://)
+    experiment: str = "scmm-atlas"  # MLflow experiment
+    model_name: str = "scmm-atlas"  # MLflow registered model
+    max_steps_per_epoch: int = 0  # cap the optimizer steps of an epoch (0: the whole epoch)
+    fault_at_step: int = 0  # testing: one worker raises once at this global step (0: never)
+    loader: dict[str, Any] = field(default_factory=dict)  # LoaderConfig overrides
+
+
+@dataclass
 class RunConfig:
     model: ModelSection
     train: FitConfig
     features: FeatureSection
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": dict(vars(self.model)), "train": dict(vars(self.train)),
-                "features": dict(vars(self.features))}
+        return {"model": copy.deepcopy(vars(self.model)), "train": dict(vars(self.train)),
+                "features": dict(vars(self.features)), "distributed": copy.deepcopy(vars(self.distributed))}
+
+    @classmethod
+    def from_dict(cls, tree: Mapping[str, Any], where: str = "<config>") -> RunConfig:
+        return cls(model=_section(ModelSection, tree.get("model"), where, "model"),
+                   train=_section(FitConfig, tree.get("train"), where, "train"),
+                   features=_section(FeatureSection, tree.get("features"), where, "features"),
+                   distributed=_section(DistributedSection, tree.get("distributed"), where, "distributed"),
+                   source=where)
 
 
 def _set(tree: dict[str, Any], dotted: str, raw: str, where: str) -> None:
     keys = dotted.split(".")
+    if keys[0] == "distributed":
+        tree.setdefault("distributed", {})
+        known = {f.name for f in fields(DistributedSection)}
+        if len(keys) == 2 and keys[1] in known:
+            tree["distributed"].setdefault(keys[1], getattr(DistributedSection(), keys[1]))
+        elif len(keys) >= 3 and keys[1] == "loader":
+            tree["distributed"].setdefault("loader", {}).setdefault(keys[2], None)
     node = tree
     for key in keys[:-1]:
         if not isinstance(node.get(key), dict):
@@ -112,9 +149,7 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         if not sep:
             raise InputError(item, "override", "expected key=value")
         _set(tree, key.strip(), value, str(p))
-    unknown = set(tree) - {"model", "train", "features"}
+    unknown = set(tree) - {"model", "train", "features", "distributed"}
     if unknown:
         raise InputError(p, "sections", f"unknown sections {sorted(unknown)}")
-    return RunConfig(model=_section(ModelSection, tree.get("model"), str(p), "model"),
-                     train=_section(FitConfig, tree.get("train"), str(p), "train"),
-                     features=_section(FeatureSection, tree.get("features"), str(p), "features"), source=str(p))
+    return RunConfig.from_dict(tree, str(p))

@@ -20,6 +20,7 @@ BENCHES = {
     "step": "scmm_atlas.bench.step",
     "quality": "scmm_atlas.bench.quality",
     "loader": "scmm_atlas.bench.loader",
+    "train": "scmm_atlas.bench.train",
 }
 
 

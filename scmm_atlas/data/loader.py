@@ -48,7 +48,8 @@ class LoaderConfig:
     prefetch_blocks: int = 1  # decoded blocks read ahead (Ray holds 2 more encoded ones)
     prefetch_batches: int = 4  # dense minibatches made ahead by a thread
     ranges_per_task: int = 1  # ranges per Ray read task
-    read_cpus: float = 0.5  # logical CPUs reserved by each read task
+    read_cpus: float = 0.25  # logical CPUs reserved by each read task (reads are light; training
+    # workers reserve the rest)
     read_tasks: int = 1  # read tasks in flight per worker: one read process keeps up with a consumer
     # (~600k cells/s read + encode) and each more costs ~150 MB
     mode: str = "auto"  # "layout" (pre-shuffled), "store" (store order), "auto": layout if up to date

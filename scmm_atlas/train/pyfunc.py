@@ -1,0 +1,69 @@
+"""The MLflow pyfunc flavour of a trained model: ``mlflow.pyfunc.load_model(uri).predict(counts)``
+returns joint embeddings.
+
+``counts``: a dict ``{modality: array (cells x the model's features of that modality)}`` or a
+DataFrame whose columns are ``MOD:feature`` (any order; features the model does not know are
+ignored, those it needs but are missing read as zeros). A modality that is absent (or all-zero for
+a cell) is left out of that cell's mixture, so RNA-only data embeds from RNA alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+
+from ..model import MMVAE, MMVAEConfig, ModalitySpec
+
+META = "meta"
+WEIGHTS = "weights"
+
+
+def model_config(data: dict[str, Any]) -> MMVAEConfig:
+    mods = {m: ModalitySpec(**spec) for m, spec in data["modalities"].items()}
+    return MMVAEConfig(**{**data, "modalities": mods})
+
+
+def load_model(meta_path: str, weights_path: str) -> tuple[MMVAE, dict[str, Any]]:
+    meta = json.loads(Path(meta_path).read_text())
+    model = MMVAE(model_config(meta["model"]))
+    model.load_state_dict(torch.load(weights_path, weights_only=True, map_location="cpu"))
+    model.eval()
+    return model, meta
+
+
+class ScmmEmbedder(mlflow.pyfunc.PythonModel):
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.model, self.meta = load_model(context.artifacts[META], context.artifacts[WEIGHTS])
+
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: Any, params: dict | None = None
+                ) -> np.ndarray:
+        x = self._inputs(model_input)
+        mask = {m: v.sum(1) > 0 for m, v in x.items()}
+        batch = torch.zeros(len(next(iter(x.values()))), dtype=torch.long) if self.model.config.n_batches else None
+        with torch.no_grad():
+            return self.model.embed(x, mask=mask, batch=batch).numpy()
+
+    def _inputs(self, model_input: Any) -> dict[str, torch.Tensor]:
+        features: dict[str, list[str]] = self.meta["features"]
+        if isinstance(model_input, pd.DataFrame):
+            out = {}
+            for mod, names in features.items():
+                cols = [f"{mod}:{f}" for f in names]
+                out[mod] = model_input.reindex(columns=cols, fill_value=0).to_numpy(np.float32)
+        elif isinstance(model_input, dict):
+            out = {m: np.asarray(model_input[m], dtype=np.float32) if m in model_input else None for m in features}
+            n = next(len(v) for v in out.values() if v is not None)
+            out = {m: v if v is not None else np.zeros((n, len(features[m])), np.float32) for m, v in out.items()}
+        else:
+            raise TypeError("predict() takes {modality: counts} or a DataFrame with MOD:feature columns, "
+                            f"not {type(model_input).__name__}")
+        for mod, arr in out.items():
+            if arr.shape[1] != len(features[mod]):
+                raise ValueError(f"{mod}: expected {len(features[mod])} features (the model's), got {arr.shape[1]}")
+        return {m: torch.from_numpy(v) for m, v in out.items()}

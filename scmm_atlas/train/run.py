@@ -1,0 +1,160 @@
+"""The training driver: layout, Ray, a ``TorchTrainer`` with N DDP workers, then MLflow's model.
+
+What ``scmm-atlas train`` and ``python -m pipelines.train`` (the ``ray job submit`` entry point)
+call. Locally it starts Ray sized to the machine (dashboard off, nothing listening beyond
+loopback); with ``ray_address`` it joins a cluster. The run's MLflow id is kept beside its Ray
+Train checkpoints so that ``resume=True`` continues both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import ray
+import torch
+from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train import RunConfig as RayRunConfig
+from ray.train.torch import TorchTrainer
+
+from ..config import DistributedSection, RunConfig
+from ..data.loader import LoaderConfig
+from ..data.prepare import prepare_layout
+from ..store import StoreError, open_store
+from . import state as ckpt
+from .loop import train_loop
+from .tracking import flatten, log_artifacts, log_model, start_run, tracking_uri
+
+log = logging.getLogger(__name__)
+RUN_FILE = "scmm_run.json"
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    run_name: str
+    model_version: str
+    champion: bool
+    best_val: float | None
+    epochs: int
+    history: list[dict[str, float]]
+    wall_s: float
+
+
+def init_ray(address: str | None, dist_cfg: DistributedSection) -> DistributedSection:
+    """Join ``address`` or start a local Ray sized to this machine; returns the section with the
+    per-worker CPUs shrunk if the workers would leave no CPU for the loader's read tasks."""
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=os.cpu_count(), object_store_memory=1 << 30, include_dashboard=False,
+                     runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}}, configure_logging=False)
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    loader = LoaderConfig(**dist_cfg.loader)
+    read = 2 * loader.read_cpus * loader.read_tasks  # the training and the validation stream
+    need = dist_cfg.num_workers * (dist_cfg.cpus_per_worker + read)
+    if not dist_cfg.use_gpu and need > cpus:
+        per = max(0.25, cpus / dist_cfg.num_workers - read)
+        log.warning("%d workers x %.2f CPUs leave no CPU for reading on %.0f CPUs: %.2f CPUs per worker",
+                    dist_cfg.num_workers, dist_cfg.cpus_per_worker, cpus, per)
+        dist_cfg = replace(dist_cfg, cpus_per_worker=per, torch_threads=dist_cfg.torch_threads or
+                           max(1, int(dist_cfg.cpus_per_worker)))
+    return dist_cfg
+
+
+class RunDir:
+    """A run's folder under Ray Train's storage path, local or ``s3://`` (through fsspec)."""
+
+    def __init__(self, storage_path: str, name: str) -> None:
+        import fsspec.core
+
+        from ..store.uri import fsspec_options
+
+        if "://" not in storage_path:
+            storage_path = str(Path(storage_path).expanduser().resolve())
+        self.storage = storage_path
+        self.fs, root = fsspec.core.url_to_fs(storage_path, **(fsspec_options() if storage_path.startswith("s3://")
+                                                               else {}))
+        self.path = f"{root.rstrip('/')}/{name}"
+
+    def read(self, name: str) -> str | None:
+        target = f"{self.path}/{name}"
+        return self.fs.cat_file(target).decode() if self.fs.exists(target) else None
+
+    def write(self, name: str, text: str) -> None:
+        self.fs.makedirs(self.path, exist_ok=True)
+        self.fs.pipe_file(f"{self.path}/{name}", text.encode())
+
+    def latest_checkpoint(self) -> str | None:
+        found = sorted(p for p in self.fs.glob(f"{self.path}/checkpoint_*")
+                       if self.fs.exists(f"{p}/{ckpt.STATE_FILE}"))  # names carry a sortable timestamp
+        if not found:
+            return None
+        return f"s3://{found[-1]}" if self.storage.startswith("s3://") else found[-1]
+
+
+def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, resume: bool = False,
+          run_name: str | None = None, tracking: str | None = None, progress: bool = True) -> TrainResult:
+    """Train on ``store_uri`` with ``config``; log and register the model; return what happened."""
+    start = time.perf_counter()
+    with open_store(store_uri) as store:
+        info, what = prepare_layout(store, val_fraction=config.distributed.val_fraction, progress=progress)
+        log.info(what)
+        features = {m: [str(f) for f in store.feature_names(m, "selected")] for m in store.modalities}
+        uri = store.uri.uri
+    dist_cfg = init_ray(ray_address, config.distributed)
+    config = replace(config, distributed=dist_cfg)
+    name = run_name or time.strftime("scmm-%Y%m%d-%H%M%S")
+    run_dir = RunDir(dist_cfg.storage_path, name)
+    mlflow_uri = tracking_uri(tracking)
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    client = mlflow.MlflowClient(mlflow_uri)
+    latest = None
+    recorded = run_dir.read(RUN_FILE)
+    if resume:
+        if recorded is None:
+            raise StoreError(run_dir.path, RUN_FILE, "no run to resume here: check --name and "
+                             "distributed.storage_path")
+        run_id = json.loads(recorded)["run_id"]
+        latest = run_dir.latest_checkpoint()
+    else:
+        if recorded is not None:
+            raise StoreError(run_dir.path, "name", "a run with this name exists: pass --resume or another --name")
+        global_batch = config.train.batch_size * dist_cfg.num_workers * dist_cfg.grad_accum
+        params = {**flatten(config.to_dict()), "store": uri, "global_batch": str(global_batch),
+                  "layout.val_fraction": str(info.val_fraction), "layout.train_cells": str(info.n_cells("train")),
+                  "layout.val_cells": str(info.n_cells("val"))}
+        run_id = start_run(client, dist_cfg.experiment, name, params, {"store": uri})
+        run_dir.write(RUN_FILE, json.dumps({"run_id": run_id, "tracking_uri": mlflow_uri}))
+    log.info("global batch: %d cells per worker x %d workers x %d accumulation", config.train.batch_size,
+             dist_cfg.num_workers, dist_cfg.grad_accum)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.to_dict(), "store": uri, "run_id": run_id, "tracking_uri": mlflow_uri,
+                           "fault_marker": f"{run_dir.path}/fault_injected", "resume_from": latest},
+        scaling_config=ScalingConfig(num_workers=dist_cfg.num_workers, use_gpu=dist_cfg.use_gpu,
+                                     resources_per_worker={"CPU": dist_cfg.cpus_per_worker}),
+        run_config=RayRunConfig(name=name, storage_path=run_dir.storage,
+                                failure_config=FailureConfig(max_failures=dist_cfg.max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        payload, st, best = ckpt.load(Path(d))
+    model_cfg = config.model.build({m: len(f) for m, f in features.items()}, len(info.batches))
+    with tempfile.TemporaryDirectory() as d:
+        weights = Path(d, ckpt.BEST_FILE)
+        torch.save(best if best is not None else payload["model"], weights)
+        version, champion = log_model(run_id, weights=weights, model_config=model_cfg, features=features,
+                                      batches=info.batches, model_name=dist_cfg.model_name, val_loss=st.best_val)
+    log_artifacts(client, run_id, config=config.to_dict(), features=features, history=st.history)
+    client.set_terminated(run_id)
+    return TrainResult(run_id=run_id, run_name=name, model_version=version, champion=champion, best_val=st.best_val,
+                       epochs=st.epoch, history=st.history, wall_s=time.perf_counter() - start)

@@ -1,0 +1,44 @@
+"""Checkpoint contents: everything needed to continue a run where it stopped.
+
+Saved with ``torch.save`` and loaded with ``torch.load(weights_only=True)``: only tensors and plain
+Python values, never pickled objects. The loader's position is the epoch (plans are pure
+functions of the seed and epoch), so resuming restarts the interrupted epoch's plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "state.pt"
+BEST_FILE = "best_model.pt"
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # last completed epoch
+    step: int = 0  # optimizer steps so far
+    best_val: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+    epoch_batches: int = 0  # batches of the current epoch already trained (mid-epoch checkpoints)
+    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics (rank 0)
+
+
+def save(directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+         best_model: dict[str, torch.Tensor] | None) -> None:
+    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": asdict(state),
+               "torch_rng": torch.get_rng_state()}
+    torch.save(payload, directory / STATE_FILE)
+    if best_model is not None:
+        torch.save(best_model, directory / BEST_FILE)
+
+
+def load(directory: Path) -> tuple[dict[str, Any], TrainState, dict[str, torch.Tensor] | None]:
+    payload = torch.load(directory / STATE_FILE, weights_only=True, map_location="cpu")
+    best = directory / BEST_FILE
+    best_model = torch.load(best, weights_only=True, map_location="cpu") if best.exists() else None
+    return payload, TrainState(**payload["state"]), best_model

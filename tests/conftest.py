@@ -147,7 +147,7 @@ def ray_session():
     """One local Ray for the whole session: 2 CPUs, a bounded object store, no dashboard."""
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING", configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -136,7 +136,7 @@ def _ours(spec: dict) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ray.init(num_cpus=2, object_store_memory=512 << 20, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=512 << 20, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING")
     out = Path(spec["workdir"], "worker_results")
     out.mkdir(exist_ok=True)

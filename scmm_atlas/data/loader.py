@@ -232,6 +232,10 @@ class Prefetcher:
             self._put(_DONE)
         except BaseException as exc:  # handed to the consumer
             self._put(exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # a generator over a Ray dataset shuts its executor down now, not at garbage collection
 
     def _put(self, item: object) -> bool:
         while not self._stop.is_set():

@@ -53,7 +53,7 @@ def init_ray(address: str | None, dist_cfg: DistributedSection) -> DistributedSe
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(num_cpus=os.cpu_count(), object_store_memory=1 << 30, include_dashboard=False,
+            ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=1 << 30, include_dashboard=False,
                      runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}}, configure_logging=False)
     cpus = ray.cluster_resources().get("CPU", 1.0)
     loader = LoaderConfig(**dist_cfg.loader)

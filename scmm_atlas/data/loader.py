@@ -140,6 +140,7 @@ class ShardLoader:
         ds = ray.data.read_datasource(source, override_num_blocks=len(requests), num_cpus=self.config.read_cpus,
                                       concurrency=self.config.read_tasks)
         ds.context.execution_options.preserve_order = True  # reproducible batches
+        ds.context.enable_progress_bars = False  # one dataset per epoch: Ray's bars would be noise
         return ds
 
     def blocks(self, epoch: int) -> Iterator[SparseBlock]:

@@ -108,6 +108,10 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
         log.info(what)
         features = {m: [str(f) for f in store.feature_names(m, "selected")] for m in store.modalities}
         uri = store.uri.uri
+    try:  # a config that cannot fit this store fails here, not in every worker
+        model_cfg = config.model.build({m: len(f) for m, f in features.items()}, len(info.batches))
+    except ValueError as exc:
+        raise StoreError(uri, "modalities", str(exc)) from None
     dist_cfg = init_ray(ray_address, config.distributed)
     config = replace(config, distributed=dist_cfg)
     name = run_name or time.strftime("scmm-%Y%m%d-%H%M%S")
@@ -148,7 +152,6 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         payload, st, best = ckpt.load(Path(d))
-    model_cfg = config.model.build({m: len(f) for m, f in features.items()}, len(info.batches))
     with tempfile.TemporaryDirectory() as d:
         weights = Path(d, ckpt.BEST_FILE)
         torch.save(best if best is not None else payload["model"], weights)

@@ -43,3 +43,12 @@ def test_overrides_and_errors(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(InputError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_every_shipped_config_loads_and_the_gpu_one_is_set_for_a_cluster() -> None:
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        load_config(path)
+    gpu = load_config("atlas_gpu").distributed
+    assert gpu.use_gpu and gpu.num_workers == 8 and gpu.bf16 and gpu.storage_path.startswith("s3://")
+    over = load_config("atlas_cite", ["distributed.num_workers=3", "distributed.loader.block_cells=1024"])
+    assert over.distributed.num_workers == 3 and over.distributed.loader == {"block_cells": 1024}

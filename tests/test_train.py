@@ -10,7 +10,8 @@ import pytest
 from conftest import make_planted_stores
 
 from scmm_atlas.config import load_config
-from scmm_atlas.store import StoreError
+from scmm_atlas.data.layout import layout_uri, read_info
+from scmm_atlas.store import StoreError, open_store
 from scmm_atlas.train.run import train
 
 FAST = ["train.epochs=3", "train.warmup_epochs=1", "train.batch_size=64", "train.patience=10",
@@ -84,9 +85,12 @@ def test_a_worker_that_fails_once_is_restarted_from_the_last_checkpoint(baseline
 
 def test_resume_continues_an_interrupted_run(baseline, store, tracking) -> None:
     _, tmp = baseline
-    first = train(_config(tmp, "train.epochs=1", workers=1), str(store), run_name="resumable", tracking=tracking,
-                  progress=False)
+    first = train(_config(tmp, "train.epochs=1", "distributed.grad_accum=2", "distributed.checkpoint_every_steps=2",
+                          workers=1), str(store), run_name="resumable", tracking=tracking, progress=False)
     assert first.epochs == 1
+    n_train = read_info(layout_uri(open_store(store).uri)).n_cells("train")
+    assert first.history[0]["step"] == n_train // 64 // 2  # two micro-batches per optimizer step
+    assert len(list((tmp / "ray" / "resumable").glob("checkpoint_*"))) == 2  # mid-epoch ones kept to 2
     more = train(_config(tmp, "train.epochs=2", workers=1), str(store), run_name="resumable", resume=True,
                  tracking=tracking, progress=False)
     assert more.run_id == first.run_id and [h["epoch"] for h in more.history] == [1, 2]

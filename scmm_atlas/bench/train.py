@@ -150,11 +150,15 @@ def run(args: argparse.Namespace) -> list[dict]:
         for system in (*OURS, "totalVI"):
             rows.append(_run_system(system, spec, cells))
         if not args.no_scaling:
+            from ..data.prepare import prepare_layout
+            from ..store import open_store
             from ..store.ingest import IngestOptions, ingest
 
             for i in range(1, SCALING):
                 ingest(str(data["store"]), [f"{m}={data[m]}" for m in ("RNA", "ADT")],
                        IngestOptions(append=True, dataset=f"copy{i}", prefix_barcodes=True, progress=False))
+            with open_store(data["store"]) as store:  # `scmm-atlas prepare` after the ingest, as documented
+                prepare_layout(store)
             rows.append(_run_system("scmm-atlas 1w", {**spec, "epochs": 2, "max_steps": SCALING_STEPS},
                                     SCALING * cells))
     _report(rows, cells)

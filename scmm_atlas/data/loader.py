@@ -261,7 +261,7 @@ class Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=0.5)  # a producer blocked on its source exits by itself (daemon)
 
 
 def _source_spec(uri: StoreURI, mode: str, split: str) -> SourceSpec:

@@ -33,6 +33,14 @@ def tracking_uri(explicit: str | None = None) -> str:
     return uri
 
 
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store go beside the database (MLflow's default is ./mlruns in the current
+    directory); a tracking server keeps its own default."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in tree.items():
@@ -47,7 +55,8 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 def start_run(client: MlflowClient, experiment: str, run_name: str, params: Mapping[str, str],
               tags: Mapping[str, str]) -> str:
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(
+        experiment, artifact_location=artifact_root(client.tracking_uri))
     run = client.create_run(exp_id, run_name=run_name, tags=dict(tags))
     for chunk in range(0, len(params), 90):
         items = list(params.items())[chunk : chunk + 90]

@@ -11,6 +11,9 @@ import argparse
 import importlib
 import json
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +25,15 @@ BENCHES = {
     "loader": "scmm_atlas.bench.loader",
     "train": "scmm_atlas.bench.train",
 }
+
+
+def run_child(system: str, module: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``python -m module args`` in a fresh process; its last stdout line is a JSON object."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=env if env is not None else os.environ.copy(), check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{system} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:

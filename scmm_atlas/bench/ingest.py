@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +21,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from . import format_table
+from . import format_table, run_child
 
 DEFAULT_CELLS, DEFAULT_GENES, DENSITY = 200_000, 2_000, 0.08
 OURS = ("scmm-atlas soma", "scmm-atlas zarr")
@@ -108,11 +105,7 @@ def _worker(system: str, h5ad: str, out: str) -> dict:
 
 
 def _run_system(system: str, h5ad: Path, out: Path, cells: int) -> dict:
-    cmd = [sys.executable, "-m", "scmm_atlas.bench.ingest", "--worker", system, str(h5ad), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{system} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_child(system, "scmm_atlas.bench.ingest", "--worker", system, str(h5ad), str(out))
     return {"system": system, "cells": cells, **result}
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from . import format_table
+from . import format_table, run_child
 from .ingest import DEFAULT_CELLS, DEFAULT_GENES, generate_h5ad
 
 BATCH = 256
@@ -284,11 +284,7 @@ def _run_system(system: str, data: dict, work: Path, cells: int) -> dict:
     spec = {"system": system, "store": data.get(backend), "h5ad": data["h5ad"], "labels": data["labels"],
             "workdir": str(work), "workers": int(system[-2]) if system in OURS else 1}
     env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}  # every system alike
-    proc = subprocess.run([sys.executable, "-m", "scmm_atlas.bench.loader", json.dumps(spec)], capture_output=True,
-                          text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{system} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_child(system, "scmm_atlas.bench.loader", json.dumps(spec), env=env)
     row = {"system": system, "cells": cells, "cells_per_s": statistics.median(result["rates"]),
            "mixing_bits": result["mixing_bits"], "peak_mib": result["peak_mib"],
            "loader_mib": result["peak_mib"] - result["base_mib"], "first_batch_s": result["first_batch_s"],

@@ -32,7 +32,7 @@ import numpy as np
 import scipy.io
 import scipy.sparse as sp
 
-from . import format_table
+from . import format_table, run_child
 from .faithful import GENERATOR
 from .loader import PssSampler
 
@@ -125,11 +125,8 @@ def _child(spec: dict) -> dict:
 
 def _run_system(system: str, spec: dict, cells: int) -> dict:
     spec = {**spec, "system": system, "workers": int(system[-2]) if system in OURS else 1}
-    proc = subprocess.run([sys.executable, "-m", "scmm_atlas.bench.train", json.dumps(spec, default=str)],
-                          capture_output=True, text=True, env=os.environ.copy(), check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{system} failed:\n{proc.stderr[-3000:]}")
-    row = {"system": system, "cells": cells, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    row = {"system": system, "cells": cells,
+           **run_child(system, "scmm_atlas.bench.train", json.dumps(spec, default=str))}
     wait = row["loader_wait_frac"]
     print(f"  {system} ({cells:,} cells): {row['cells_per_s']:,.0f} cells/s, peak {row['peak_rss_mib']:,.0f} MiB"
           + (f", loader wait {100 * wait:.1f} %" if wait is not None else ""), flush=True)

@@ -118,10 +118,6 @@ class ShardLoader:
     def batches(self) -> list[str]:
         return list(self.spec.batches)
 
-    def batches_per_epoch(self) -> int:
-        cells = self.plan.cells_per_rank(self.world_size)
-        return cells // self.config.batch_size if self.config.drop_last else -(-cells // self.config.batch_size)
-
     def warm_up(self) -> float:
         """Read two tiny ranges through Ray Data, so that its actors and read workers (and their imports)
         are up before the first epoch; returns the seconds it took. Call it while the model is built."""

@@ -9,7 +9,6 @@ all-reduced so that every rank takes the same early-stopping decision. Rank 0 wr
 from __future__ import annotations
 
 import contextlib
-import copy
 import tempfile
 import time
 from dataclasses import replace
@@ -152,12 +151,12 @@ def train_loop(cfg: dict[str, Any]) -> None:
         if val is not None and epoch > tr.warmup_epochs:
             if st.best_val is None or val < st.best_val:
                 st.best_val, st.best_epoch, st.bad_epochs = val, epoch, 0
-                best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                best_model = _cpu_state(model)
             else:
                 st.bad_epochs += 1
                 stop = st.bad_epochs >= tr.patience
         if best_model is None and epoch == tr.epochs:  # no validation cells or too short for warm-up
-            best_model = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            best_model = _cpu_state(model)
         if st.best_val is not None:
             metrics["best_val_loss"] = st.best_val
         st.history.append(metrics)
@@ -168,6 +167,11 @@ def train_loop(cfg: dict[str, Any]) -> None:
             break
     train_data.close()
     val_data.close()
+
+
+def _cpu_state(model: MMVAE) -> dict[str, torch.Tensor]:
+    """A copy of the weights that later steps do not change."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def _report(rank: int, metrics: dict[str, float], model: MMVAE, opt: torch.optim.Optimizer, st: TrainState,

@@ -119,13 +119,17 @@ def test_ray_job_submit_runs_the_training_entry_point(store, tmp_path, monkeypat
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     repo = Path(__file__).resolve().parents[1]
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent, agent_grpc, metrics, runtime_env, client_port = (_free_port() for _ in range(7))
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # the job server stays authenticated
     for key, value in auth.items():
         monkeypatch.setenv(key, value)
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                              f"--port={gcs}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2",
+                             # every port of its own: the session's Ray already holds the default ones
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+                             f"--ray-client-server-port={client_port}",
                              "--object-store-memory=200000000", "--disable-usage-stats"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, **auth,  # the job's `python` is this environment's

@@ -91,6 +91,8 @@ def _add_store_cmds(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run --name from its last checkpoint")
     p.add_argument("--tracking-uri", metavar="URI",
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
+    p.add_argument("--no-tracking", action="store_true",
+                   help="no MLflow run or registered model (checkpoints only), e.g. on a host without MLflow")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = sub.add_parser("info", help="summarise a store")
     p.add_argument("--store", required=True, metavar="URI")
@@ -111,6 +113,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-scaling", action="store_true", help="skip the run at twice the cells (ingest)")
     p.add_argument("--epochs", type=int, metavar="N", help="cap training epochs (quality; default: the configs')")
     p.add_argument("--seeds", type=int, metavar="N", help="initialisations averaged per config (faithful; default 1)")
+    p.add_argument("--gpu", action="store_true",
+                   help="on a GPU (train: 1 worker with bf16 autocast off and on, totalVI on the same GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,11 +180,12 @@ def _run_train(args: argparse.Namespace) -> None:
         overrides.append("distributed.use_gpu=true")
     config = load_config(args.config, overrides)
     result = train(config, args.store, ray_address=args.ray_address, resume=args.resume, run_name=args.name,
-                   tracking=args.tracking_uri, progress=not args.no_progress)
+                   tracking=args.tracking_uri, track=not args.no_tracking, progress=not args.no_progress)
     best = f"{result.best_val:,.2f}" if result.best_val is not None else "n/a"
-    print(f"run {result.run_name} ({result.run_id}): {result.epochs} epochs in {result.wall_s:.0f} s, best validation "
-          f"loss {best}; registered {config.distributed.model_name} version {result.model_version}"
-          f"{' (champion)' if result.champion else ''}")
+    registered = (f"registered {config.distributed.model_name} version {result.model_version}"
+                  f"{' (champion)' if result.champion else ''}" if result.run_id else "not tracked")
+    print(f"run {result.run_name} ({result.run_id or 'no MLflow run'}): {result.epochs} epochs in {result.wall_s:.0f} "
+          f"s, best validation loss {best}; {registered}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -147,8 +147,8 @@ def fit(model: MMVAE, data: CellData, train_idx: np.ndarray, val_idx: np.ndarray
             opt.step()
             total += float(out.loss.detach())
             for k, v in out.recon.items():
-                recon[k] = recon.get(k, 0.0) + v
-            kl += out.kl
+                recon[k] = recon.get(k, 0.0) + float(v)
+            kl += float(out.kl) if out.kl is not None else 0.0
             seen += len(b)
         train_s = time.perf_counter() - t0
         n_train = max(len(train_idx), 1)

@@ -22,8 +22,9 @@ from .mmvae import MMVAE, MMVAEOutput
 @dataclass
 class Objective:
     loss: torch.Tensor  # scalar: -sum over cells of the objective
-    recon: dict[str, float] = field(default_factory=dict)  # modality -> sum over cells (mean over experts)
-    kl: float = 0.0  # sum over cells of the experts' mean KL
+    # detached 0-dim tensors, not floats: reading them would wait for the device at every step
+    recon: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> sum over cells (mean over experts)
+    kl: torch.Tensor | None = None  # sum over cells of the experts' mean KL (the ELBO's only)
 
 
 def _masks(model: MMVAE, x: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
@@ -68,8 +69,8 @@ def moe_elbo(model: MMVAE, x: Mapping[str, torch.Tensor], *, mask: Mapping[str, 
     per_cell = (present * (recon - beta * kl)).sum(0) / present.sum(0).clamp(min=1)
     n_experts = present.sum(0).clamp(min=1)
     with torch.no_grad():
-        parts = {d: float(((present * r).sum(0) / n_experts).sum()) for d, r in recon_d.items()}
-        kl_sum = float(((present * kl).sum(0) / n_experts).sum())
+        parts = {d: ((present * r).sum(0) / n_experts).sum() for d, r in recon_d.items()}
+        kl_sum = ((present * kl).sum(0) / n_experts).sum()
     return Objective(loss=-per_cell.sum(), recon=parts, kl=kl_sum)
 
 

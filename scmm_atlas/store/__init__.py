@@ -30,10 +30,12 @@ def backend_for(uri: StoreURI, backend: str | None = None) -> str:
 
 
 def _detect(uri: StoreURI) -> str | None:
-    from . import soma_backend, zarr_backend
+    from . import zarr_backend
 
     if zarr_backend.is_zarr(uri):
         return "zarr"
+    from . import soma_backend  # only now: tiledbsoma costs ~250 MB per process, and hosts may lack it
+
     if soma_backend.is_soma(uri):
         return "soma"
     return None
@@ -72,7 +74,7 @@ def open_store(uri: str | os.PathLike[str] | StoreURI, *, writable: bool = False
 def create_store(uri: StoreURI, backend: str, info: StoreInfo, vars_: Mapping[str, pd.DataFrame],
                  n_obs: int) -> StoreWriter:
     """Create the layout at ``uri`` (which must not exist) and return a writer for its cells."""
-    from . import soma_backend, zarr_backend
+    import importlib
 
-    module = zarr_backend if backend == "zarr" else soma_backend
+    module = importlib.import_module(f".{'zarr' if backend == 'zarr' else 'soma'}_backend", __name__)
     return module.create(uri, info, vars_, n_obs)

@@ -28,7 +28,6 @@ from ..data.prepare import prepare_layout
 from ..store import StoreError, open_store
 from . import state as ckpt
 from .loop import train_loop
-from .tracking import flatten, log_artifacts, log_model, start_run, tracking_uri
 
 log = logging.getLogger(__name__)
 RUN_FILE = "scmm_run.json"
@@ -36,9 +35,9 @@ RUN_FILE = "scmm_run.json"
 
 @dataclass
 class TrainResult:
-    run_id: str
+    run_id: str | None  # None: trained without tracking
     run_name: str
-    model_version: str
+    model_version: str | None
     champion: bool
     best_val: float | None
     epochs: int
@@ -100,8 +99,12 @@ class RunDir:
 
 
 def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, resume: bool = False,
-          run_name: str | None = None, tracking: str | None = None, progress: bool = True) -> TrainResult:
-    """Train on ``store_uri`` with ``config``; log and register the model; return what happened."""
+          run_name: str | None = None, tracking: str | None = None, track: bool = True, progress: bool = True
+          ) -> TrainResult:
+    """Train on ``store_uri`` with ``config``; log and register the model; return what happened.
+
+    ``track=False`` trains without MLflow (no run, no registered model: the checkpoints alone), for
+    quick experiments and hosts without a tracking store."""
     start = time.perf_counter()
     with open_store(store_uri) as store:
         info, what = prepare_layout(store, val_fraction=config.distributed.val_fraction, progress=progress)
@@ -116,27 +119,34 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
     config = replace(config, distributed=dist_cfg)
     name = run_name or time.strftime("scmm-%Y%m%d-%H%M%S")
     run_dir = RunDir(dist_cfg.storage_path, name)
-    mlflow_uri = tracking_uri(tracking)
-    import mlflow
+    if track:
+        import mlflow
 
-    mlflow.set_tracking_uri(mlflow_uri)
-    client = mlflow.MlflowClient(mlflow_uri)
+        from .tracking import flatten, log_artifacts, log_model, start_run, tracking_uri
+
+        mlflow_uri = tracking_uri(tracking)
+        mlflow.set_tracking_uri(mlflow_uri)
+        client = mlflow.MlflowClient(mlflow_uri)
+    else:
+        mlflow_uri = client = None
     latest = None
     recorded = run_dir.read(RUN_FILE)
     if resume:
         if recorded is None:
             raise StoreError(run_dir.path, RUN_FILE, "no run to resume here: check --name and "
                              "distributed.storage_path")
-        run_id = json.loads(recorded)["run_id"]
+        run_id = json.loads(recorded)["run_id"] if track else None
         latest = run_dir.latest_checkpoint()
     else:
         if recorded is not None:
             raise StoreError(run_dir.path, "name", "a run with this name exists: pass --resume or another --name")
-        global_batch = config.train.batch_size * dist_cfg.num_workers * dist_cfg.grad_accum
-        params = {**flatten(config.to_dict()), "store": uri, "global_batch": str(global_batch),
-                  "layout.val_fraction": str(info.val_fraction), "layout.train_cells": str(info.n_cells("train")),
-                  "layout.val_cells": str(info.n_cells("val"))}
-        run_id = start_run(client, dist_cfg.experiment, name, params, {"store": uri})
+        run_id = None
+        if track:
+            global_batch = config.train.batch_size * dist_cfg.num_workers * dist_cfg.grad_accum
+            params = {**flatten(config.to_dict()), "store": uri, "global_batch": str(global_batch),
+                      "layout.val_fraction": str(info.val_fraction),
+                      "layout.train_cells": str(info.n_cells("train")), "layout.val_cells": str(info.n_cells("val"))}
+            run_id = start_run(client, dist_cfg.experiment, name, params, {"store": uri})
         run_dir.write(RUN_FILE, json.dumps({"run_id": run_id, "tracking_uri": mlflow_uri}))
     log.info("global batch: %d cells per worker x %d workers x %d accumulation", config.train.batch_size,
              dist_cfg.num_workers, dist_cfg.grad_accum)
@@ -152,12 +162,15 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         payload, st, best = ckpt.load(Path(d))
-    with tempfile.TemporaryDirectory() as d:
-        weights = Path(d, ckpt.BEST_FILE)
-        torch.save(best if best is not None else payload["model"], weights)
-        version, champion = log_model(run_id, weights=weights, model_config=model_cfg, features=features,
-                                      batches=info.batches, model_name=dist_cfg.model_name, val_loss=st.best_val)
-    log_artifacts(client, run_id, config=config.to_dict(), features=features, history=st.history)
-    client.set_terminated(run_id)
+    version, champion = None, False
+    if run_id is not None:
+        with tempfile.TemporaryDirectory() as d:
+            weights = Path(d, ckpt.BEST_FILE)
+            torch.save(best if best is not None else payload["model"], weights)
+            version, champion = log_model(run_id, weights=weights, model_config=model_cfg, features=features,
+                                          batches=info.batches, model_name=dist_cfg.model_name,
+                                          val_loss=st.best_val)
+        log_artifacts(client, run_id, config=config.to_dict(), features=features, history=st.history)
+        client.set_terminated(run_id)
     return TrainResult(run_id=run_id, run_name=name, model_version=version, champion=champion, best_val=st.best_val,
                        epochs=st.epoch, history=st.history, wall_s=time.perf_counter() - start)

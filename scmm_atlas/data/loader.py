@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import ray
 import torch
+from ray.data import ExecutionResources
 
 from ..store.errors import StoreError
 from ..store.uri import StoreURI, parse_uri
@@ -136,6 +137,12 @@ class ShardLoader:
         ds = ray.data.read_datasource(source, override_num_blocks=len(requests), num_cpus=self.config.read_cpus,
                                       concurrency=self.config.read_tasks)
         ds.context.execution_options.preserve_order = True  # reproducible batches
+        # read ahead a few blocks, not as far as the object store allows: unbounded, Ray Data filled the
+        # store ahead of a slow consumer (memory that grew with the epoch's length) and read blocks a
+        # truncated epoch never used
+        block_bytes = self.config.block_cells * self.spec.bytes_per_cell
+        ds.context.execution_options.resource_limits = ExecutionResources.for_limits(
+            object_store_memory=(self.config.read_tasks + 2) * block_bytes)
         ds.context.enable_progress_bars = False  # one dataset per epoch: Ray's bars would be noise
         return ds
 

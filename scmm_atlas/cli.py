@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from . import cli_results
 from .store.errors import InputError
 
 INGEST_EPILOG = """\
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_ingest(sub)
     _add_store_cmds(sub)
+    cli_results.add_commands(sub)
     _add_bench(sub)
     return parser
 
@@ -208,6 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(what)
         elif args.command == "train":
             _run_train(args)
+        elif args.command == "infer":
+            cli_results.run_infer(args)
+        elif args.command == "query":
+            cli_results.run_query(args)
+        elif args.command == "report":
+            cli_results.run_report(args)
         elif args.command == "info":
             from .store import open_store
 

@@ -24,6 +24,7 @@ BENCHES = {
     "quality": "scmm_atlas.bench.quality",
     "loader": "scmm_atlas.bench.loader",
     "train": "scmm_atlas.bench.train",
+    "infer": "scmm_atlas.bench.infer",
 }
 
 

@@ -46,6 +46,11 @@ class MMVAEConfig:
         self.modalities = {k: v if isinstance(v, ModalitySpec) else ModalitySpec(**v)
                            for k, v in self.modalities.items()}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> MMVAEConfig:
+        """The inverse of ``dataclasses.asdict`` (how configs travel in checkpoints and model files)."""
+        return cls(**data)
+
 
 @dataclass
 class MMVAEOutput:

@@ -18,20 +18,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..model import MMVAE, MMVAEConfig, ModalitySpec
+from ..model import MMVAE, MMVAEConfig
 
 META = "meta"
 WEIGHTS = "weights"
 
 
-def model_config(data: dict[str, Any]) -> MMVAEConfig:
-    mods = {m: ModalitySpec(**spec) for m, spec in data["modalities"].items()}
-    return MMVAEConfig(**{**data, "modalities": mods})
-
-
 def load_model(meta_path: str, weights_path: str) -> tuple[MMVAE, dict[str, Any]]:
     meta = json.loads(Path(meta_path).read_text())
-    model = MMVAE(model_config(meta["model"]))
+    model = MMVAE(MMVAEConfig.from_dict(meta["model"]))
     model.load_state_dict(torch.load(weights_path, weights_only=True, map_location="cpu"))
     model.eval()
     return model, meta

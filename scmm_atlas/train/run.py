@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
 from ..config import DistributedSection, RunConfig
+from ..data.cluster import ensure_ray
 from ..data.loader import LoaderConfig
 from ..data.prepare import prepare_layout
 from ..store import StoreError, open_store
@@ -48,12 +48,7 @@ class TrainResult:
 def init_ray(address: str | None, dist_cfg: DistributedSection) -> DistributedSection:
     """Join ``address`` or start a local Ray sized to this machine; returns the section with the
     per-worker CPUs shrunk if the workers would leave no CPU for the loader's read tasks."""
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=1 << 30, include_dashboard=False,
-                     runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}}, configure_logging=False)
+    ensure_ray(address)
     cpus = ray.cluster_resources().get("CPU", 1.0)
     loader = LoaderConfig(**dist_cfg.loader)
     read = 2 * loader.read_cpus * loader.read_tasks  # the training and the validation stream

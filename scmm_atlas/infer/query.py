@@ -1,0 +1,115 @@
+"""Reading published results for a cell filter: the API behind ``scmm-atlas query``.
+
+>>> from scmm_atlas import results
+>>> res = results.open("atlas.zarr")                      # the latest published version
+>>> res.embeddings(where={"cell_type": ["B cell"]})        # DataFrame: obs_id x latent dims
+>>> res.predictions("ADT", source="RNA", ids=["AAAC-1"])   # predicted proteins, per 10k counts
+>>> res.programs(dim=3, modality="ADT")                    # the dim's top features
+
+Cells are selected out of core: the filter reads only the obs columns it names, a slice at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..store import Store, open_store
+from ..store.base import HASH_CHUNK
+from ..store.errors import StoreError
+from ..store.results import JOINT, index, open_results
+
+
+class Results:
+    """One published version of a store's results (default: the latest)."""
+
+    def __init__(self, store_uri: str, version: str | None = None) -> None:
+        self.store: Store = open_store(store_uri)
+        self.reader = open_results(self.store, version)
+        self.version = self.reader.spec.version
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Results:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def versions(self) -> pd.DataFrame:
+        return pd.DataFrame(index(self.store))
+
+    def cells(self, *, where: Mapping[str, Sequence[str]] | None = None, ids: Sequence[str] | None = None
+              ) -> np.ndarray:
+        """Store rows of the cells whose obs columns take the given values and whose id is in ``ids``."""
+        where = dict(where or {})
+        unknown = set(where) - set(self.store.obs_columns)
+        if unknown:
+            raise StoreError(self.store.uri, "obs", f"no column {sorted(unknown)[0]!r} (columns: "
+                             f"{', '.join(self.store.obs_columns)})")
+        columns = list(where) + (["obs_id"] if ids is not None else [])
+        if not columns:
+            return np.arange(self.store.n_obs)
+        wanted = {c: set(map(str, v)) for c, v in where.items()}
+        id_set = set(map(str, ids)) if ids is not None else None
+        rows = []
+        for start in range(0, self.store.n_obs, HASH_CHUNK):
+            obs = self.store.obs_slice(start, min(self.store.n_obs, start + HASH_CHUNK), columns)
+            keep = np.ones(len(obs), dtype=bool)
+            for c, values in wanted.items():
+                keep &= obs[c].astype(str).isin(values).to_numpy()
+            if id_set is not None:
+                keep &= obs["obs_id"].astype(str).isin(id_set).to_numpy()
+            rows.append(np.flatnonzero(keep) + start)
+        return np.concatenate(rows) if rows else np.zeros(0, np.int64)
+
+    def _ids(self, rows: np.ndarray) -> pd.Index:
+        if not len(rows):
+            return pd.Index([], name="obs_id")
+        ids = self.store.obs_slice(int(rows[0]), int(rows[-1]) + 1, ["obs_id"])["obs_id"].to_numpy()
+        return pd.Index(ids[rows - rows[0]], name="obs_id")
+
+    def embeddings(self, key: str = JOINT, *, where: Mapping[str, Sequence[str]] | None = None,
+                   ids: Sequence[str] | None = None, dim: int | None = None) -> pd.DataFrame:
+        """Cells x latent dims (``key``: ``joint`` or a modality's own embedding)."""
+        rows = self.cells(where=where, ids=ids)
+        values = self.reader.embedding(key, rows)
+        frame = pd.DataFrame(values, index=self._ids(rows), columns=[f"z{i}" for i in range(values.shape[1])])
+        if dim is not None:
+            if not 0 <= dim < values.shape[1]:
+                raise ValueError(f"dim must be within 0..{values.shape[1] - 1}, got {dim}")
+            frame = frame[[f"z{dim}"]]
+        return frame
+
+    def predictions(self, target: str, *, source: str | None = None, where: Mapping[str, Sequence[str]] | None = None,
+                    ids: Sequence[str] | None = None, features: Sequence[str] | None = None) -> pd.DataFrame:
+        """Cells x ``target``'s features predicted from ``source`` (default: the first source published)."""
+        pairs = [p for p in self.reader.spec.pairs if p[1] == target]
+        if not pairs:
+            raise StoreError(self.store.uri, "pairs", f"version {self.version} predicts no {target}")
+        source = source or pairs[0][0]
+        rows = self.cells(where=where, ids=ids)
+        names = pd.Index(self.reader.spec.target_features[target])
+        frame = pd.DataFrame(self.reader.prediction(source, target, rows), index=self._ids(rows), columns=names)
+        if features is not None:
+            missing = [f for f in features if f not in names]
+            if missing:
+                raise StoreError(self.store.uri, f"{target}/features", f"not predicted: {', '.join(missing[:5])}")
+            frame = frame[list(features)]
+        return frame
+
+    def programs(self, *, dim: int | None = None, modality: str | None = None, direction: str | None = None
+                 ) -> pd.DataFrame:
+        table = self.reader.programs()
+        for col, value in (("dim", dim), ("modality", modality), ("direction", direction)):
+            if value is not None and not table.empty:
+                table = table[table[col] == value]
+        return table.reset_index(drop=True)
+
+
+def open(store_uri: str, version: str | None = None) -> Results:
+    """Open the results of ``store_uri`` (a path or ``s3://`` URI) at ``version`` (default: latest)."""
+    return Results(store_uri, version)

@@ -1,0 +1,176 @@
+"""The batch inference stage: Ray Data over the store's cell blocks, an actor pool, results published.
+
+Blocks of ``block_cells`` cells (aligned with the results' storage chunks, so that writers never
+share a chunk) go to a pool of actors; each actor builds the model once, reads its blocks from the
+store (the model's features, matched by name), computes embeddings and predictions, and writes
+them into the new, unpublished results entry. The driver then computes the pseudocell programs and
+publishes the entry (one metadata write). Memory is bounded by the block size, not the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data.cluster import ensure_ray
+from ..store import Store, open_store
+from ..store.errors import StoreError
+from ..store.results import ResultSpec, begin, open_writer, publish
+from .predict import check_pairs, default_pairs, infer_batch
+from .programs import programs
+from .source import TrainedModel
+
+log = logging.getLogger(__name__)
+CHUNK_ROWS = 4096  # rows per results chunk (a block's rows start at a multiple of it)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    block_cells: int = 16384  # cells per actor call
+    batch_size: int = 4096  # cells per forward pass inside a block
+    actors: int = 0  # 0: one per CPU, at most 4
+    cpus_per_actor: float = 1.0
+    torch_threads: int = 1
+    pairs: tuple[tuple[str, str], ...] | None = None  # None: every modality from every other
+    library_size: float | None = 1e4  # predictions per this many counts; None: the model's library scale
+    programs: bool = True
+    programs_mode: str = "atlas"  # or "faithful"
+    top_n: int = 50
+    fault_at_block: int = -1  # tests: the actor handling this block raises (the entry stays unpublished)
+
+    def __post_init__(self) -> None:
+        for name in ("block_cells", "batch_size", "top_n"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"InferConfig.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class InferResult:
+    record: dict[str, Any]
+    cells: int
+    cells_per_s: float
+    programs_s: float
+    wall_s: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class FeatureMap:
+    """The model's features in a store's columns: ``columns`` to read, ``positions`` in the model's order."""
+
+    def __init__(self, store: Store, trained: TrainedModel) -> None:
+        self.columns, self.positions, self.n_features = {}, {}, {}
+        for mod, names in trained.features.items():
+            if mod not in store.modalities:
+                self.columns[mod], self.positions[mod] = np.zeros(0, np.int64), np.zeros(0, np.int64)
+            else:
+                lookup = pd.Index(store.var(mod).index).get_indexer(pd.Index(names))
+                found = lookup >= 0
+                if found.mean() < 0.5:
+                    raise StoreError(store.uri, f"{mod}/var_id", f"only {found.sum()} of the model's {len(names)} "
+                                     f"{mod} features are in this store: not the model's feature space")
+                if not found.all():
+                    log.warning("%s: %d of the model's %s features are not in the store: read as zeros",
+                                store.uri, (~found).sum(), mod)
+                self.columns[mod], self.positions[mod] = lookup[found], np.flatnonzero(found)
+            self.n_features[mod] = len(names)
+
+
+class BlockInfer:
+    """A Ray Data actor: the model built once; each call reads, infers and writes whole blocks."""
+
+    def __init__(self, store_uri: str, entry: str, trained: TrainedModel, features: FeatureMap,
+                 config: InferConfig) -> None:
+        torch.set_num_threads(config.torch_threads)
+        self.model, self.trained, self.features, self.cfg = trained.build(), trained, features, config
+        self.store = open_store(store_uri)
+        self.writer = open_writer(self.store, entry)
+        self.codes = {b: i for i, b in enumerate(trained.batches)}
+        self.pairs = list(self.writer.spec.pairs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for index, start, stop in zip(batch["block"], batch["start"], batch["stop"], strict=True):
+            if int(index) == self.cfg.fault_at_block:
+                raise RuntimeError(f"injected inference fault at block {index}")
+            self._block(int(start), int(stop))
+        return {"cells": batch["stop"] - batch["start"]}
+
+    def _block(self, start: int, stop: int) -> None:
+        store, mods = self.store, list(self.trained.features)
+        obs = store.obs_slice(start, stop, ["batch", *(f"has_{m}" for m in mods if m in store.modalities)])
+        n = stop - start
+        x, mask = {}, {}
+        for m in mods:
+            dense = np.zeros((n, self.features.n_features[m]), dtype=np.float32)
+            if len(self.features.columns[m]):
+                dense[:, self.features.positions[m]] = store.read(m, start, stop, self.features.columns[m]).toarray()
+            x[m] = torch.from_numpy(dense)
+            has = obs[f"has_{m}"].to_numpy(bool) if f"has_{m}" in obs else np.zeros(n, bool)
+            mask[m] = torch.from_numpy(has & (dense.sum(1) > 0))  # an all-zero row carries no information
+        codes = torch.as_tensor(obs["batch"].map(self.codes).fillna(0).to_numpy(np.int64))  # unknown: batch 0
+        parts = []
+        for lo in range(0, n, self.cfg.batch_size):
+            hi = min(n, lo + self.cfg.batch_size)
+            parts.append(infer_batch(self.model, {m: v[lo:hi] for m, v in x.items()},
+                                     mask={m: v[lo:hi] for m, v in mask.items()},
+                                     batch=codes[lo:hi] if self.model.config.n_batches else None,
+                                     pairs=self.pairs, library_size=self.cfg.library_size))
+        self.writer.write_cells(start, np.concatenate([p.joint for p in parts]),
+                                {m: np.concatenate([p.per_modality[m] for p in parts]) for m in mods},
+                                {pair: np.concatenate([p.predictions[pair] for p in parts]) for pair in self.pairs})
+
+
+def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None = None, ray_address: str | None = None,
+          progress: bool = True) -> InferResult:
+    """Run the stage on ``store_uri`` with ``trained``; publish and return the index record."""
+    import ray
+
+    cfg = config or InferConfig()
+    t0 = time.perf_counter()
+    pairs = check_pairs(list(cfg.pairs) if cfg.pairs is not None else default_pairs(list(trained.features)),
+                        list(trained.features))
+    with open_store(store_uri) as store:
+        features = FeatureMap(store, trained)
+        spec = ResultSpec(version=trained.version, model_uri=trained.uri, latent_dim=trained.config.latent_dim,
+                          modalities=list(trained.features), pairs=pairs,
+                          target_features={t: list(trained.features[t]) for _, t in pairs},
+                          library_size=cfg.library_size, chunk_rows=math.gcd(cfg.block_cells, CHUNK_ROWS))
+        writer = begin(store, spec)
+        n = store.n_obs
+        blocks = [{"block": i, "start": s, "stop": min(n, s + cfg.block_cells)}
+                  for i, s in enumerate(range(0, n, cfg.block_cells))]
+        ensure_ray(ray_address, object_store_bytes=1 << 29)
+        actors = cfg.actors or max(1, min(4, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_actor)))
+        ds = ray.data.from_items(blocks, override_num_blocks=len(blocks)).map_batches(
+            BlockInfer, fn_constructor_kwargs={"store_uri": store.uri.uri, "entry": spec.entry, "trained": trained,
+                                               "features": features, "config": cfg},
+            batch_size=1, concurrency=min(actors, len(blocks)), num_cpus=cfg.cpus_per_actor)
+        ds.context.enable_progress_bars = False
+        t_cells = time.perf_counter()
+        done = 0
+        with _progress(n, progress) as bar:
+            for row in ds.iter_rows():
+                done += int(row["cells"])
+                bar.update(int(row["cells"]))
+        cells_s = time.perf_counter() - t_cells
+        t_prog = time.perf_counter()
+        if cfg.programs:
+            found = programs(trained.build(), trained.features, mode=cfg.programs_mode, top_n=cfg.top_n)
+            writer.write_table("programs", found.table)
+            writer.write_table("traversals", found.traversals)
+        programs_s = time.perf_counter() - t_prog
+        record = publish(store, writer)
+    return InferResult(record=record, cells=done, cells_per_s=done / max(cells_s, 1e-9), programs_s=programs_s,
+                       wall_s=time.perf_counter() - t0)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="cells", desc="infer", disable=not enabled, unit_scale=True)

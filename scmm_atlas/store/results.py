@@ -1,0 +1,201 @@
+"""Versioned inference results in the store, published atomically.
+
+One *entry* per inference attempt (``v<model version>-<id>``) under the store's ``results``
+location holds: per-cell embeddings (joint and per modality), cross-modal predictions in the
+target modality's feature space, and the pseudocell programs (and their traversals) as tables.
+Attempts are written in place (row blocks by many writers, in any order) and are invisible until
+:func:`publish` adds them to the *index*, a single metadata write; readers resolve versions through
+the index, so they see the previous version until the new one is complete. An attempt that died
+is never in the index and is removed by the next publish.
+
+Both backends use layouts that plain readers open without this project: on Zarr each entry's
+``cells`` and ``pred_<T>_from_<S>`` groups are AnnData groups (``anndata.read_zarr``), ``programs``
+an AnnData-encoded dataframe (``anndata.io.read_elem``); on TileDB-SOMA the published arrays are
+members of each measurement's ``obsm`` and ``X`` (``tiledbsoma.io.to_anndata``) and programs a
+SOMA DataFrame.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .base import Store
+from .errors import StoreError
+
+INDEX_KEY = "scmm_results"
+JOINT = "joint"
+
+
+def pair_name(source: str, target: str) -> str:
+    return f"{target}_from_{source}"
+
+
+@dataclass
+class ResultSpec:
+    """What an entry holds; saved with it, so that any process can reopen it for writing."""
+
+    version: str  # model version (the registry's), or a run id
+    model_uri: str
+    latent_dim: int
+    modalities: list[str]
+    pairs: list[tuple[str, str]]  # (source, target)
+    target_features: dict[str, list[str]]  # target modality -> its feature names (the model's)
+    library_size: float | None  # predictions per this many counts (None: the model's library scale)
+    chunk_rows: int = 4096  # rows per storage chunk: concurrent writers' blocks start at multiples of it
+    n_obs: int = 0
+    entry: str = ""
+    created: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.pairs = [tuple(p) for p in self.pairs]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ResultSpec:
+        return cls(**data)
+
+
+class ResultsWriter(abc.ABC):
+    """Writes one entry. Row blocks may come from many processes (reopened with :func:`open_writer`);
+    blocks must not share a storage chunk (``spec.chunk_rows`` divides every block start)."""
+
+    def __init__(self, store: Store, spec: ResultSpec) -> None:
+        self.store, self.spec = store, spec
+
+    @abc.abstractmethod
+    def write_cells(self, start: int, joint: np.ndarray, per_modality: Mapping[str, np.ndarray],
+                    predictions: Mapping[tuple[str, str], np.ndarray]) -> None:
+        """Rows ``start .. start + len(joint)`` of every per-cell array."""
+
+    @abc.abstractmethod
+    def write_table(self, name: str, table: pd.DataFrame) -> None:
+        """A small table of the entry (``programs``, ``traversals``), written whole."""
+
+    @abc.abstractmethod
+    def _link(self) -> None:
+        """Backend step before the index names the entry (SOMA: link arrays into obsm / X)."""
+
+    def check_block(self, start: int, n: int) -> None:
+        if start % self.spec.chunk_rows or start < 0 or start + n > self.spec.n_obs:
+            raise ValueError(f"result rows {start}..{start + n}: blocks must start at a multiple of "
+                             f"{self.spec.chunk_rows} and end by {self.spec.n_obs}")
+
+
+def _backend(store: Store):
+    if store.backend == "zarr":
+        from . import results_zarr as mod
+    else:
+        from . import results_soma as mod
+    return mod
+
+
+def begin(store: Store, spec: ResultSpec) -> ResultsWriter:
+    """Create a new entry for ``spec`` sized to the store's cells (it stays unpublished)."""
+    spec.n_obs = store.n_obs
+    spec.entry = f"v{spec.version}-{uuid.uuid4().hex[:8]}"
+    spec.created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return _backend(store).create_entry(store, spec)
+
+
+def open_writer(store: Store, entry: str) -> ResultsWriter:
+    """Reopen an unpublished entry (e.g. in a Ray actor) to write its row blocks."""
+    return _backend(store).open_entry(store, entry)
+
+
+def index(store: Store) -> list[dict[str, Any]]:
+    """Published versions, oldest first: entry, version, model_uri, time, n_cells, pairs."""
+    return list(_backend(store).read_index(store).get("published", []))
+
+
+def publish(store: Store, writer: ResultsWriter) -> dict[str, Any]:
+    """Make the writer's entry the current results of its version (one metadata write), then remove
+    entries that are published no more or were never finished."""
+    spec = writer.spec
+    writer._link()
+    mod = _backend(store)
+    current = mod.read_index(store)
+    published = [e for e in current.get("published", []) if e["version"] != spec.version]
+    record = {"entry": spec.entry, "version": spec.version, "model_uri": spec.model_uri,
+              "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "n_cells": spec.n_obs,
+              "pairs": [list(p) for p in spec.pairs], "library_size": spec.library_size}
+    mod.write_index(store, {"published": [*published, record]})
+    keep = {e["entry"] for e in published} | {spec.entry}
+    for entry in mod.list_entries(store):
+        if entry not in keep:
+            mod.remove_entry(store, entry)
+    return record
+
+
+def resolve(store: Store, version: str | None = None) -> dict[str, Any]:
+    """The index record of ``version`` (default: the latest published)."""
+    published = index(store)
+    if not published:
+        raise StoreError(store.uri, INDEX_KEY, "no published results: run `scmm-atlas infer` first")
+    if version is None:
+        return published[-1]
+    for record in published:
+        if record["version"] == str(version):
+            return record
+    raise StoreError(store.uri, INDEX_KEY, f"no published results for version {version!r} (published: "
+                     f"{', '.join(e['version'] for e in published)})")
+
+
+class ResultsReader(abc.ABC):
+    """One published entry."""
+
+    def __init__(self, store: Store, record: Mapping[str, Any], spec: ResultSpec) -> None:
+        self.store, self.record, self.spec = store, dict(record), spec
+
+    @abc.abstractmethod
+    def embedding(self, key: str = JOINT, rows: np.ndarray | None = None) -> np.ndarray:
+        """[cells, latent] of ``key``: ``joint`` or a modality (its expert's location)."""
+
+    @abc.abstractmethod
+    def prediction(self, source: str, target: str, rows: np.ndarray | None = None) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def table(self, name: str) -> pd.DataFrame:
+        """A table of the entry (empty if it was not written)."""
+
+    def programs(self) -> pd.DataFrame:
+        return self.table("programs")
+
+    def traversals(self) -> pd.DataFrame:
+        return self.table("traversals")
+
+    def check_pair(self, source: str, target: str) -> None:
+        if (source, target) not in self.spec.pairs:
+            raise StoreError(self.store.uri, "pairs", f"version {self.spec.version} has no {target} predicted "
+                             f"from {source} (it has {', '.join(pair_name(*p) for p in self.spec.pairs)})")
+
+    def check_key(self, key: str) -> None:
+        if key != JOINT and key not in self.spec.modalities:
+            raise StoreError(self.store.uri, "embedding", f"no embedding {key!r}: use 'joint' or one of "
+                             f"{self.spec.modalities}")
+
+
+def open_results(store: Store, version: str | None = None) -> ResultsReader:
+    """A reader for a published version (default: the latest)."""
+    record = resolve(store, version)
+    return _backend(store).open_reader(store, record)
+
+
+def sorted_rows(rows: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
+    """Row indices as a sorted unique int64 array; all rows when None."""
+    if rows is None:
+        return np.arange(n, dtype=np.int64)
+    out = np.unique(np.asarray(rows, dtype=np.int64))
+    if len(out) and (out[0] < 0 or out[-1] >= n):
+        raise ValueError(f"row indices must be within 0..{n - 1}")
+    return out

@@ -1,0 +1,193 @@
+"""Results on a TileDB-SOMA store: entries are collections under the experiment's ``results``.
+
+An entry holds DenseNDArrays ``X_scmm`` (joint), ``X_scmm_<MOD>``, ``pred_<T>_from_<S>`` and the
+``programs`` and ``traversals`` DataFrames. Publishing links them where plain readers look: every measurement's
+``obsm`` gets ``scmm_v<version>`` (joint) and ``scmm_v<version>_<MOD>``, and the target
+measurement's ``X`` gets ``scmm_v<version>_from_<S>`` (so ``tiledbsoma.io.to_anndata(exp, "ADT",
+X_layer_name="scmm_v3_from_RNA")`` returns predicted proteins). The index is the JSON metadata
+``scmm_results`` of ``results``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import tiledbsoma as soma
+
+from .base import Store
+from .errors import StoreError
+from .results import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
+from .soma_backend import context
+
+SPEC_KEY = "scmm_result_spec"
+
+
+def array_name(key: str) -> str:
+    return "X_scmm" if key == JOINT else f"X_scmm_{key}"
+
+
+def obsm_name(version: str, key: str) -> str:
+    return f"scmm_v{version}" if key == JOINT else f"scmm_v{version}_{key}"
+
+
+def layer_name(version: str, source: str) -> str:
+    return f"scmm_v{version}_from_{source}"
+
+
+def _open(store: Store, mode: str = "r") -> soma.Experiment:
+    return soma.Experiment.open(store.uri.uri, mode, context=context())
+
+
+def create_entry(store: Store, spec: ResultSpec) -> SomaResultsWriter:
+    n, d, rows = max(spec.n_obs, 1), spec.latent_dim, spec.chunk_rows
+    with _open(store, "w") as exp, exp["results"].add_new_collection(spec.entry) as g:
+        g.metadata[SPEC_KEY] = json.dumps(spec.to_json())
+        arrays = {array_name(k): d for k in [JOINT, *spec.modalities]}
+        arrays.update({f"pred_{pair_name(s, t)}": len(spec.target_features[t]) for s, t in spec.pairs})
+        for name, width in arrays.items():
+            tiles = {"tiledb": {"create": {"dims": {"soma_dim_0": {"tile": rows}, "soma_dim_1": {"tile": width}}}}}
+            g.add_new_dense_ndarray(name, type=pa.float32(), shape=(n, width), platform_config=tiles).close()
+    return SomaResultsWriter(store, spec)
+
+
+def open_entry(store: Store, entry: str) -> SomaResultsWriter:
+    with _open(store) as exp:
+        if entry not in exp["results"]:
+            raise StoreError(store.uri, f"results/{entry}", "no such results entry")
+        spec = ResultSpec.from_json(json.loads(exp["results"][entry].metadata[SPEC_KEY]))
+    return SomaResultsWriter(store, spec)
+
+
+def read_index(store: Store) -> dict[str, Any]:
+    with _open(store) as exp:
+        raw = exp["results"].metadata.get(INDEX_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def write_index(store: Store, index: Mapping[str, Any]) -> None:
+    with _open(store, "w") as exp:
+        exp["results"].metadata[INDEX_KEY] = json.dumps(index)
+
+
+def list_entries(store: Store) -> list[str]:
+    with _open(store) as exp:
+        return sorted(exp["results"].keys())
+
+
+def remove_entry(store: Store, entry: str) -> None:
+    """Drop the entry, and its links in obsm / X where they still point at it."""
+    import fsspec.core
+
+    from .uri import fsspec_options
+
+    with _open(store, "w") as exp:
+        uri = exp["results"][entry].uri
+        for mod in exp.ms:
+            meas = exp.ms[mod]
+            for coll_name in ("obsm", "X"):
+                if coll_name not in meas:
+                    continue
+                coll = meas[coll_name]
+                for key in [k for k in coll if coll[k].uri.startswith(uri.rstrip("/") + "/")]:
+                    del coll[key]
+        del exp["results"][entry]
+    fs, path = fsspec.core.url_to_fs(uri, **(fsspec_options() if uri.startswith("s3://") else {}))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+class SomaResultsWriter(ResultsWriter):
+    def _array(self, g: soma.Collection, name: str, start: int, values: np.ndarray) -> None:
+        g[name].write((slice(start, start + len(values) - 1), slice(None)),
+                      pa.Tensor.from_numpy(np.ascontiguousarray(values, dtype=np.float32)))
+
+    def write_cells(self, start: int, joint: np.ndarray, per_modality: Mapping[str, np.ndarray],
+                    predictions: Mapping[tuple[str, str], np.ndarray]) -> None:
+        self.check_block(start, len(joint))
+        with soma.Collection.open(self._uri(), "w", context=context()) as g:
+            self._array(g, array_name(JOINT), start, joint)
+            for m, emb in per_modality.items():
+                self._array(g, array_name(m), start, emb)
+            for pair, values in predictions.items():
+                self._array(g, f"pred_{pair_name(*pair)}", start, values)
+
+    def _uri(self) -> str:
+        with _open(self.store) as exp:
+            return exp["results"][self.spec.entry].uri
+
+    def write_table(self, name: str, table: pd.DataFrame) -> None:
+        df = table.reset_index(drop=True)
+        arrow = pa.Table.from_pandas(df, preserve_index=False)
+        arrow = arrow.append_column("soma_joinid", pa.array(np.arange(len(df), dtype=np.int64)))
+        schema = pa.schema([f if f.type != pa.string() else pa.field(f.name, pa.large_string())
+                            for f in arrow.schema])
+        with soma.Collection.open(self._uri(), "w", context=context()) as g, g.add_new_dataframe(
+                name, schema=schema, index_column_names=["soma_joinid"], domain=[(0, max(len(df), 1) - 1)]) as out:
+            out.write(arrow.cast(schema))
+
+    def _link(self) -> None:
+        spec = self.spec
+        with _open(self.store, "w") as exp:
+            g = exp["results"][spec.entry]
+            for mod in exp.ms:
+                meas = exp.ms[mod]
+                if "obsm" not in meas:
+                    meas.add_new_collection("obsm")
+                for key in [JOINT, *spec.modalities]:
+                    _relink(meas["obsm"], obsm_name(spec.version, key), g[array_name(key)])
+            for source, target in spec.pairs:
+                _relink(exp.ms[target]["X"], layer_name(spec.version, source), g[f"pred_{pair_name(source, target)}"])
+
+
+def _relink(coll: soma.Collection, key: str, target: soma.DenseNDArray) -> None:
+    if key in coll:
+        del coll[key]
+    coll.set(key, target, use_relative_uri=False)
+
+
+def open_reader(store: Store, record: Mapping[str, Any]) -> SomaReader:
+    with _open(store) as exp:
+        results = exp["results"]
+        if record["entry"] not in results:
+            raise StoreError(store.uri, f"results/{record['entry']}", "a published entry is missing")
+        g = results[record["entry"]]
+        spec = ResultSpec.from_json(json.loads(g.metadata[SPEC_KEY]))
+        uri = g.uri
+    return SomaReader(store, record, spec, uri)
+
+
+class SomaReader(ResultsReader):
+    def __init__(self, store: Store, record: Mapping[str, Any], spec: ResultSpec, uri: str) -> None:
+        super().__init__(store, record, spec)
+        self.uri = uri
+
+    def _rows(self, name: str, rows: np.ndarray | None) -> np.ndarray:
+        with soma.DenseNDArray.open(f"{self.uri}/{name}", context=context()) as arr:
+            n = self.spec.n_obs
+            if rows is None:
+                return arr.read((slice(0, n - 1), slice(None))).to_numpy()
+            picked = sorted_rows(rows, n)
+            if not len(picked):
+                return np.zeros((0, arr.shape[1]), dtype=np.float32)
+            block = arr.read((slice(int(picked[0]), int(picked[-1])), slice(None))).to_numpy()
+            return block[picked - picked[0]]
+
+    def embedding(self, key: str = JOINT, rows: np.ndarray | None = None) -> np.ndarray:
+        self.check_key(key)
+        return self._rows(array_name(key), rows)
+
+    def prediction(self, source: str, target: str, rows: np.ndarray | None = None) -> np.ndarray:
+        self.check_pair(source, target)
+        return self._rows(f"pred_{pair_name(source, target)}", rows)
+
+    def table(self, name: str) -> pd.DataFrame:
+        with soma.Collection.open(self.uri, context=context()) as g:
+            if name not in g:
+                return pd.DataFrame()
+            df = g[name].read().concat().to_pandas()
+        return df.sort_values("soma_joinid").drop(columns="soma_joinid").reset_index(drop=True)

@@ -1,0 +1,159 @@
+"""Results on a Zarr store: ``results/<entry>/`` holds AnnData groups that plain readers open.
+
+- ``cells``: obs (index ``obs_id``), ``obsm/X_scmm`` (joint) and ``obsm/X_scmm_<MOD>``.
+- ``pred_<T>_from_<S>``: ``X`` dense [cells, T's features], var index ``var_id``.
+- ``programs``, ``traversals``: AnnData-encoded dataframes.
+The index of published entries is the ``scmm_results`` attribute of ``results``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import zarr
+
+from .base import Store
+from .errors import StoreError
+from .results import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
+from .uri import zarr_store
+
+SPEC_KEY = "scmm_result_spec"
+_ENC = {"encoding-version": "0.2.0"}
+_DICT = {"encoding-type": "dict", "encoding-version": "0.1.0"}
+ID_CHUNK = 1 << 16
+
+
+def _results(store: Store, *, writable: bool) -> zarr.Group:
+    root = zarr.open_group(zarr_store(store.uri, read_only=not writable), mode="r" if not writable else "r+")
+    return root["results"] if "results" in root else root.create_group("results")
+
+
+def obsm_key(key: str) -> str:
+    return "X_scmm" if key == JOINT else f"X_scmm_{key}"
+
+
+def _frame(parent: zarr.Group, name: str, index: str, n: int) -> zarr.Array:
+    g = parent.create_group(name, attributes={"_index": index, "column-order": [], "encoding-type": "dataframe",
+                                              **_ENC})
+    return g.create_array(index, shape=(n,), dtype=str, chunks=(min(max(n, 1), ID_CHUNK),),
+                          attributes={"encoding-type": "string-array", **_ENC})
+
+
+def _anndata(parent: zarr.Group, name: str, n_obs: int, var_ids: list[str]) -> tuple[zarr.Group, zarr.Array]:
+    g = parent.create_group(name, attributes={"encoding-type": "anndata", "encoding-version": "0.1.0"})
+    ids = _frame(g, "obs", "obs_id", n_obs)
+    _frame(g, "var", "var_id", len(var_ids))[:] = np.asarray(var_ids, dtype=str)
+    for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+        g.create_group(key, attributes=_DICT)
+    return g, ids
+
+
+def create_entry(store: Store, spec: ResultSpec) -> ZarrResultsWriter:
+    results = _results(store, writable=True)
+    g = results.create_group(spec.entry, attributes={SPEC_KEY: spec.to_json()})
+    n, d = spec.n_obs, spec.latent_dim
+    rows = spec.chunk_rows
+    cells, ids = _anndata(g, "cells", n, [])
+    for start in range(0, n, ID_CHUNK):  # the cell ids, a slice at a time (never all in memory)
+        stop = min(n, start + ID_CHUNK)
+        ids[start:stop] = store.obs_slice(start, stop, ["obs_id"])["obs_id"].to_numpy(dtype=str)
+    for key in [JOINT, *spec.modalities]:
+        cells["obsm"].create_array(obsm_key(key), shape=(n, d), dtype="float32", chunks=(rows, d),
+                                   fill_value=np.nan, attributes={"encoding-type": "array", **_ENC})
+    for source, target in spec.pairs:
+        feats = spec.target_features[target]
+        pg, pids = _anndata(g, f"pred_{pair_name(source, target)}", n, feats)
+        for start in range(0, n, ID_CHUNK):
+            pids[start : min(n, start + ID_CHUNK)] = ids[start : min(n, start + ID_CHUNK)]
+        pg.create_array("X", shape=(n, len(feats)), dtype="float32", chunks=(rows, len(feats)), fill_value=np.nan,
+                        attributes={"encoding-type": "array", **_ENC})
+    return ZarrResultsWriter(store, spec, g)
+
+
+def open_entry(store: Store, entry: str) -> ZarrResultsWriter:
+    g = _entry(store, entry, writable=True)
+    return ZarrResultsWriter(store, ResultSpec.from_json(g.attrs[SPEC_KEY]), g)
+
+
+def _entry(store: Store, entry: str, *, writable: bool) -> zarr.Group:
+    results = _results(store, writable=writable)
+    if entry not in results:
+        raise StoreError(store.uri, f"results/{entry}", "no such results entry")
+    return results[entry]
+
+
+def read_index(store: Store) -> dict[str, Any]:
+    root = zarr.open_group(zarr_store(store.uri, read_only=True), mode="r")
+    if "results" not in root:
+        return {}
+    raw = root["results"].attrs.get(INDEX_KEY)
+    return json.loads(raw) if isinstance(raw, str) else dict(raw or {})
+
+
+def write_index(store: Store, index: Mapping[str, Any]) -> None:
+    _results(store, writable=True).attrs[INDEX_KEY] = json.dumps(index)  # one zarr.json write
+
+
+def list_entries(store: Store) -> list[str]:
+    return sorted(_results(store, writable=False).group_keys())
+
+
+def remove_entry(store: Store, entry: str) -> None:
+    del _results(store, writable=True)[entry]
+
+
+class ZarrResultsWriter(ResultsWriter):
+    def __init__(self, store: Store, spec: ResultSpec, group: zarr.Group) -> None:
+        super().__init__(store, spec)
+        self.group = group
+
+    def write_cells(self, start: int, joint: np.ndarray, per_modality: Mapping[str, np.ndarray],
+                    predictions: Mapping[tuple[str, str], np.ndarray]) -> None:
+        n = len(joint)
+        self.check_block(start, n)
+        obsm = self.group["cells"]["obsm"]
+        obsm[obsm_key(JOINT)][start : start + n] = joint
+        for m, emb in per_modality.items():
+            obsm[obsm_key(m)][start : start + n] = emb
+        for pair, values in predictions.items():
+            self.group[f"pred_{pair_name(*pair)}"]["X"][start : start + n] = values
+
+    def write_table(self, name: str, table: pd.DataFrame) -> None:
+        ad.io.write_elem(self.group, name, table.reset_index(drop=True))
+
+    def _link(self) -> None:
+        pass  # the index alone names the entry
+
+
+def open_reader(store: Store, record: Mapping[str, Any]) -> ZarrReader:
+    g = _entry(store, record["entry"], writable=False)
+    return ZarrReader(store, record, ResultSpec.from_json(g.attrs[SPEC_KEY]), g)
+
+
+class ZarrReader(ResultsReader):
+    def __init__(self, store: Store, record: Mapping[str, Any], spec: ResultSpec, group: zarr.Group) -> None:
+        super().__init__(store, record, spec)
+        self.group = group
+
+    def _rows(self, arr: zarr.Array, rows: np.ndarray | None) -> np.ndarray:
+        if rows is None:
+            return arr[:]
+        return arr.get_orthogonal_selection((sorted_rows(rows, arr.shape[0]), slice(None)))
+
+    def embedding(self, key: str = JOINT, rows: np.ndarray | None = None) -> np.ndarray:
+        self.check_key(key)
+        return self._rows(self.group["cells"]["obsm"][obsm_key(key)], rows)
+
+    def prediction(self, source: str, target: str, rows: np.ndarray | None = None) -> np.ndarray:
+        self.check_pair(source, target)
+        return self._rows(self.group[f"pred_{pair_name(source, target)}"]["X"], rows)
+
+    def table(self, name: str) -> pd.DataFrame:
+        if name not in self.group:
+            return pd.DataFrame()
+        return ad.io.read_elem(self.group[name])

@@ -1,0 +1,83 @@
+"""``scmm-atlas infer / query / report`` from the command line on a real store and a real local Ray."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from scmm_atlas.cli import main
+from scmm_atlas.store import open_store
+from scmm_atlas.store.results import open_results
+
+
+@pytest.fixture(scope="module")
+def published(ray_session, tmp_path_factory):
+    """A planted Zarr store with a model folder (meta.json + weights) inferred and published via the CLI."""
+    import json
+
+    from conftest import make_planted_stores
+
+    from scmm_atlas.model import MMVAE, MMVAEConfig
+
+    tmp = tmp_path_factory.mktemp("report")
+    uri = str(make_planted_stores(tmp, backends=("zarr",))["zarr"])
+    with open_store(uri) as store:
+        features = {m: [str(f) for f in store.feature_names(m, "selected")] for m in store.modalities}
+    config = MMVAEConfig(modalities={m: {"n_features": len(f), "hidden": 8, "n_layers": 1}
+                                     for m, f in features.items()}, latent_dim=3, n_batches=3)
+    model_dir = tmp / "model" / "artifacts"
+    model_dir.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(MMVAE(config).state_dict(), model_dir / "best_model.pt")
+    from dataclasses import asdict
+
+    (model_dir / "meta.json").write_text(json.dumps({"model": asdict(config), "features": features,
+                                                     "batches": ["b0", "b1", "b2"]}))
+    assert main(["infer", "--store", uri, "--model", str(tmp / "model"), "--version", "7", "--top-n", "4",
+                 "--no-progress"]) == 0
+    return uri, tmp
+
+
+def test_query_outputs(published, tmp_path, capsys) -> None:
+    uri, _ = published
+    assert main(["query", "versions", "--store", uri]) == 0
+    assert "7" in capsys.readouterr().out
+    assert main(["query", "embeddings", "--store", uri, "--where", "batch=b2", "--out", str(tmp_path / "e.csv")]) == 0
+    emb = pd.read_csv(tmp_path / "e.csv", index_col=0)
+    assert len(emb) == 333 and emb.index[0] == "c2" and list(emb.columns) == ["z0", "z1", "z2"]
+    with open_store(uri) as store:
+        np.testing.assert_allclose(emb.to_numpy(), open_results(store).embedding("joint")[2::3], rtol=1e-5)
+    assert main(["query", "predictions", "--store", uri, "--target", "ADT", "--ids", "c999,c1",
+                 "--out", str(tmp_path / "p.parquet")]) == 0
+    pred = pd.read_parquet(tmp_path / "p.parquet")
+    assert list(pred.index) == ["c1", "c999"] and pred.shape[1] == 4 and (pred.to_numpy() > 0).all()
+    assert main(["query", "embeddings", "--store", uri, "--dim", "1", "--out", str(tmp_path / "e.h5ad")]) == 0
+    assert ad.read_h5ad(tmp_path / "e.h5ad").shape == (1000, 1)
+    assert main(["query", "programs", "--store", uri, "--dim", "0", "--modality", "ADT"]) == 0
+    out = capsys.readouterr().out
+    assert "ADT" in out and "rho" in out
+    assert main(["query", "predictions", "--store", uri, "--target", "ADT", "--out", str(tmp_path / "x.txt")]) == 2
+    assert "unknown format" in capsys.readouterr().err
+    assert main(["query", "predictions", "--store", uri, "--target", "GEX"]) == 2
+    assert "predicts no GEX" in capsys.readouterr().err
+
+
+def test_report_figures(published, tmp_path) -> None:
+    from scmm_atlas.evaluate.report import report
+
+    uri, _ = published
+    done = report(uri, tmp_path / "rep", max_cells=600)
+    names = {p.rsplit("/", 1)[-1] for p in done["figures"]}
+    assert names == {"umap.png", "programs_RNA.png", "programs_ADT.png", "ADT_clusters.png", "ADT_scatter.png"}
+    for path in done["figures"]:
+        with Image.open(path) as img:
+            assert img.size[0] > 300 and img.size[1] > 200
+            assert np.asarray(img.convert("L")).std() > 5  # not a blank canvas
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert all(f'src="{n}"' in page for n in names)
+    assert done["numbers"]["cells_shown"] == 600 and done["numbers"]["leiden_clusters"] >= 2
+    assert done["mlflow_run"] is None  # a model folder: nothing to log to

@@ -1,0 +1,154 @@
+"""The inference stage end to end on real stores and a real local Ray: results written, published
+atomically, read back by plain readers (no project code) and by the query API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scmm_atlas import results
+from scmm_atlas.infer.predict import default_pairs, infer_batch
+from scmm_atlas.infer.source import TrainedModel, load_trained
+from scmm_atlas.infer.stage import InferConfig, infer
+from scmm_atlas.model import MMVAE, MMVAEConfig
+from scmm_atlas.store import open_store
+from scmm_atlas.store.results import index, open_results
+
+SMALL = InferConfig(block_cells=256, batch_size=100, actors=2, cpus_per_actor=0.5, top_n=3)
+
+
+def _trained(store_uri, version: str = "1", seed: int = 0) -> TrainedModel:
+    with open_store(store_uri) as store:
+        features = {m: [str(f) for f in store.feature_names(m, "selected")] for m in store.modalities}
+    torch.manual_seed(seed)
+    mods = {m: {"n_features": len(f), "hidden": 8, "n_layers": 1} for m, f in features.items()}
+    config = MMVAEConfig(modalities=mods, latent_dim=3, n_batches=3)
+    model = MMVAE(config)
+    return TrainedModel(config=config, state={k: v.clone() for k, v in model.state_dict().items()}, features=features,
+                        batches=["b0", "b1", "b2"], version=version, uri=f"test://{version}")
+
+
+def _expected(store_uri, trained: TrainedModel):
+    """The same outputs computed directly on the whole store, in memory."""
+    with open_store(store_uri) as store:
+        x, mask = {}, {}
+        for m, names in trained.features.items():
+            cols = store.var(m).index.get_indexer(names)
+            x[m] = torch.from_numpy(store.read(m, 0, store.n_obs, cols).toarray().astype(np.float32))
+            mask[m] = torch.from_numpy(store.obs_slice(0, store.n_obs, [f"has_{m}"])[f"has_{m}"].to_numpy(bool))
+            mask[m] &= x[m].sum(1) > 0
+        codes = store.obs_slice(0, store.n_obs, ["batch"])["batch"].map({"b0": 0, "b1": 1, "b2": 2}).to_numpy()
+    return infer_batch(trained.build(), x, mask=mask, batch=torch.as_tensor(codes),
+                       pairs=default_pairs(list(trained.features)), library_size=1e4)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "soma"])
+def test_infer_writes_and_publishes_readable_results(ray_session, planted_stores, backend) -> None:
+    uri = str(planted_stores[backend])
+    trained = _trained(uri)
+    out = infer(uri, trained, config=SMALL, progress=False)
+    assert out.cells == 1000 and out.record["version"] == "1"
+    want = _expected(uri, trained)
+    with open_store(uri) as store:
+        reader = open_results(store)
+        np.testing.assert_allclose(reader.embedding("joint"), want.joint, rtol=1e-5, atol=1e-6)
+        ada = reader.embedding("ADT")
+        assert np.isnan(ada[900:]).all() and not np.isnan(ada[:900]).any()  # the last 100 cells lack ADT
+        pred = reader.prediction("RNA", "ADT")
+        np.testing.assert_allclose(pred, want.predictions[("RNA", "ADT")], rtol=1e-4)
+        assert not np.isnan(pred[900:]).any()  # RNA-only cells get protein estimates
+        table = reader.programs()
+        assert set(table.modality) == {"RNA", "ADT"} and (table["rank"] <= 3).all()
+        entry = out.record["entry"]
+
+    # plain readers: no project code
+    if backend == "zarr":
+        import anndata as ad
+
+        cells = ad.read_zarr(f"{uri}/results/{entry}/cells")
+        np.testing.assert_allclose(cells.obsm["X_scmm"], want.joint, rtol=1e-5, atol=1e-6)
+        assert cells.obs_names[0] == "c0" and cells.n_obs == 1000
+        adt = ad.read_zarr(f"{uri}/results/{entry}/pred_ADT_from_RNA")
+        assert list(adt.var_names) == trained.features["ADT"]
+        np.testing.assert_allclose(adt.X, want.predictions[("RNA", "ADT")], rtol=1e-4)
+        programs = ad.io.read_elem(__import__("zarr").open_group(f"{uri}/results/{entry}", mode="r")["programs"])
+        assert len(programs) == len(table)
+    else:
+        import tiledbsoma
+        import tiledbsoma.io
+
+        with tiledbsoma.Experiment.open(uri) as exp:
+            rna = tiledbsoma.io.to_anndata(exp, measurement_name="RNA", X_layer_name="counts")
+            np.testing.assert_allclose(rna.obsm["scmm_v1"], want.joint, rtol=1e-5, atol=1e-6)
+            adt = tiledbsoma.io.to_anndata(exp, measurement_name="ADT", X_layer_name="scmm_v1_from_RNA")
+            np.testing.assert_allclose(adt.X, want.predictions[("RNA", "ADT")], rtol=1e-4)
+
+    # the query API
+    with results.open(uri) as res:
+        b1 = res.embeddings(where={"batch": ["b1"]})
+        assert len(b1) == 333 and list(b1.index[:2]) == ["c1", "c4"]
+        np.testing.assert_allclose(b1.to_numpy(), want.joint[1::3], rtol=1e-5, atol=1e-6)
+        p = res.predictions("ADT", ids=["c950", "c3"])
+        assert list(p.index) == ["c3", "c950"] and list(p.columns) == trained.features["ADT"]
+        assert len(res.programs(dim=0, modality="ADT", direction="up")) <= 3
+        with pytest.raises(Exception, match="no column 'tissue'"):
+            res.cells(where={"tissue": ["x"]})
+
+
+def test_killed_inference_keeps_the_previous_version_and_rerun_completes(ray_session, tmp_path) -> None:
+    from conftest import make_planted_stores
+
+    uri = str(make_planted_stores(tmp_path, backends=("zarr",))["zarr"])
+    first = infer(uri, _trained(uri, "1"), config=SMALL, progress=False)
+    with open_store(uri) as store:
+        before = open_results(store).embedding("joint")
+    v2 = _trained(uri, "2", seed=1)
+    with pytest.raises(Exception, match="injected inference fault"):
+        infer(uri, v2, config=InferConfig(**{**SMALL.__dict__, "fault_at_block": 2}), progress=False)
+    with open_store(uri) as store:
+        assert [e["version"] for e in index(store)] == ["1"]  # the half-written v2 is not visible
+        reader = open_results(store)
+        assert reader.record["entry"] == first.record["entry"]
+        np.testing.assert_array_equal(reader.embedding("joint"), before)
+        with pytest.raises(Exception, match="no published results for version '2'"):
+            open_results(store, "2")
+    rerun = infer(uri, v2, config=SMALL, progress=False)
+    (tmp_path / "clean").mkdir()
+    clean_uri = str(make_planted_stores(tmp_path / "clean", backends=("zarr",))["zarr"])
+    clean = infer(clean_uri, v2, config=SMALL, progress=False)
+    with open_store(uri) as store, open_store(clean_uri) as ref:
+        assert [e["version"] for e in index(store)] == ["1", "2"]
+        got, want = open_results(store, "2"), open_results(ref, "2")
+        np.testing.assert_array_equal(got.embedding("joint"), want.embedding("joint"))
+        np.testing.assert_array_equal(got.prediction("ADT", "RNA"), want.prediction("ADT", "RNA"))
+        np.testing.assert_array_equal(open_results(store, "1").embedding("joint"), before)
+        import zarr
+
+        entries = sorted(zarr.open_group(f"{uri}/results", mode="r").group_keys())
+        assert entries == sorted([first.record["entry"], rerun.record["entry"]])  # the dead attempt is gone
+    assert clean.cells == rerun.cells == 1000
+
+
+def test_model_from_the_registry(tmp_path, planted_stores) -> None:
+    import mlflow
+
+    from scmm_atlas.train.tracking import log_model
+
+    uri = str(planted_stores["zarr"])
+    trained = _trained(uri)
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(tracking)
+    client = mlflow.MlflowClient(tracking)
+    run = client.create_run(client.create_experiment("infer-test", artifact_location=str(tmp_path / "art")))
+    torch.save(trained.state, tmp_path / "best_model.pt")
+    version, champion = log_model(run.info.run_id, weights=tmp_path / "best_model.pt", model_config=trained.config,
+                                  features=trained.features, batches=trained.batches, model_name="infer-test",
+                                  val_loss=1.0)
+    assert champion
+    loaded = load_trained("models:/infer-test@champion", tracking=tracking)
+    assert loaded.version == version and loaded.features == trained.features
+    for k, v in trained.state.items():
+        torch.testing.assert_close(loaded.state[k], v)
+    with pytest.raises(Exception, match="no such registered model or alias"):
+        load_trained("models:/infer-test@nope", tracking=tracking)

@@ -107,23 +107,32 @@ class BlockInfer:
         n = stop - start
         x, mask = {}, {}
         for m in mods:
-            dense = np.zeros((n, self.features.n_features[m]), dtype=np.float32)
-            if len(self.features.columns[m]):
-                dense[:, self.features.positions[m]] = store.read(m, start, stop, self.features.columns[m]).toarray()
-            x[m] = torch.from_numpy(dense)
+            x[m], nonzero = self._counts(m, start, stop)
             has = obs[f"has_{m}"].to_numpy(bool) if f"has_{m}" in obs else np.zeros(n, bool)
-            mask[m] = torch.from_numpy(has & (dense.sum(1) > 0))  # an all-zero row carries no information
+            mask[m] = torch.from_numpy(has & nonzero)  # an all-zero row carries no information
         codes = torch.as_tensor(obs["batch"].map(self.codes).fillna(0).to_numpy(np.int64))  # unknown: batch 0
-        parts = []
-        for lo in range(0, n, self.cfg.batch_size):
-            hi = min(n, lo + self.cfg.batch_size)
-            parts.append(infer_batch(self.model, {m: v[lo:hi] for m, v in x.items()},
-                                     mask={m: v[lo:hi] for m, v in mask.items()},
-                                     batch=codes[lo:hi] if self.model.config.n_batches else None,
-                                     pairs=self.pairs, library_size=self.cfg.library_size))
-        self.writer.write_cells(start, np.concatenate([p.joint for p in parts]),
-                                {m: np.concatenate([p.per_modality[m] for p in parts]) for m in mods},
-                                {pair: np.concatenate([p.predictions[pair] for p in parts]) for pair in self.pairs})
+        chunk = self.writer.spec.chunk_rows  # each minibatch is written as soon as it is made, chunk-aligned
+        step = max(chunk, self.cfg.batch_size // chunk * chunk)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            out = infer_batch(self.model, {m: v[lo:hi] for m, v in x.items()},
+                              mask={m: v[lo:hi] for m, v in mask.items()},
+                              batch=codes[lo:hi] if self.model.config.n_batches else None,
+                              pairs=self.pairs, library_size=self.cfg.library_size)
+            self.writer.write_cells(start + lo, out.joint, out.per_modality, out.predictions)
+
+    def _counts(self, mod: str, start: int, stop: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Dense float32 counts in the model's feature order, and which rows have any count."""
+        cols, pos, width = self.features.columns[mod], self.features.positions[mod], self.features.n_features[mod]
+        if not len(cols):
+            return torch.zeros(stop - start, width), np.zeros(stop - start, bool)
+        mat = self.store.read(mod, start, stop, cols).astype(np.float32)
+        nonzero = np.diff(mat.indptr) > 0
+        if len(pos) == width:  # every feature found, in order: densify directly
+            return torch.from_numpy(mat.toarray()), nonzero
+        dense = np.zeros((stop - start, width), dtype=np.float32)
+        dense[:, pos] = mat.toarray()
+        return torch.from_numpy(dense), nonzero
 
 
 def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None = None, ray_address: str | None = None,

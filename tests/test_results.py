@@ -152,3 +152,23 @@ def test_model_from_the_registry(tmp_path, planted_stores) -> None:
         torch.testing.assert_close(loaded.state[k], v)
     with pytest.raises(Exception, match="no such registered model or alias"):
         load_trained("models:/infer-test@nope", tracking=tracking)
+
+
+def test_s3_store_infer_and_query(ray_session, tmp_path, s3_bucket) -> None:
+    """Results on an S3 store (moto server): written by the actors, published, queried."""
+    from conftest import make_planted_stores
+
+    from scmm_atlas.store.ingest import IngestOptions, ingest
+
+    local = make_planted_stores(tmp_path, n=300, backends=("zarr",))
+    uri = f"s3://{s3_bucket}/cells.zarr"
+    ingest(uri, [f"RNA={tmp_path / 'rna.h5ad'}", f"ADT={tmp_path / 'adt.h5ad'}"],
+           IngestOptions(batch_key="donor", progress=False))
+    trained = _trained(uri)
+    infer(uri, trained, config=SMALL, progress=False)
+    infer(str(local["zarr"]), trained, config=SMALL, progress=False)
+    with results.open(uri) as remote, results.open(str(local["zarr"])) as here:
+        np.testing.assert_array_equal(remote.embeddings(where={"batch": ["b0"]}).to_numpy(),
+                                      here.embeddings(where={"batch": ["b0"]}).to_numpy())
+        assert list(remote.predictions("ADT", ids=["c5"]).index) == ["c5"]
+        assert (remote.programs()["model_version"] == "1").all()

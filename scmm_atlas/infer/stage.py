@@ -23,6 +23,7 @@ from ..data.cluster import ensure_ray
 from ..store import Store, open_store
 from ..store.errors import StoreError
 from ..store.results import ResultSpec, begin, open_writer, publish
+from ..store.uri import aws_env
 from .predict import check_pairs, default_pairs, infer_batch
 from .programs import programs
 from .source import TrainedModel
@@ -159,7 +160,8 @@ def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None =
         ds = ray.data.from_items(blocks, override_num_blocks=len(blocks)).map_batches(
             BlockInfer, fn_constructor_kwargs={"store_uri": store.uri.uri, "entry": spec.entry, "trained": trained,
                                                "features": features, "config": cfg},
-            batch_size=1, concurrency=min(actors, len(blocks)), num_cpus=cfg.cpus_per_actor)
+            batch_size=1, concurrency=min(actors, len(blocks)), num_cpus=cfg.cpus_per_actor,
+            runtime_env={"env_vars": aws_env()} if store.uri.is_s3 else None)
         ds.context.enable_progress_bars = False
         t_cells = time.perf_counter()
         done = 0
@@ -171,7 +173,7 @@ def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None =
         t_prog = time.perf_counter()
         if cfg.programs:
             found = programs(trained.build(), trained.features, mode=cfg.programs_mode, top_n=cfg.top_n)
-            writer.write_table("programs", found.table)
+            writer.write_table("programs", found.table.assign(model_version=trained.version))
             writer.write_table("traversals", found.traversals)
         programs_s = time.perf_counter() - t_prog
         record = publish(store, writer)

@@ -63,6 +63,16 @@ def parse_uri(uri: str | os.PathLike[str]) -> StoreURI:
     raise StoreError(text, "uri", f"unsupported scheme {parsed.scheme!r}: use a local path or s3://")
 
 
+AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+           "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def aws_env() -> dict[str, str]:
+    """The standard AWS variables set here: handed to Ray workers that open ``s3://`` stores, which
+    may have started before they were set (on clusters, workers' own roles are used when unset)."""
+    return {k: os.environ[k] for k in AWS_ENV if k in os.environ}
+
+
 def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 

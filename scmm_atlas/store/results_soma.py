@@ -52,7 +52,8 @@ def create_entry(store: Store, spec: ResultSpec) -> SomaResultsWriter:
         for name, width in arrays.items():
             tiles = {"tiledb": {"create": {"dims": {"soma_dim_0": {"tile": rows}, "soma_dim_1": {"tile": width}}}}}
             g.add_new_dense_ndarray(name, type=pa.float32(), shape=(n, width), platform_config=tiles).close()
-    return SomaResultsWriter(store, spec)
+        uri = g.uri
+    return SomaResultsWriter(store, spec, uri)
 
 
 def open_entry(store: Store, entry: str) -> SomaResultsWriter:
@@ -60,7 +61,8 @@ def open_entry(store: Store, entry: str) -> SomaResultsWriter:
         if entry not in exp["results"]:
             raise StoreError(store.uri, f"results/{entry}", "no such results entry")
         spec = ResultSpec.from_json(json.loads(exp["results"][entry].metadata[SPEC_KEY]))
-    return SomaResultsWriter(store, spec)
+        uri = exp["results"][entry].uri
+    return SomaResultsWriter(store, spec, uri)
 
 
 def read_index(store: Store) -> dict[str, Any]:
@@ -102,6 +104,10 @@ def remove_entry(store: Store, entry: str) -> None:
 
 
 class SomaResultsWriter(ResultsWriter):
+    def __init__(self, store: Store, spec: ResultSpec, uri: str) -> None:
+        super().__init__(store, spec)
+        self.uri = uri  # the entry's collection (resolved once, not per block)
+
     def _array(self, g: soma.Collection, name: str, start: int, values: np.ndarray) -> None:
         g[name].write((slice(start, start + len(values) - 1), slice(None)),
                       pa.Tensor.from_numpy(np.ascontiguousarray(values, dtype=np.float32)))
@@ -109,16 +115,12 @@ class SomaResultsWriter(ResultsWriter):
     def write_cells(self, start: int, joint: np.ndarray, per_modality: Mapping[str, np.ndarray],
                     predictions: Mapping[tuple[str, str], np.ndarray]) -> None:
         self.check_block(start, len(joint))
-        with soma.Collection.open(self._uri(), "w", context=context()) as g:
+        with soma.Collection.open(self.uri, "w", context=context()) as g:
             self._array(g, array_name(JOINT), start, joint)
             for m, emb in per_modality.items():
                 self._array(g, array_name(m), start, emb)
             for pair, values in predictions.items():
                 self._array(g, f"pred_{pair_name(*pair)}", start, values)
-
-    def _uri(self) -> str:
-        with _open(self.store) as exp:
-            return exp["results"][self.spec.entry].uri
 
     def write_table(self, name: str, table: pd.DataFrame) -> None:
         df = table.reset_index(drop=True)
@@ -126,7 +128,7 @@ class SomaResultsWriter(ResultsWriter):
         arrow = arrow.append_column("soma_joinid", pa.array(np.arange(len(df), dtype=np.int64)))
         schema = pa.schema([f if f.type != pa.string() else pa.field(f.name, pa.large_string())
                             for f in arrow.schema])
-        with soma.Collection.open(self._uri(), "w", context=context()) as g, g.add_new_dataframe(
+        with soma.Collection.open(self.uri, "w", context=context()) as g, g.add_new_dataframe(
                 name, schema=schema, index_column_names=["soma_joinid"], domain=[(0, max(len(df), 1) - 1)]) as out:
             out.write(arrow.cast(schema))
 

@@ -52,15 +52,12 @@ def infer_batch(model: MMVAE, x: Mapping[str, torch.Tensor], *, mask: Mapping[st
     model.eval()
     mask = model.full_mask(x) if mask is None else mask
     qz = model.encode(x, mask, batch)
-    weights = torch.stack([mask[m].to(qz[m].loc.dtype) for m in model.names])  # [M, B]
-    locs = torch.stack([qz[m].loc for m in model.names])  # [M, B, D]
-    joint = (weights.unsqueeze(-1) * locs).sum(0) / weights.sum(0).clamp(min=1).unsqueeze(-1)
+    joint = model.joint_location(qz, mask)
     absent = {m: ~mask[m].bool() for m in model.names}
     per_mod = {m: _nan_rows(qz[m].loc, absent[m]) for m in model.names}
-    n = joint.shape[0]
+    library = None if library_size is None else joint.new_full((joint.shape[0], 1), float(library_size))
     preds = {}
     for source, target in pairs:
-        library = None if library_size is None else joint.new_full((n, 1), float(library_size))
         mean = model.decode(qz[source].loc, target, library, batch).mean
         preds[(source, target)] = _nan_rows(mean, absent[source])
     return CellOutputs(joint=joint.float().cpu().numpy(), per_modality=per_mod, predictions=preds)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -32,7 +31,6 @@ class TrainedModel:
     batches: list[str]
     version: str
     uri: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> MMVAE:
         model = MMVAE(self.config)

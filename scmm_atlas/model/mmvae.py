@@ -149,7 +149,10 @@ class MMVAE(nn.Module):
               batch: torch.Tensor | None = None) -> torch.Tensor:
         """Joint embedding: the mean of the locations of the experts each cell has."""
         mask = self.full_mask(x) if mask is None else mask
-        qz = self.encode(x, mask, batch)
+        return self.joint_location(self.encode(x, mask, batch), mask)
+
+    def joint_location(self, qz: Mapping[str, Laplace], mask: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[B, D]: the mean of the locations of the experts each cell has."""
         weights = torch.stack([mask[m].to(qz[m].loc.dtype) for m in self.names])  # [M, B]
         locs = torch.stack([qz[m].loc for m in self.names])  # [M, B, D]
         return (weights.unsqueeze(-1) * locs).sum(0) / weights.sum(0).clamp(min=1).unsqueeze(-1)

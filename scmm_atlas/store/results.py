@@ -21,7 +21,7 @@ import abc
 import datetime as dt
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -53,7 +53,6 @@ class ResultSpec:
     n_obs: int = 0
     entry: str = ""
     created: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.pairs = [tuple(p) for p in self.pairs]

@@ -63,19 +63,21 @@ def create_entry(store: Store, spec: ResultSpec) -> ZarrResultsWriter:
     n, d = spec.n_obs, spec.latent_dim
     rows = spec.chunk_rows
     cells, ids = _anndata(g, "cells", n, [])
-    for start in range(0, n, ID_CHUNK):  # the cell ids, a slice at a time (never all in memory)
-        stop = min(n, start + ID_CHUNK)
-        ids[start:stop] = store.obs_slice(start, stop, ["obs_id"])["obs_id"].to_numpy(dtype=str)
+    id_arrays = [ids]
     for key in [JOINT, *spec.modalities]:
         cells["obsm"].create_array(obsm_key(key), shape=(n, d), dtype="float32", chunks=(rows, d), compressors=CODEC,
                                    fill_value=np.nan, attributes={"encoding-type": "array", **_ENC})
     for source, target in spec.pairs:
         feats = spec.target_features[target]
         pg, pids = _anndata(g, f"pred_{pair_name(source, target)}", n, feats)
-        for start in range(0, n, ID_CHUNK):
-            pids[start : min(n, start + ID_CHUNK)] = ids[start : min(n, start + ID_CHUNK)]
+        id_arrays.append(pids)
         pg.create_array("X", shape=(n, len(feats)), dtype="float32", chunks=(rows, len(feats)), fill_value=np.nan,
                         compressors=CODEC, attributes={"encoding-type": "array", **_ENC})
+    for start in range(0, n, ID_CHUNK):  # the cell ids, read once a slice at a time (never all in memory)
+        stop = min(n, start + ID_CHUNK)
+        values = store.obs_slice(start, stop, ["obs_id"])["obs_id"].to_numpy(dtype=str)
+        for arr in id_arrays:
+            arr[start:stop] = values
     return ZarrResultsWriter(store, spec, g)
 
 

@@ -43,7 +43,7 @@ def sample_rows(n: int, max_cells: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=max_cells, replace=False))
 
 
-def _obs(store: Store, rows: np.ndarray, columns: list[str]) -> pd.DataFrame:
+def read_obs(store: Store, rows: np.ndarray, columns: list[str]) -> pd.DataFrame:
     parts = []
     for start in range(0, store.n_obs, HASH_CHUNK):
         stop = min(store.n_obs, start + HASH_CHUNK)
@@ -53,7 +53,7 @@ def _obs(store: Store, rows: np.ndarray, columns: list[str]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def _counts(store: Store, mod: str, rows: np.ndarray, features: list[str]) -> np.ndarray:
+def read_counts(store: Store, mod: str, rows: np.ndarray, features: list[str]) -> np.ndarray:
     cols = store.var(mod).index.get_indexer(pd.Index(features))
     out = np.zeros((len(rows), len(features)), dtype=np.float32)
     found = cols >= 0
@@ -147,8 +147,8 @@ def _protein(store: Store, reader: ResultsReader, rows: np.ndarray, clusters: np
         return [], {}
     source, target = pairs[0]
     features = reader.spec.target_features[target]
-    has = _obs(store, rows, [f"has_{target}"])[f"has_{target}"].to_numpy(bool)
-    observed = _log_norm(_counts(store, target, rows, features))[has]
+    has = read_obs(store, rows, [f"has_{target}"])[f"has_{target}"].to_numpy(bool)
+    observed = _log_norm(read_counts(store, target, rows, features))[has]
     predicted = _log_norm(reader.prediction(source, target, rows))[has]
     cl = clusters[has]
     r = np.array([np.corrcoef(observed[:, j], predicted[:, j])[0, 1] if observed[:, j].std() > 0 else np.nan
@@ -191,8 +191,8 @@ def report(store_uri: str, out_dir: str | Path, *, version: str | None = None, m
     out.mkdir(parents=True, exist_ok=True)
     with open_store(store_uri) as store:
         reader = open_results(store, version)
-        rows = sample_rows(store.n_obs, max_cells, seed)
-        obs = _obs(store, rows, ["cell_type", "batch"])
+        rows = sample_rows(reader.n_obs, max_cells, seed)
+        obs = read_obs(store, rows, ["cell_type", "batch"])
         label = obs["cell_type"] if (obs["cell_type"].astype(str) != "").any() else obs["batch"]
         label = label.astype(str).rename("label" if label is obs["cell_type"] else "batch")
         clusters = _umap(reader.embedding("joint", rows), label, out / "umap.png", seed)

@@ -44,20 +44,22 @@ class Results:
 
     def cells(self, *, where: Mapping[str, Sequence[str]] | None = None, ids: Sequence[str] | None = None
               ) -> np.ndarray:
-        """Store rows of the cells whose obs columns take the given values and whose id is in ``ids``."""
+        """Store rows of the cells whose obs columns take the given values and whose id is in ``ids``
+        (among the cells this version covers: cells appended since have no results until reprocessed)."""
         where = dict(where or {})
         unknown = set(where) - set(self.store.obs_columns)
         if unknown:
             raise StoreError(self.store.uri, "obs", f"no column {sorted(unknown)[0]!r} (columns: "
                              f"{', '.join(self.store.obs_columns)})")
         columns = list(where) + (["obs_id"] if ids is not None else [])
+        n = self.reader.n_obs
         if not columns:
-            return np.arange(self.store.n_obs)
+            return np.arange(n)
         wanted = {c: set(map(str, v)) for c, v in where.items()}
         id_set = set(map(str, ids)) if ids is not None else None
         rows = []
-        for start in range(0, self.store.n_obs, HASH_CHUNK):
-            obs = self.store.obs_slice(start, min(self.store.n_obs, start + HASH_CHUNK), columns)
+        for start in range(0, n, HASH_CHUNK):
+            obs = self.store.obs_slice(start, min(n, start + HASH_CHUNK), columns)
             keep = np.ones(len(obs), dtype=bool)
             for c, values in wanted.items():
                 keep &= obs[c].astype(str).isin(values).to_numpy()

@@ -9,6 +9,7 @@ driver, and handed to the inference actors.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,11 @@ def _from_folder(folder: Path, version: str, uri: str) -> TrainedModel:
     if not weights:
         raise InputError(str(meta_path.parent), "weights", "no .pt weights beside meta.json")
     meta = json.loads(meta_path.read_text())
-    state = torch.load(weights[0], weights_only=True, map_location="cpu")
+    try:  # tensors and plain values only: a pickled object (code) in a checkpoint is refused, never run
+        state = torch.load(weights[0], weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise InputError(str(weights[0]), "weights", f"not plain tensors, refused ({str(exc).splitlines()[0]})"
+                         ) from None
     return TrainedModel(config=MMVAEConfig.from_dict(meta["model"]), state=state, features=meta["features"],
                         batches=list(meta.get("batches", [])), version=version, uri=uri)
 

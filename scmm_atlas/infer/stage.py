@@ -9,10 +9,12 @@ publishes the entry (one metadata write). Memory is bounded by the block size, n
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,8 +24,8 @@ import torch
 from ..data.cluster import ensure_ray
 from ..store import Store, open_store
 from ..store.errors import StoreError
-from ..store.results import ResultSpec, begin, open_writer, publish
-from ..store.uri import aws_env
+from ..store.results import ResultSpec, begin, extend, open_writer, publish
+from ..store.uri import aws_settings
 from .predict import check_pairs, default_pairs, infer_batch
 from .programs import programs
 from .source import TrainedModel
@@ -83,6 +85,14 @@ class FeatureMap:
             self.n_features[mod] = len(names)
 
 
+def block_edges(lo: int, hi: int, chunk: int, size: int) -> np.ndarray:
+    """Cut rows ``lo .. hi`` into pieces of about ``size`` rows whose inner edges are multiples of
+    ``chunk``, so that no two pieces share a storage chunk (``lo`` itself may be unaligned: the
+    first new row of an extended entry)."""
+    step = max(chunk, size // chunk * chunk)
+    return np.array([lo, *range((lo // step + 1) * step, hi, step), hi], dtype=np.int64)
+
+
 class BlockInfer:
     """A Ray Data actor: the model built once; each call reads, infers and writes whole blocks."""
 
@@ -112,10 +122,9 @@ class BlockInfer:
             has = obs[f"has_{m}"].to_numpy(bool) if f"has_{m}" in obs else np.zeros(n, bool)
             mask[m] = torch.from_numpy(has & nonzero)  # an all-zero row carries no information
         codes = torch.as_tensor(obs["batch"].map(self.codes).fillna(0).to_numpy(np.int64))  # unknown: batch 0
-        chunk = self.writer.spec.chunk_rows  # each minibatch is written as soon as it is made, chunk-aligned
-        step = max(chunk, self.cfg.batch_size // chunk * chunk)
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
+        # each minibatch is written as soon as it is made, its rows chunk-aligned
+        edges = block_edges(start, stop, self.writer.spec.chunk_rows, self.cfg.batch_size)
+        for lo, hi in zip(edges[:-1] - start, edges[1:] - start, strict=True):
             out = infer_batch(self.model, {m: v[lo:hi] for m, v in x.items()},
                               mask={m: v[lo:hi] for m, v in mask.items()},
                               batch=codes[lo:hi] if self.model.config.n_batches else None,
@@ -137,41 +146,39 @@ class BlockInfer:
 
 
 def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None = None, ray_address: str | None = None,
-          progress: bool = True) -> InferResult:
-    """Run the stage on ``store_uri`` with ``trained``; publish and return the index record."""
-    import ray
+          progress: bool = True, extend_record: dict[str, Any] | None = None) -> InferResult:
+    """Run the stage on ``store_uri`` with ``trained``; publish and return the index record.
 
+    ``extend_record`` (a published record of ``trained``'s version) computes only the cells
+    appended since it was published, adds them to its entry and republishes it: its rows and
+    programs are kept as they are."""
     cfg = config or InferConfig()
     t0 = time.perf_counter()
-    pairs = check_pairs(list(cfg.pairs) if cfg.pairs is not None else default_pairs(list(trained.features)),
-                        list(trained.features))
     with open_store(store_uri) as store:
         features = FeatureMap(store, trained)
-        spec = ResultSpec(version=trained.version, model_uri=trained.uri, latent_dim=trained.config.latent_dim,
-                          modalities=list(trained.features), pairs=pairs,
-                          target_features={t: list(trained.features[t]) for _, t in pairs},
-                          library_size=cfg.library_size, chunk_rows=math.gcd(cfg.block_cells, CHUNK_ROWS))
-        writer = begin(store, spec)
-        n = store.n_obs
-        blocks = [{"block": i, "start": s, "stop": min(n, s + cfg.block_cells)}
-                  for i, s in enumerate(range(0, n, cfg.block_cells))]
-        ensure_ray(ray_address, object_store_bytes=1 << 29)
-        actors = cfg.actors or max(1, min(4, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_actor)))
-        ds = ray.data.from_items(blocks, override_num_blocks=len(blocks)).map_batches(
-            BlockInfer, fn_constructor_kwargs={"store_uri": store.uri.uri, "entry": spec.entry, "trained": trained,
-                                               "features": features, "config": cfg},
-            batch_size=1, concurrency=min(actors, len(blocks)), num_cpus=cfg.cpus_per_actor,
-            runtime_env={"env_vars": aws_env()} if store.uri.is_s3 else None)
-        ds.context.enable_progress_bars = False
+        if extend_record is None:
+            pairs = check_pairs(list(cfg.pairs) if cfg.pairs is not None else default_pairs(list(trained.features)),
+                                list(trained.features))
+            spec = ResultSpec(version=trained.version, model_uri=trained.uri, latent_dim=trained.config.latent_dim,
+                              modalities=list(trained.features), pairs=pairs,
+                              target_features={t: list(trained.features[t]) for _, t in pairs},
+                              library_size=cfg.library_size, chunk_rows=math.gcd(cfg.block_cells, CHUNK_ROWS))
+            writer = begin(store, spec)
+        else:
+            if extend_record["version"] != trained.version:
+                raise StoreError(store.uri, "version", f"cannot extend version {extend_record['version']} with "
+                                 f"model version {trained.version}")
+            writer = extend(store, extend_record)
+            spec = writer.spec
+            cfg = replace(cfg, library_size=spec.library_size)  # the entry's own setting, whatever was asked
+        edges = block_edges(spec.row_start, store.n_obs, spec.chunk_rows, cfg.block_cells)
+        blocks = [{"block": i, "start": int(a), "stop": int(b)}
+                  for i, (a, b) in enumerate(itertools.pairwise(edges)) if b > a]
         t_cells = time.perf_counter()
-        done = 0
-        with _progress(n, progress) as bar:
-            for row in ds.iter_rows():
-                done += int(row["cells"])
-                bar.update(int(row["cells"]))
+        done = _run_blocks(store, spec.entry, blocks, trained, features, cfg, ray_address, progress) if blocks else 0
         cells_s = time.perf_counter() - t_cells
         t_prog = time.perf_counter()
-        if cfg.programs:
+        if cfg.programs and extend_record is None:
             found = programs(trained.build(), trained.features, mode=cfg.programs_mode, top_n=cfg.top_n)
             writer.write_table("programs", found.table.assign(model_version=trained.version))
             writer.write_table("traversals", found.traversals)
@@ -179,6 +186,41 @@ def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None =
         record = publish(store, writer)
     return InferResult(record=record, cells=done, cells_per_s=done / max(cells_s, 1e-9), programs_s=programs_s,
                        wall_s=time.perf_counter() - t0)
+
+
+def _run_blocks(store: Store, entry: str, blocks: list[dict[str, int]], trained: TrainedModel, features: FeatureMap,
+                cfg: InferConfig, ray_address: str | None, progress: bool) -> int:
+    """Hand ``blocks`` to a pool of :class:`BlockInfer` actors; returns the cells they wrote."""
+    import ray
+
+    ensure_ray(ray_address, object_store_bytes=1 << 29)
+    actors = cfg.actors or max(1, min(4, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_actor)))
+    with warnings.catch_warnings():  # ray_remote_args_fn: deprecated in 2.60, the only way to set max_restarts
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = _pool(ray, blocks, store, entry, trained, features, cfg, actors)
+    ds.context.enable_progress_bars = False
+    done = 0
+    with _progress(sum(b["stop"] - b["start"] for b in blocks), progress) as bar:
+        for row in ds.iter_rows():
+            done += int(row["cells"])
+            bar.update(int(row["cells"]))
+    return done
+
+
+def _pool(ray: Any, blocks: list[dict[str, int]], store: Store, entry: str, trained: TrainedModel,
+          features: FeatureMap, cfg: InferConfig, actors: int) -> Any:
+    return ray.data.from_items(blocks, override_num_blocks=len(blocks)).map_batches(
+        BlockInfer, fn_constructor_kwargs={"store_uri": store.uri.uri, "entry": entry, "trained": trained,
+                                           "features": features, "config": cfg},
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(actors, len(blocks))), num_cpus=cfg.cpus_per_actor,
+        ray_remote_args_fn=_no_restarts,
+        runtime_env={"env_vars": aws_settings()} if store.uri.is_s3 else None)
+
+
+def _no_restarts() -> dict[str, int]:
+    """A failed actor fails the attempt (its entry stays unpublished; rerun to retry), and Ray need
+    not keep the actors' constructor arguments to restart them."""
+    return {"max_restarts": 0}
 
 
 def _progress(total: int, enabled: bool):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -32,6 +33,17 @@ from .errors import StoreError
 
 INDEX_KEY = "scmm_results"
 JOINT = "joint"
+
+
+_LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_ENTRY = re.compile(r"v[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}-[0-9a-f]{8}")
+
+
+def check_name(store: Store, field: str, value: str, pattern: re.Pattern[str] = _LABEL) -> str:
+    """Version labels and entry names become paths inside the store: letters, digits, ``_.-`` only."""
+    if not pattern.fullmatch(value) or ".." in value:
+        raise StoreError(store.uri, field, f"{value!r} is not a valid name (letters, digits and _.- only)")
+    return value
 
 
 def pair_name(source: str, target: str) -> str:
@@ -51,6 +63,7 @@ class ResultSpec:
     library_size: float | None  # predictions per this many counts (None: the model's library scale)
     chunk_rows: int = 4096  # rows per storage chunk: concurrent writers' blocks start at multiples of it
     n_obs: int = 0
+    row_start: int = 0  # the first row this attempt writes (> 0 when it extends a published entry)
     entry: str = ""
     created: str = ""
 
@@ -86,9 +99,10 @@ class ResultsWriter(abc.ABC):
         """Backend step before the index names the entry (SOMA: link arrays into obsm / X)."""
 
     def check_block(self, start: int, n: int) -> None:
-        if start % self.spec.chunk_rows or start < 0 or start + n > self.spec.n_obs:
+        aligned = start % self.spec.chunk_rows == 0 or start == self.spec.row_start
+        if not aligned or start < self.spec.row_start or start + n > self.spec.n_obs:
             raise ValueError(f"result rows {start}..{start + n}: blocks must start at a multiple of "
-                             f"{self.spec.chunk_rows} and end by {self.spec.n_obs}")
+                             f"{self.spec.chunk_rows} (or at row {self.spec.row_start}) and end by {self.spec.n_obs}")
 
 
 def _backend(store: Store):
@@ -101,6 +115,7 @@ def _backend(store: Store):
 
 def begin(store: Store, spec: ResultSpec) -> ResultsWriter:
     """Create a new entry for ``spec`` sized to the store's cells (it stays unpublished)."""
+    check_name(store, "version", spec.version)
     spec.n_obs = store.n_obs
     spec.entry = f"v{spec.version}-{uuid.uuid4().hex[:8]}"
     spec.created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -110,6 +125,21 @@ def begin(store: Store, spec: ResultSpec) -> ResultsWriter:
 def open_writer(store: Store, entry: str) -> ResultsWriter:
     """Reopen an unpublished entry (e.g. in a Ray actor) to write its row blocks."""
     return _backend(store).open_entry(store, entry)
+
+
+def extend(store: Store, record: Mapping[str, Any]) -> ResultsWriter:
+    """Reopen the published entry of ``record`` to add the rows of cells appended to the store since.
+
+    Rows ``record["n_cells"]`` onwards are written in place; readers bound every read by the
+    record they resolved, so they keep seeing the published rows (unchanged, never rewritten)
+    until :func:`publish` records the new count. The store must only have grown by appends.
+    """
+    old = int(record["n_cells"])
+    if store.n_obs < old:
+        raise StoreError(store.uri, INDEX_KEY, f"the store has {store.n_obs} cells, fewer than the {old} of "
+                         f"published version {record['version']}: it was rebuilt, recompute the results")
+    check_name(store, f"{INDEX_KEY}/entry", record["entry"], _ENTRY)
+    return _backend(store).extend_entry(store, record["entry"], old, store.n_obs)
 
 
 def index(store: Store) -> list[dict[str, Any]]:
@@ -156,6 +186,11 @@ class ResultsReader(abc.ABC):
     def __init__(self, store: Store, record: Mapping[str, Any], spec: ResultSpec) -> None:
         self.store, self.record, self.spec = store, dict(record), spec
 
+    @property
+    def n_obs(self) -> int:
+        """Rows of this version: the store's first ``n_obs`` cells (cells appended later have none yet)."""
+        return int(self.record["n_cells"])
+
     @abc.abstractmethod
     def embedding(self, key: str = JOINT, rows: np.ndarray | None = None) -> np.ndarray:
         """[cells, latent] of ``key``: ``joint`` or a modality (its expert's location)."""
@@ -187,6 +222,7 @@ class ResultsReader(abc.ABC):
 def open_results(store: Store, version: str | None = None) -> ResultsReader:
     """A reader for a published version (default: the latest)."""
     record = resolve(store, version)
+    check_name(store, f"{INDEX_KEY}/entry", record["entry"], _ENTRY)  # the index names a folder: no escapes
     return _backend(store).open_reader(store, record)
 
 

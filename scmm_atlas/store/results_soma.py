@@ -65,6 +65,19 @@ def open_entry(store: Store, entry: str) -> SomaResultsWriter:
     return SomaResultsWriter(store, spec, uri)
 
 
+def extend_entry(store: Store, entry: str, old: int, n: int) -> SomaResultsWriter:
+    """Grow a published entry's arrays to ``n`` rows (TileDB's current domain; nothing is rewritten)."""
+    writer = open_entry(store, entry)
+    spec = writer.spec
+    with soma.Collection.open(writer.uri, "w", context=context()) as g:
+        for name in [array_name(k) for k in [JOINT, *spec.modalities]] + [f"pred_{pair_name(*p)}" for p in spec.pairs]:
+            if g[name].shape[0] < n:
+                g[name].resize((n, g[name].shape[1]))
+        spec.n_obs, spec.row_start = n, old
+        g.metadata[SPEC_KEY] = json.dumps(spec.to_json())
+    return writer
+
+
 def read_index(store: Store) -> dict[str, Any]:
     with _open(store) as exp:
         raw = exp["results"].metadata.get(INDEX_KEY)
@@ -148,6 +161,8 @@ class SomaResultsWriter(ResultsWriter):
 
 def _relink(coll: soma.Collection, key: str, target: soma.DenseNDArray) -> None:
     if key in coll:
+        if coll[key].uri == target.uri:
+            return  # already linked (an extended entry): no gap for plain readers
         del coll[key]
     coll.set(key, target, use_relative_uri=False)
 
@@ -170,7 +185,7 @@ class SomaReader(ResultsReader):
 
     def _rows(self, name: str, rows: np.ndarray | None) -> np.ndarray:
         with soma.DenseNDArray.open(f"{self.uri}/{name}", context=context()) as arr:
-            n = self.spec.n_obs
+            n = self.n_obs
             if rows is None:
                 return arr.read((slice(0, n - 1), slice(None))).to_numpy()
             picked = sorted_rows(rows, n)

@@ -73,11 +73,35 @@ def create_entry(store: Store, spec: ResultSpec) -> ZarrResultsWriter:
         id_arrays.append(pids)
         pg.create_array("X", shape=(n, len(feats)), dtype="float32", chunks=(rows, len(feats)), fill_value=np.nan,
                         compressors=CODEC, attributes={"encoding-type": "array", **_ENC})
-    for start in range(0, n, ID_CHUNK):  # the cell ids, read once a slice at a time (never all in memory)
-        stop = min(n, start + ID_CHUNK)
+    _write_ids(store, id_arrays, 0, n)
+    return ZarrResultsWriter(store, spec, g)
+
+
+def _write_ids(store: Store, arrays: list[zarr.Array], lo: int, hi: int) -> None:
+    """The cell ids of rows ``lo .. hi``, read once a slice at a time (never all in memory)."""
+    for start in range(lo, hi, ID_CHUNK):
+        stop = min(hi, start + ID_CHUNK)
         values = store.obs_slice(start, stop, ["obs_id"])["obs_id"].to_numpy(dtype=str)
-        for arr in id_arrays:
+        for arr in arrays:
             arr[start:stop] = values
+
+
+def extend_entry(store: Store, entry: str, old: int, n: int) -> ZarrResultsWriter:
+    """Grow a published entry's per-cell arrays to ``n`` rows (a shape update: rows below ``old``
+    are not touched, except that zarr rewrites the chunk they share with row ``old``, with the
+    same values, atomically)."""
+    g = _entry(store, entry, writable=True)
+    spec = ResultSpec.from_json(g.attrs[SPEC_KEY])
+    groups = [g["cells"], *(g[f"pred_{pair_name(*p)}"] for p in spec.pairs)]
+    ids = [grp["obs"]["obs_id"] for grp in groups]
+    arrays = [*ids, *(g["cells"]["obsm"][obsm_key(k)] for k in [JOINT, *spec.modalities]),
+              *(g[f"pred_{pair_name(*p)}"]["X"] for p in spec.pairs)]
+    for arr in arrays:
+        if arr.shape[0] != n:
+            arr.resize((n, *arr.shape[1:]))
+    _write_ids(store, ids, old, n)
+    spec.n_obs, spec.row_start = n, old
+    g.attrs[SPEC_KEY] = spec.to_json()
     return ZarrResultsWriter(store, spec, g)
 
 
@@ -148,8 +172,8 @@ class ZarrReader(ResultsReader):
 
     def _rows(self, arr: zarr.Array, rows: np.ndarray | None) -> np.ndarray:
         if rows is None:
-            return arr[:]
-        return arr.get_orthogonal_selection((sorted_rows(rows, arr.shape[0]), slice(None)))
+            return arr[: self.n_obs]
+        return arr.get_orthogonal_selection((sorted_rows(rows, self.n_obs), slice(None)))
 
     def embedding(self, key: str = JOINT, rows: np.ndarray | None = None) -> np.ndarray:
         self.check_key(key)

@@ -63,14 +63,15 @@ def parse_uri(uri: str | os.PathLike[str]) -> StoreURI:
     raise StoreError(text, "uri", f"unsupported scheme {parsed.scheme!r}: use a local path or s3://")
 
 
-AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
-           "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+AWS_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
 
 
-def aws_env() -> dict[str, str]:
-    """The standard AWS variables set here: handed to Ray workers that open ``s3://`` stores, which
-    may have started before they were set (on clusters, workers' own roles are used when unset)."""
-    return {k: os.environ[k] for k in AWS_ENV if k in os.environ}
+def aws_settings() -> dict[str, str]:
+    """The non-secret AWS settings set here (endpoint, region, profile name), handed to Ray workers
+    that open ``s3://`` stores. Credentials are never handed on: Ray records a task's runtime
+    environment in its logs and state API. Workers take theirs from their own environment (a local
+    Ray inherits the driver's at start) or from the node's role (IAM instance profile, IRSA)."""
+    return {k: os.environ[k] for k in AWS_SETTINGS if k in os.environ}
 
 
 def s3_endpoint() -> str | None:

@@ -9,6 +9,7 @@ all-reduced so that every rank takes the same early-stopping decision. Rank 0 wr
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 import time
 from dataclasses import replace
@@ -26,6 +27,8 @@ from ..model import MMVAE
 from ..model.objectives import OBJECTIVES
 from . import state as ckpt
 from .state import TrainState
+
+log = logging.getLogger(__name__)
 
 
 class LossModule(torch.nn.Module):
@@ -91,6 +94,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
     device = train_data.device
     torch.manual_seed(tr.seed)
     model = MMVAE(run.model.build(train_data.n_features, len(train_data.batches)))
+    if cfg.get("warm_start") is not None:  # before DDP wraps it: rank 0's weights are broadcast
+        fresh = ckpt.warm_start(model, cfg["warm_start"])
+        if rank == 0:
+            log.info("warm start: %d parameter tensors re-initialised (%s)", len(fresh), ", ".join(fresh[:5]))
     loss_module = LossModule(model, tr.objective, tr.K)
     wrapped = ray.train.torch.prepare_model(loss_module)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -112,6 +119,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     if tracker is not None:
         tracker.log_text(f"global batch {tr.batch_size} x {world} workers x {dist_cfg.grad_accum} accumulation = "
                          f"{tr.batch_size * world * dist_cfg.grad_accum} cells per optimizer step")
+    bar = _EpochBar(tr.epochs, st.epoch) if rank == 0 and cfg.get("progress") else None
     for epoch in range(st.epoch + 1, tr.epochs + 1):
         beta = tr.beta(epoch)
         model.train()
@@ -171,11 +179,35 @@ def train_loop(cfg: dict[str, Any]) -> None:
         st.history.append(metrics)
         if tracker is not None:
             tracker.log_epoch(metrics)
+        if bar is not None:
+            bar.epoch(metrics)
         _report(rank, metrics, model, opt, st, best_model)
         if stop:
             break
+    if bar is not None:
+        bar.close()
     train_data.close()
     val_data.close()
+
+
+class _EpochBar:
+    """Epochs done, with the losses, drawn by the driver (``ray.experimental.tqdm_ray``)."""
+
+    def __init__(self, epochs: int, done: int) -> None:
+        from ray.experimental import tqdm_ray
+
+        self.bar = tqdm_ray.tqdm(total=epochs, desc="train", unit="epoch")
+        if done:
+            self.bar.update(done)
+
+    def epoch(self, metrics: dict[str, float]) -> None:
+        val = f", val {metrics['val_loss']:,.1f}" if "val_loss" in metrics else ""
+        speed = f"{metrics['cells_per_s']:,.0f} cells/s"
+        self.bar.set_description(f"train: loss {metrics['train_loss']:,.1f}{val}, {speed}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _cpu_state(model: MMVAE) -> dict[str, torch.Tensor]:

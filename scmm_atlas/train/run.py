@@ -26,6 +26,7 @@ from ..data.cluster import ensure_ray
 from ..data.loader import LoaderConfig
 from ..data.prepare import prepare_layout
 from ..store import StoreError, open_store
+from ..store.uri import aws_settings
 from . import state as ckpt
 from .loop import train_loop
 
@@ -94,12 +95,14 @@ class RunDir:
 
 
 def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, resume: bool = False,
-          run_name: str | None = None, tracking: str | None = None, track: bool = True, progress: bool = True
-          ) -> TrainResult:
+          run_name: str | None = None, tracking: str | None = None, track: bool = True, progress: bool = True,
+          warm_start: dict[str, torch.Tensor] | None = None, make_champion: bool = False) -> TrainResult:
     """Train on ``store_uri`` with ``config``; log and register the model; return what happened.
 
     ``track=False`` trains without MLflow (no run, no registered model: the checkpoints alone), for
-    quick experiments and hosts without a tracking store."""
+    quick experiments and hosts without a tracking store. ``warm_start`` initialises the model from
+    these weights where names and shapes agree; ``make_champion`` moves the champion alias to the new
+    version whatever its validation loss (a retrain on more cells: the losses are not comparable)."""
     start = time.perf_counter()
     with open_store(store_uri) as store:
         info, what = prepare_layout(store, val_fraction=config.distributed.val_fraction, progress=progress)
@@ -148,10 +151,13 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config.to_dict(), "store": uri, "run_id": run_id, "tracking_uri": mlflow_uri,
-                           "fault_marker": f"{run_dir.path}/fault_injected", "resume_from": latest},
+                           "fault_marker": f"{run_dir.path}/fault_injected", "resume_from": latest,
+                           "warm_start": warm_start, "progress": progress},
         scaling_config=ScalingConfig(num_workers=dist_cfg.num_workers, use_gpu=dist_cfg.use_gpu,
                                      resources_per_worker={"CPU": dist_cfg.cpus_per_worker}),
         run_config=RayRunConfig(name=name, storage_path=run_dir.storage,
+                                # S3 endpoint / region (never credentials: workers use their own or the node's role)
+                                worker_runtime_env={"env_vars": aws_settings()} if uri.startswith("s3://") else None,
                                 failure_config=FailureConfig(max_failures=dist_cfg.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
     result = trainer.fit()
@@ -164,7 +170,8 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
             torch.save(best if best is not None else payload["model"], weights)
             version, champion = log_model(run_id, weights=weights, model_config=model_cfg, features=features,
                                           batches=info.batches, model_name=dist_cfg.model_name,
-                                          val_loss=st.best_val)
+                                          val_loss=st.best_val, store_n_obs=info.store_n_obs,
+                                          force_champion=make_champion)
         log_artifacts(client, run_id, config=config.to_dict(), features=features, history=st.history)
         client.set_terminated(run_id)
     return TrainResult(run_id=run_id, run_name=name, model_version=version, champion=champion, best_val=st.best_val,

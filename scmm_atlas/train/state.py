@@ -42,3 +42,12 @@ def load(directory: Path) -> tuple[dict[str, Any], TrainState, dict[str, torch.T
     best = directory / BEST_FILE
     best_model = torch.load(best, weights_only=True, map_location="cpu") if best.exists() else None
     return payload, TrainState(**payload["state"]), best_model
+
+
+def warm_start(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """Copy ``weights`` into ``model`` where names and shapes agree (a model trained before new
+    batches or features arrived); returns the parameters left at their initial values."""
+    own = model.state_dict()
+    usable = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return sorted(set(own) - set(usable))

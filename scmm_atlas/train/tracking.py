@@ -24,12 +24,16 @@ from .pyfunc import META, WEIGHTS, ScmmEmbedder
 
 DEFAULT_TRACKING = "sqlite:///runs/mlflow.db"
 CHAMPION = "champion"
+STORE_CELLS_TAG = "store_n_obs"  # the store's cell count when the version was trained
 
 
 def tracking_uri(explicit: str | None = None) -> str:
+    """The tracking URI to use; a SQLite file is made absolute (Ray workers run in other folders)."""
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(uri[len("sqlite:///"):]).expanduser().resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{db}"
     return uri
 
 
@@ -97,10 +101,12 @@ def _loss_curve(history: list[dict[str, float]], path: Path) -> None:
 
 
 def log_model(run_id: str, *, weights: Path, model_config: MMVAEConfig, features: Mapping[str, list[str]],
-              batches: list[str], model_name: str, val_loss: float | None) -> tuple[str, bool]:
+              batches: list[str], model_name: str, val_loss: float | None, store_n_obs: int | None = None,
+              force_champion: bool = False) -> tuple[str, bool]:
     """Log the pyfunc model in ``run_id``, register a new version of ``model_name`` and move the
-    ``champion`` alias to it only if its validation loss beats the current champion's.
-    Returns (version, became champion)."""
+    ``champion`` alias to it only if its validation loss beats the current champion's (or
+    ``force_champion``). The version is tagged with the store's cell count it was trained on
+    (``store_n_obs``), which reprocessing compares with the store's. Returns (version, became champion)."""
     with tempfile.TemporaryDirectory() as d:
         meta = Path(d, "meta.json")
         meta.write_text(json.dumps({"model": asdict(model_config), "features": dict(features), "batches": batches}))
@@ -111,8 +117,10 @@ def log_model(run_id: str, *, weights: Path, model_config: MMVAEConfig, features
     version = mlflow.register_model(info.model_uri, model_name).version
     if val_loss is not None:
         client.set_model_version_tag(model_name, version, "val_loss", repr(val_loss))
+    if store_n_obs is not None:
+        client.set_model_version_tag(model_name, version, STORE_CELLS_TAG, str(store_n_obs))
     champion = _champion_val(client, model_name)
-    better = champion is None or (val_loss is not None and val_loss < champion)
+    better = force_champion or champion is None or (val_loss is not None and val_loss < champion)
     if better:
         client.set_registered_model_alias(model_name, CHAMPION, version)
     return str(version), better

@@ -1,1 +1,12 @@
-"""End-to-end and scheduled jobs: what ``ray job submit`` and ``make demo`` run."""
+"""Jobs: the Ray Job entry points (``python -m pipelines.run | train | reprocess``) and the demo."""
+
+from __future__ import annotations
+
+import os
+
+
+def job_args(args: list[str]) -> list[str]:
+    """Inside a Ray job (``RAY_ADDRESS`` set by the job supervisor), join that cluster."""
+    if "--ray-address" not in args and os.environ.get("RAY_ADDRESS"):
+        return [*args, "--ray-address", "auto"]
+    return args

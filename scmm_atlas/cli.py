@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import cli_results
+from . import cli_pipeline, cli_results
 from .store.errors import InputError
 
 INGEST_EPILOG = """\
@@ -97,9 +97,6 @@ def _add_store_cmds(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = sub.add_parser("info", help="summarise a store")
     p.add_argument("--store", required=True, metavar="URI")
-    p = sub.add_parser("demo", help="run the pipeline on the bundled real data (what `make demo` runs)")
-    p.add_argument("--data", metavar="DIR", help="the real datasets (default: ../shared/data beside the repo)")
-    p.add_argument("--out", default="runs/demo", metavar="DIR", help="where the demo writes (recreated)")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -125,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(sub)
     _add_store_cmds(sub)
     cli_results.add_commands(sub)
+    cli_pipeline.add_commands(sub)
     _add_bench(sub)
     return parser
 
@@ -221,10 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             with open_store(args.store) as store:
                 print(store.summary())
+        elif args.command == "run":
+            cli_pipeline.run_pipeline_cmd(args)
+        elif args.command == "reprocess":
+            cli_pipeline.run_reprocess(args)
         elif args.command == "demo":
-            from pipelines.demo import run_demo
-
-            run_demo(data=args.data, out=args.out)
+            cli_pipeline.run_demo(args)
         elif args.command == "bench":
             from .bench import run_bench
 

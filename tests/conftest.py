@@ -21,6 +21,13 @@ import torch
 # process holds the second core, as OpenMP threads spinning for a busy core do.
 torch.set_num_threads(1)
 
+# S3 credentials for the moto server, set before the shared Ray starts so that its workers inherit
+# them (credentials are never handed to Ray tasks). The secret is unique to the session: tests
+# search everything written for it.
+TEST_SECRET = f"scmm-test-secret-{os.urandom(8).hex()}"
+os.environ.update({"AWS_ACCESS_KEY_ID": "scmm-test-key", "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
+                   "AWS_DEFAULT_REGION": "us-east-1"})
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SCMM_ATLAS_DATA", REPO.parent / "shared" / "data"))
 
@@ -104,9 +111,6 @@ def s3_bucket(s3_server, monkeypatch):
     """A fresh bucket; credentials and endpoint only through environment variables."""
     import boto3
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     name = f"atlas-{time.time_ns()}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
@@ -114,6 +118,10 @@ def s3_bucket(s3_server, monkeypatch):
 
 
 PLANTED_N = 1000
+# training overrides that keep a Ray Train run to seconds on tiny stores
+FAST_TRAIN = ["train.epochs=3", "train.warmup_epochs=1", "train.batch_size=64", "train.patience=10",
+              "distributed.val_fraction=0.2", "distributed.loader.block_cells=256",
+              "model.modalities.RNA.hidden=64", "model.modalities.ADT.hidden=64"]
 
 
 def make_planted_stores(tmp: Path, n: int = PLANTED_N, *, backends=("soma", "zarr")) -> dict[str, Path]:

@@ -7,16 +7,15 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import make_planted_stores
+from conftest import FAST_TRAIN, make_planted_stores
 
 from scmm_atlas.config import load_config
 from scmm_atlas.data.layout import layout_uri, read_info
 from scmm_atlas.store import StoreError, open_store
 from scmm_atlas.train.run import train
 
-FAST = ["train.epochs=3", "train.warmup_epochs=1", "train.batch_size=64", "train.patience=10",
-        "distributed.val_fraction=0.2", "distributed.loader.block_cells=256",
-        "model.modalities.RNA.hidden=64", "model.modalities.ADT.hidden=64"]
+FAST = FAST_TRAIN
+
 
 
 @pytest.fixture(scope="module")

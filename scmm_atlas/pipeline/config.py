@@ -1,0 +1,150 @@
+"""The pipeline's config: one YAML naming the store, what to ingest, and each stage's options.
+
+Example (``configs/pipelines/pbmc_demo.yaml``)::
+
+    store: runs/demo/pbmc10k_cite.soma
+    workdir: runs/demo                  # stage records, Ray Train checkpoints, the report
+    tracking_uri: sqlite:///runs/demo/mlflow.db
+    ingest:                              # optional: omit it for a store that exists
+      inputs: ["RNA={data}/pbmc10k_cite/rna.h5ad", "ADT={data}/pbmc10k_cite/protein.h5ad"]
+      label_key: cell_type
+    stats: {n_top_genes: 4000}
+    train: {config: atlas_cite, overrides: [train.epochs=15]}
+    infer: {pairs: null, library_size: 1.0e4}
+    report: {max_cells: 20000}
+
+``{data}`` in an input is the real-data folder (``--data``, ``$SCMM_ATLAS_DATA``, else
+``../shared/data`` beside the repository). ``--store`` / ``--workdir`` / ``--tracking-uri`` on the
+command line win over the file. An unknown key is an error naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import CONFIG_DIR
+from ..store.errors import InputError
+
+DEFAULT_DATA = CONFIG_DIR.parent.parent / "shared" / "data"
+
+
+@dataclass
+class IngestSection:
+    inputs: list[str]
+    label_key: str | None = None
+    batch_key: str | None = None
+    dataset: str | None = None
+    append: bool = False
+    modalities: list[str] | None = None
+    prefix_barcodes: bool = False
+
+
+@dataclass
+class StatsSection:
+    n_top_genes: int = 5000
+    atac_quantile: float = 0.75
+
+
+@dataclass
+class TrainSection:
+    config: str = "atlas_cite"  # a file, or a name under configs/
+    overrides: list[str] = field(default_factory=list)  # KEY=VALUE, as on `scmm-atlas train`
+    num_workers: int | None = None
+    use_gpu: bool = False
+
+
+@dataclass
+class InferSection:
+    pairs: list[str] | None = None  # "SOURCE:TARGET"; None: every modality from every other
+    library_size: float | None = 1e4
+    traversal: str = "atlas"
+    top_n: int = 50
+    actors: int = 0
+
+
+@dataclass
+class ReportSection:
+    enabled: bool = True
+    out: str | None = None  # default: <workdir>/report (a local folder)
+    max_cells: int = 20_000
+
+
+@dataclass
+class PipelineConfig:
+    store: str
+    workdir: str
+    tracking_uri: str | None = None
+    ingest: IngestSection | None = None
+    stats: StatsSection = field(default_factory=StatsSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    infer: InferSection = field(default_factory=InferSection)
+    report: ReportSection = field(default_factory=ReportSection)
+    source: str = "<config>"
+
+    @property
+    def report_dir(self) -> str:
+        if self.report.out:
+            return self.report.out
+        return f"{self.workdir.rstrip('/')}/report" if "://" not in self.workdir else "runs/report"
+
+
+def _section(cls: type, data: Any, where: str, name: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(where, name, f"expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise InputError(where, f"{name}.{sorted(unknown)[0]}", f"unknown key (known: {', '.join(sorted(known))})")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise InputError(where, name, str(exc)) from None
+
+
+def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    return Path(explicit or os.environ.get("SCMM_ATLAS_DATA") or DEFAULT_DATA).expanduser().resolve()
+
+
+def load_pipeline(path: str | os.PathLike[str], *, store: str | None = None, tracking_uri: str | None = None,
+                  data: str | os.PathLike[str] | None = None, workdir: str | None = None) -> PipelineConfig:
+    """Read a pipeline YAML (a path, or a name under ``configs/pipelines/``)."""
+    p = Path(path)
+    for candidate in (p, CONFIG_DIR / "pipelines" / p, CONFIG_DIR / "pipelines" / f"{p}.yaml"):
+        if candidate.is_file():
+            p = candidate
+            break
+    else:
+        raise InputError(p, "path", "pipeline config not found")
+    where = str(p)
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(where, "yaml", f"not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise InputError(where, "yaml", "expected a mapping at the top level")
+    sections = {"ingest": IngestSection, "stats": StatsSection, "train": TrainSection, "infer": InferSection,
+                "report": ReportSection}
+    unknown = set(tree) - {*sections, "store", "workdir", "tracking_uri"}
+    if unknown:
+        raise InputError(where, sorted(unknown)[0], "unknown key (known: store, workdir, tracking_uri, "
+                         f"{', '.join(sections)})")
+    store = store or tree.get("store")
+    if not store:
+        raise InputError(where, "store", "no store: set it in the file or pass --store")
+    built = {name: _section(cls, tree.get(name), where, name) for name, cls in sections.items()
+             if name != "ingest"}
+    ingest = None
+    if tree.get("ingest") is not None:
+        ingest = _section(IngestSection, tree["ingest"], where, "ingest")
+        folder = str(data_dir(data))
+        ingest.inputs = [str(i).replace("{data}", folder) for i in ingest.inputs]
+    workdir = str(workdir or tree.get("workdir") or f"runs/pipeline/{Path(str(store).rstrip('/')).stem}")
+    return PipelineConfig(store=str(store), workdir=workdir, tracking_uri=tracking_uri or tree.get("tracking_uri"),
+                          ingest=ingest, source=where, **built)

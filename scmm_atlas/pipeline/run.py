@@ -1,0 +1,203 @@
+"""The end-to-end pipeline: ingest (optional) -> feature statistics -> train + register -> infer -> report.
+
+``scmm-atlas run --config FILE`` and ``python -m pipelines.run`` (the ``ray job submit`` entry point)
+call :func:`run_pipeline`. Every stage is resumable (:mod:`.stages`): run it again and finished
+stages are skipped; a training run that died is resumed from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..store import open_store, store_exists
+from ..store.errors import InputError
+from .config import PipelineConfig
+from .stages import StageRecords, fingerprint
+
+STAGES = ("ingest", "stats", "train", "infer", "report")
+
+
+@dataclass
+class PipelineResult:
+    store: str
+    tracking_uri: str
+    workdir: str
+    stages: dict[str, dict[str, Any]]  # stage -> its outputs (recorded ones when skipped)
+
+
+def _file_id(spec: str) -> dict[str, Any]:
+    """An input's identity for the fingerprint: its path, size and modification time."""
+    _, _, path = spec.rpartition("=")
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise InputError(path, "ingest.inputs", "no such file") from None
+    return {"spec": spec, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _n_obs(uri: str) -> int:
+    with open_store(uri) as store:
+        return store.n_obs
+
+
+def _ingest(cfg: PipelineConfig, records: StageRecords, progress: bool, force: bool) -> dict[str, Any]:
+    from ..store.ingest import IngestOptions, ingest
+
+    ing = cfg.ingest
+    assert ing is not None
+
+    def work() -> dict[str, Any]:
+        if store_exists(cfg.store) and not ing.append:
+            raise InputError(cfg.store, "store", "exists, and this pipeline did not ingest it: remove it, drop "
+                             "the ingest section, or set ingest.append: true")
+        opts = IngestOptions(append=ing.append, dataset=ing.dataset, batch_key=ing.batch_key, label_key=ing.label_key,
+                             modalities=ing.modalities, prefix_barcodes=ing.prefix_barcodes, stats=False,
+                             progress=progress)
+        report = ingest(cfg.store, ing.inputs, opts)
+        print(f"  {report.n_new:,} cells ingested ({', '.join(f'{m} {n:,}' for m, n in report.modalities.items())})")
+        return {"n_new": report.n_new, "n_total": report.n_total, "modalities": report.modalities}
+
+    inputs = {"store": cfg.store, "inputs": [_file_id(i) for i in ing.inputs], "options": asdict(ing)}
+    return records.run("ingest", inputs, work, lambda out: store_exists(cfg.store) and
+                       _n_obs(cfg.store) >= out["n_total"], force=force)
+
+
+def _stats(cfg: PipelineConfig, records: StageRecords, progress: bool, force: bool) -> dict[str, Any]:
+    from ..store.stats import compute_stats
+
+    def work() -> dict[str, Any]:
+        with open_store(cfg.store, writable=True) as store:
+            compute_stats(store, n_top_genes=cfg.stats.n_top_genes, atac_quantile=cfg.stats.atac_quantile,
+                          progress=progress)
+            selected = {m: int(sel["n_selected"]) for m, sel in store.info.selection.items()}
+        print("  selected: " + ", ".join(f"{m} {n:,}" for m, n in selected.items()))
+        return {"n_obs": n_obs, "selected": selected}
+
+    with open_store(cfg.store) as store:
+        n_obs = store.n_obs
+
+    def still_there(out: dict[str, Any]) -> bool:
+        with open_store(cfg.store) as store:
+            return store.info.stats_n_obs == out["n_obs"] and bool(store.info.selection)
+
+    return records.run("stats", {"store": cfg.store, "n_obs": n_obs, **asdict(cfg.stats)}, work, still_there,
+                       force=force)
+
+
+def _train(cfg: PipelineConfig, records: StageRecords, tracking: str, ray_address: str | None, progress: bool,
+           force: bool) -> dict[str, Any]:
+    import mlflow
+
+    from ..config import load_config
+    from ..data.prepare import selection_fingerprint
+    from ..train.run import RUN_FILE, RunDir, train
+
+    overrides = [f"distributed.storage_path={cfg.workdir.rstrip('/')}/ray", *cfg.train.overrides]
+    if cfg.train.num_workers is not None:
+        overrides.append(f"distributed.num_workers={cfg.train.num_workers}")
+    if cfg.train.use_gpu:
+        overrides.append("distributed.use_gpu=true")
+    config = load_config(cfg.train.config, overrides)
+    with open_store(cfg.store) as store:
+        inputs = {"store": cfg.store, "n_obs": store.n_obs, "selection": selection_fingerprint(store),
+                  "config": config.to_dict(), "tracking_uri": tracking}
+    name = f"pipeline-{fingerprint(inputs)[:10]}"
+    dist = config.distributed
+
+    def work() -> dict[str, Any]:
+        run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if force else name  # forced: a fresh run
+        resume = RunDir(dist.storage_path, run_name).read(RUN_FILE) is not None
+        if resume:
+            print(f"  resuming training run {name} from its last checkpoint")
+        result = train(config, cfg.store, ray_address=ray_address, resume=resume, run_name=run_name,
+                       tracking=tracking, progress=progress)
+        print(f"  {result.epochs} epochs in {result.wall_s:.0f} s, best validation loss {result.best_val:,.2f}; "
+              f"registered {dist.model_name} version {result.model_version}{' (champion)' * result.champion}")
+        return {"run_id": result.run_id, "run_name": run_name, "model_name": dist.model_name,
+                "version": result.model_version, "champion": result.champion, "best_val": result.best_val,
+                "epochs": result.epochs, "train_s": round(result.wall_s, 1),
+                "model_uri": f"models:/{dist.model_name}/{result.model_version}"}
+
+    def still_there(out: dict[str, Any]) -> bool:
+        try:
+            found = mlflow.MlflowClient(tracking).get_model_version(out["model_name"], out["version"])
+        except mlflow.exceptions.MlflowException:
+            return False
+        return found.run_id == out["run_id"]
+
+    return records.run("train", inputs, work, still_there, force=force)
+
+
+def _infer(cfg: PipelineConfig, records: StageRecords, model: dict[str, Any], tracking: str, ray_address: str | None,
+           progress: bool, force: bool) -> dict[str, Any]:
+    from ..infer.source import load_trained
+    from ..infer.stage import InferConfig, infer
+    from ..store.results import index
+
+    sec = cfg.infer
+    pairs = tuple(tuple(p.split(":", 1)) for p in sec.pairs) if sec.pairs else None
+    if pairs and any(len(p) != 2 for p in pairs):
+        raise InputError(cfg.source, "infer.pairs", "expected SOURCE:TARGET items")
+    infer_cfg = InferConfig(pairs=pairs, library_size=sec.library_size, programs_mode=sec.traversal,
+                            top_n=sec.top_n, actors=sec.actors)
+
+    def work() -> dict[str, Any]:
+        trained = load_trained(model["model_uri"], tracking=tracking)
+        result = infer(cfg.store, trained, config=infer_cfg, ray_address=ray_address, progress=progress)
+        rec = result.record
+        print(f"  published version {rec['version']} ({rec['entry']}): {result.cells:,} cells at "
+              f"{result.cells_per_s:,.0f} cells/s; programs in {result.programs_s:.1f} s")
+        return {"record": rec, "cells_per_s": round(result.cells_per_s, 1)}
+
+    def still_there(out: dict[str, Any]) -> bool:
+        with open_store(cfg.store) as store:
+            return any(r["entry"] == out["record"]["entry"] for r in index(store))
+
+    inputs = {"store": cfg.store, "n_obs": _n_obs(cfg.store), "model_uri": model["model_uri"],
+              "run_id": model["run_id"], "infer": asdict(sec)}
+    return records.run("infer", inputs, work, still_there, force=force)
+
+
+def _report(cfg: PipelineConfig, records: StageRecords, published: dict[str, Any], tracking: str,
+            force: bool) -> dict[str, Any]:
+    from ..evaluate.report import report
+
+    out_dir = cfg.report_dir
+
+    def work() -> dict[str, Any]:
+        done = report(cfg.store, out_dir, version=published["version"], max_cells=cfg.report.max_cells,
+                      tracking=tracking)
+        print(f"  {len(done['figures'])} figures and {done['html']}")
+        return done
+
+    inputs = {"entry": published["entry"], "n_cells": published["n_cells"], "out": str(Path(out_dir).resolve()),
+              "max_cells": cfg.report.max_cells}
+    return records.run("report", inputs, work, lambda out: Path(out["html"]).exists(), force=force)
+
+
+def run_pipeline(cfg: PipelineConfig, *, ray_address: str | None = None, force: tuple[str, ...] = (),
+                 progress: bool = True) -> PipelineResult:
+    """Run every stage of ``cfg`` that has not already run on the same inputs; ``force`` reruns
+    the named stages (and, through the fingerprints, whatever their new outputs feed)."""
+    from ..train.tracking import tracking_uri
+
+    unknown = set(force) - set(STAGES)
+    if unknown:
+        raise InputError("--force", sorted(unknown)[0], f"no such stage (stages: {', '.join(STAGES)})")
+    tracking = tracking_uri(cfg.tracking_uri)
+    records = StageRecords(cfg.workdir)
+    outputs: dict[str, dict[str, Any]] = {}
+    if cfg.ingest is not None:
+        outputs["ingest"] = _ingest(cfg, records, progress, "ingest" in force)
+    elif not store_exists(cfg.store):
+        raise InputError(cfg.store, "store", "no store here, and the config has no ingest section")
+    outputs["stats"] = _stats(cfg, records, progress, "stats" in force)
+    outputs["train"] = _train(cfg, records, tracking, ray_address, progress, "train" in force)
+    outputs["infer"] = _infer(cfg, records, outputs["train"], tracking, ray_address, progress, "infer" in force)
+    if cfg.report.enabled:
+        outputs["report"] = _report(cfg, records, outputs["infer"]["record"], tracking, "report" in force)
+    return PipelineResult(store=cfg.store, tracking_uri=tracking, workdir=cfg.workdir, stages=outputs)

@@ -1,0 +1,63 @@
+"""Resumable stages: each finished stage is recorded with a fingerprint of its inputs and config.
+
+A stage is skipped (and says so) when its record's fingerprint matches and its outputs are still
+there (the store, the registered model version, the published results, the report), so deleting
+an output or changing an input reruns that stage and, through the fingerprints, every later one.
+Records live in ``<workdir>/pipeline.json`` (a local folder or ``s3://``), rewritten whole after
+each stage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+STATE_FILE = "pipeline.json"
+
+
+def fingerprint(inputs: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class StageRecords:
+    """The stage records of one pipeline workdir."""
+
+    def __init__(self, workdir: str) -> None:
+        import fsspec.core
+
+        from ..store.uri import fsspec_options, parse_uri
+
+        uri = parse_uri(workdir).uri  # the same validation as a store's: no '..' escapes
+        self.fs, self.root = fsspec.core.url_to_fs(uri, **(fsspec_options() if uri.startswith("s3://") else {}))
+        self.path = f"{self.root.rstrip('/')}/{STATE_FILE}"
+        self.records: dict[str, dict[str, Any]] = (json.loads(self.fs.cat_file(self.path))["stages"]
+                                                   if self.fs.exists(self.path) else {})
+
+    def _save(self) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+        tmp = f"{self.path}.partial"
+        self.fs.pipe_file(tmp, json.dumps({"stages": self.records}, indent=1).encode())
+        self.fs.mv(tmp, self.path)  # a reader never sees half a file
+
+    def run(self, name: str, inputs: Mapping[str, Any], work: Callable[[], dict[str, Any]],
+            still_there: Callable[[dict[str, Any]], bool], *, force: bool = False) -> dict[str, Any]:
+        """``work()``'s outputs, or the recorded ones when this stage already ran on ``inputs``."""
+        fp = fingerprint(inputs)
+        done = self.records.get(name)
+        if not force and done and done["fingerprint"] == fp and still_there(done["outputs"]):
+            print(f"[{name}] skipped: already done for the same inputs and config ({done['finished']}, "
+                  f"{done['wall_s']:.0f} s then)", flush=True)
+            return done["outputs"]
+        print(f"[{name}] running", flush=True)
+        t0 = time.perf_counter()
+        outputs = work()
+        wall = time.perf_counter() - t0
+        self.records[name] = {"fingerprint": fp, "outputs": outputs, "wall_s": round(wall, 1),
+                              "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        self._save()
+        print(f"[{name}] done in {wall:.0f} s", flush=True)
+        return outputs

@@ -1,0 +1,159 @@
+"""The end-to-end pipeline (resumable stages) and scheduled reprocessing of a growing store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from conftest import FAST_TRAIN, random_counts, write_h5ad
+
+from scmm_atlas import results
+from scmm_atlas.cli import main
+from scmm_atlas.store import open_store
+from scmm_atlas.store.results import index
+
+STAGES = ("ingest", "stats", "train", "infer", "report")
+
+
+def write_dataset(folder: Path, n: int, seed: int, prefix: str) -> list[str]:
+    """RNA (40 genes) + ADT (6 proteins) for ``n`` cells named ``prefix``0.. (inputs for ingest)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"{prefix}{i}" for i in range(n)]
+    rna = write_h5ad(folder / "rna.h5ad", random_counts(n, 40, seed), obs_names=names,
+                     obs={"cell_type": [f"t{i % 2}" for i in range(n)]})
+    adt = write_h5ad(folder / "adt.h5ad", random_counts(n, 6, seed + 1), obs_names=names,
+                     var_names=[f"p{j}" for j in range(6)])
+    return [f"RNA={rna}", f"ADT={adt}"]
+
+
+def pipeline_config(tmp: Path, store: str, inputs: list[str], *, workdir: str | None = None,
+                    report: bool = True, train: tuple[str, ...] = ()) -> Path:
+    cfg = {"store": store, "workdir": workdir or str(tmp / "work"),
+           "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+           "ingest": {"inputs": inputs, "label_key": "cell_type"}, "stats": {"n_top_genes": 30},
+           "train": {"config": "atlas_cite", "overrides": [*FAST_TRAIN, "train.epochs=2", *train]},
+           "infer": {"actors": 1}, "report": {"enabled": report, "max_cells": 500}}
+    path = tmp / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def snapshot(store: str, version: str | None = None) -> dict[str, object]:
+    with results.open(store, version) as res:
+        return {"joint": res.embeddings().to_numpy(), "adt": res.predictions("ADT", source="RNA").to_numpy(),
+                "rna": res.predictions("RNA", source="ADT").to_numpy(), "ids": res.embeddings().index.to_numpy(),
+                "programs": res.programs(), "version": res.version}
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory, ray_session):
+    """Dataset A through the pipeline, then dataset B appended: the store, tracking URI and A's results."""
+    tmp = tmp_path_factory.mktemp("grow")
+    store = str(tmp / "atlas.zarr")
+    config = pipeline_config(tmp, store, write_dataset(tmp / "A", 300, 1, "A"))
+    assert main(["run", "--config", str(config), "--no-progress"]) == 0
+    return {"tmp": tmp, "store": store, "config": config, "tracking": f"sqlite:///{tmp / 'mlflow.db'}",
+            "before": snapshot(store)}
+
+
+def test_a_second_run_skips_every_finished_stage(grown, capsys) -> None:
+    assert main(["run", "--config", str(grown["config"]), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for stage in STAGES:
+        assert f"[{stage}] skipped: already done for the same inputs and config" in out
+    assert "[train] running" not in out
+    assert Path(grown["tmp"] / "work" / "report" / "index.html").exists()
+
+
+def test_a_changed_stage_config_reruns_that_stage_and_what_depends_on_it(grown, tmp_path, capsys) -> None:
+    cfg = yaml.safe_load(grown["config"].read_text())
+    cfg["report"]["max_cells"] = 400
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    assert main(["run", "--config", str(changed), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "[train] skipped" in out and "[infer] skipped" in out and "[report] running" in out
+
+
+def test_reprocess_maps_appended_cells_and_leaves_published_results_unchanged(grown, capsys) -> None:
+    store, tracking, before = grown["store"], grown["tracking"], grown["before"]
+    b_inputs = write_dataset(grown["tmp"] / "B", 150, 7, "B")
+    assert main(["ingest", "--store", store, "--append", "--dataset", "B", "--no-progress", *b_inputs]) == 0
+    with results.open(store) as res:  # before reprocessing: the published version covers A only
+        assert len(res.embeddings()) == 300
+    capsys.readouterr()
+    args = ["reprocess", "--store", store, "--model", "scmm-atlas", "--tracking-uri", tracking, "--no-progress"]
+    assert main(args) == 0
+    assert "mapped 150 new cells with version 1" in capsys.readouterr().out
+    after = snapshot(store)
+    assert after["version"] == before["version"] == "1"
+    assert len(after["joint"]) == 450 and list(after["ids"][300:]) == [f"B{i}" for i in range(150)]
+    for key in ("joint", "adt", "rna"):  # A's rows: bit for bit what was published before
+        assert np.array_equal(after[key][:300], before[key], equal_nan=True)
+        assert np.isfinite(after[key][300:]).all()
+    assert after["programs"].equals(before["programs"])
+    # B mapped with the same model as A: a B cell's embedding matches a fresh full inference
+    with open_store(store) as s:
+        assert [r["n_cells"] for r in index(s)] == [450]
+    plain = ad.read_zarr(f"{store}/results/{index(open_store(store))[0]['entry']}/cells")
+    assert plain.n_obs == 450 and np.array_equal(plain.obsm["X_scmm"], after["joint"], equal_nan=True)
+    # idempotent: nothing left to do, nothing written
+    assert main(args) == 0
+    assert "nothing to do: version 1 (champion) has results for all 450 cells" in capsys.readouterr().out
+    assert np.array_equal(snapshot(store)["joint"], after["joint"])
+
+
+def test_reprocess_retrains_warm_started_when_enough_cells_are_new(grown, capsys) -> None:
+    store, tracking = grown["store"], grown["tracking"]
+    if len(snapshot(store)["joint"]) != 450:
+        pytest.fail("runs after the append test (module order)")
+    c_inputs = write_dataset(grown["tmp"] / "C", 300, 11, "C")
+    assert main(["ingest", "--store", store, "--append", "--dataset", "C", "--no-progress", *c_inputs]) == 0
+    capsys.readouterr()
+    args = ["reprocess", "--store", store, "--model", "scmm-atlas", "--tracking-uri", tracking, "--no-progress",
+            "--retrain-if-new-fraction", "0.3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "retraining, warm-started from it" in out and "retrained version 2 and computed all 750 cells" in out
+    client = mlflow.MlflowClient(tracking)
+    assert str(client.get_model_version_by_alias("scmm-atlas", "champion").version) == "2"
+    with open_store(store) as s:
+        assert {r["version"]: r["n_cells"] for r in index(s)} == {"1": 450, "2": 750}
+    latest = snapshot(store)
+    assert latest["version"] == "2" and np.isfinite(latest["joint"]).all()
+    assert main(args) == 0  # the new champion was trained on all 750 cells: no retrain, nothing to do
+    assert "nothing to do: version 2 (champion)" in capsys.readouterr().out
+
+
+def test_reprocess_recomputes_every_cell_when_the_champion_changed(grown, capsys) -> None:
+    store, tracking = grown["store"], grown["tracking"]
+    client = mlflow.MlflowClient(tracking)
+    client.set_registered_model_alias("scmm-atlas", "champion", "1")  # roll back: v1 covers 450 of 750
+    try:
+        capsys.readouterr()
+        assert main(["reprocess", "--store", store, "--model", "scmm-atlas", "--tracking-uri", tracking,
+                     "--no-progress"]) == 0
+        assert "mapped 300 new cells with version 1" in capsys.readouterr().out
+        client.delete_registered_model_alias("scmm-atlas", "champion")
+        assert main(["reprocess", "--store", store, "--model", "scmm-atlas", "--tracking-uri", tracking]) == 2
+        assert "no registered model 'scmm-atlas' with a 'champion' alias" in capsys.readouterr().err
+    finally:
+        client.set_registered_model_alias("scmm-atlas", "champion", "2")
+
+
+def test_pipeline_config_errors_name_the_file_and_key(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"store": str(tmp_path / "x.zarr"), "train": {"epochs": 3}}))
+    assert main(["run", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {bad}: train.epochs: unknown key (known: config, " \
+        "num_workers, overrides, use_gpu)"
+    missing = tmp_path / "nostore.yaml"
+    missing.write_text(yaml.safe_dump({"store": str(tmp_path / "none.zarr")}))
+    assert main(["run", "--config", str(missing)]) == 2
+    assert "none.zarr: store: no store here, and the config has no ingest section" in capsys.readouterr().err
+    assert main(["run", "--config", str(missing), "--force", "training"]) == 2
+    assert "--force: training: no such stage" in capsys.readouterr().err

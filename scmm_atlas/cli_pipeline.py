@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from .store.errors import InputError
-
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="the pipeline: ingest -> stats -> train + register -> infer -> report (resumable)",
@@ -65,8 +63,6 @@ def run_pipeline_cmd(args: argparse.Namespace) -> None:
 def run_reprocess(args: argparse.Namespace) -> None:
     from .pipeline.reprocess import reprocess
 
-    if args.retrain_if_new_fraction is not None and not 0 < args.retrain_if_new_fraction <= 1:
-        raise InputError(str(args.retrain_if_new_fraction), "--retrain-if-new-fraction", "must be in (0, 1]")
     result = reprocess(args.store, args.model, tracking=args.tracking_uri,
                        retrain_if_new_fraction=args.retrain_if_new_fraction, storage_path=args.storage_path,
                        ray_address=args.ray_address, progress=not args.no_progress)

@@ -132,14 +132,26 @@ def test_reprocess_retrains_warm_started_when_enough_cells_are_new(grown, capsys
 def test_reprocess_recomputes_every_cell_when_the_champion_changed(grown, capsys) -> None:
     store, tracking = grown["store"], grown["tracking"]
     client = mlflow.MlflowClient(tracking)
-    client.set_registered_model_alias("scmm-atlas", "champion", "1")  # roll back: v1 covers 450 of 750
+    v1 = client.get_model_version("scmm-atlas", "1")
+    v3 = client.create_model_version("scmm-atlas", v1.source, run_id=v1.run_id)  # a new champion, no results yet
+    args = ["reprocess", "--store", store, "--model", "scmm-atlas", "--tracking-uri", tracking, "--no-progress"]
     try:
+        client.set_registered_model_alias("scmm-atlas", "champion", v3.version)
         capsys.readouterr()
-        assert main(["reprocess", "--store", store, "--model", "scmm-atlas", "--tracking-uri", tracking,
-                     "--no-progress"]) == 0
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        assert f"champion version {v3.version} has no results (published: 1, 2): computing all 750 cells" in out
+        with open_store(store) as s:
+            assert [(r["version"], r["n_cells"]) for r in index(s)] == [("1", 450), ("2", 750), ("3", 750)]
+        # same weights as version 1: its 450 published rows are reproduced
+        np.testing.assert_allclose(snapshot(store, "3")["joint"][:450], snapshot(store, "1")["joint"], atol=1e-5)
+        client.set_registered_model_alias("scmm-atlas", "champion", "1")  # roll back: v1 covers 450 of 750
+        assert main(args) == 0
         assert "mapped 300 new cells with version 1" in capsys.readouterr().out
+        with open_store(store) as s:  # extended in place: the latest version is still 3
+            assert [(r["version"], r["n_cells"]) for r in index(s)] == [("1", 750), ("2", 750), ("3", 750)]
         client.delete_registered_model_alias("scmm-atlas", "champion")
-        assert main(["reprocess", "--store", store, "--model", "scmm-atlas", "--tracking-uri", tracking]) == 2
+        assert main(args) == 2
         assert "no registered model 'scmm-atlas' with a 'champion' alias" in capsys.readouterr().err
     finally:
         client.set_registered_model_alias("scmm-atlas", "champion", "2")
@@ -157,3 +169,7 @@ def test_pipeline_config_errors_name_the_file_and_key(tmp_path, capsys) -> None:
     assert "none.zarr: store: no store here, and the config has no ingest section" in capsys.readouterr().err
     assert main(["run", "--config", str(missing), "--force", "training"]) == 2
     assert "--force: training: no such stage" in capsys.readouterr().err
+    pairs = tmp_path / "pairs.yaml"
+    pairs.write_text(yaml.safe_dump({"store": str(tmp_path / "x.zarr"), "infer": {"pairs": ["RNA-ADT"]}}))
+    assert main(["run", "--config", str(pairs)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {pairs}: infer: expected SOURCE:TARGET items, got ['RNA-ADT']"

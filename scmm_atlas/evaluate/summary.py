@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.layout import is_validation, layout_uri, read_info
-from ..store import open_store
+from ..store import StoreError, open_store
 from ..store.results import open_results
 from .metrics import cluster_scores, feature_correlations
 from .report import read_counts, read_obs, sample_rows
@@ -78,8 +78,9 @@ def summarise(store_uri: str, *, version: str | None = None, max_cells: int = 20
             scores = cluster_scores(emb, labels[known], seed=seed)
             clustering = {**scores, "n_labels": len(np.unique(labels[known]))}
         layout = read_info(layout_uri(store.uri))
-        fraction = layout.val_fraction if layout is not None else 0.1
-        held = np.flatnonzero(is_validation(store.obs_id_hashes()[:n], fraction))
+        if layout is None:
+            raise StoreError(store.uri, "layout", "no training layout: the held-out cells are unknown (train first)")
+        held = np.flatnonzero(is_validation(store.obs_id_hashes()[:n], layout.val_fraction))
         held = held if len(held) <= max_heldout else np.sort(np.random.default_rng(seed).choice(held, max_heldout,
                                                                                                  replace=False))
         heldout = {}

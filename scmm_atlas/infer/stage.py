@@ -3,7 +3,8 @@
 Blocks of ``block_cells`` cells (aligned with the results' storage chunks, so that writers never
 share a chunk) go to a pool of actors; each actor builds the model once, reads its blocks from the
 store (the model's features, matched by name), computes embeddings and predictions, and writes
-them into the new, unpublished results entry. The driver then computes the pseudocell programs and
+them into the results entry being written (a new one, or a published one extended with appended
+cells). The driver then computes the pseudocell programs and
 publishes the entry (one metadata write). Memory is bounded by the block size, not the store.
 """
 

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from ..config import CONFIG_DIR
+from ..infer.stage import InferConfig
 from ..store.errors import InputError
 
 DEFAULT_DATA = CONFIG_DIR.parent.parent / "shared" / "data"
@@ -66,11 +67,25 @@ class InferSection:
     top_n: int = 50
     actors: int = 0
 
+    def pair_tuples(self) -> tuple[tuple[str, str], ...] | None:
+        if self.pairs is None:
+            return None
+        pairs = tuple(tuple(str(p).split(":", 1)) for p in self.pairs)
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"expected SOURCE:TARGET items, got {self.pairs}")
+        return pairs  # type: ignore[return-value]
+
+    def build(self) -> InferConfig:
+        if self.traversal not in ("atlas", "faithful"):
+            raise ValueError(f"traversal must be 'atlas' or 'faithful', got {self.traversal!r}")
+        return InferConfig(pairs=self.pair_tuples(), library_size=self.library_size, programs_mode=self.traversal,
+                           top_n=self.top_n, actors=self.actors)
+
 
 @dataclass
 class ReportSection:
     enabled: bool = True
-    out: str | None = None  # default: <workdir>/report (a local folder)
+    out: str | None = None  # a local folder; default: <workdir>/report, or runs/report if workdir is on S3
     max_cells: int = 20_000
 
 
@@ -140,6 +155,10 @@ def load_pipeline(path: str | os.PathLike[str], *, store: str | None = None, tra
         raise InputError(where, "store", "no store: set it in the file or pass --store")
     built = {name: _section(cls, tree.get(name), where, name) for name, cls in sections.items()
              if name != "ingest"}
+    try:  # the infer options are checked now, not after training
+        built["infer"].build()
+    except ValueError as exc:
+        raise InputError(where, "infer", str(exc)) from None
     ingest = None
     if tree.get("ingest") is not None:
         ingest = _section(IngestSection, tree["ingest"], where, "ingest")

@@ -58,6 +58,18 @@ def _trained_on(client: mlflow.MlflowClient, version: Any) -> int:
     return int(params.get("layout.train_cells", 0)) + int(params.get("layout.val_cells", 0))
 
 
+def _warm_weights(trained: TrainedModel, store_uri: str) -> dict[str, Any]:
+    """The champion's weights, less a modality's encoder and decoder whose feature selection changed
+    since (its tensors may have the same shapes, but their rows and columns are other features)."""
+    with open_store(store_uri) as store:
+        changed = [m for m, names in trained.features.items()
+                   if m not in store.modalities or [str(f) for f in store.feature_names(m, "selected")] != names]
+    if changed:
+        print(f"warm start: the feature selection of {', '.join(changed)} changed: its encoder and decoder start fresh")
+    prefixes = tuple(f"{part}.{m}." for m in changed for part in ("encoders", "decoders"))
+    return {k: v for k, v in trained.state.items() if not k.startswith(prefixes)}
+
+
 def _retrain(client: mlflow.MlflowClient, champion: Any, trained: TrainedModel, store_uri: str, *,
              tracking: str, storage_path: str | None, ray_address: str | None, progress: bool) -> str:
     """Train a new version with the champion's config, warm-started from its weights; returns it."""
@@ -67,7 +79,8 @@ def _retrain(client: mlflow.MlflowClient, champion: Any, trained: TrainedModel, 
     if storage_path:
         config = replace(config, distributed=replace(config.distributed, storage_path=storage_path))
     result = train(config, store_uri, ray_address=ray_address, run_name=time.strftime("reprocess-%Y%m%d-%H%M%S"),
-                   tracking=tracking, progress=progress, warm_start=trained.state, make_champion=True)
+                   tracking=tracking, progress=progress, warm_start=_warm_weights(trained, store_uri),
+                   make_champion=True)
     print(f"retrained: {result.epochs} epochs in {result.wall_s:.0f} s, best validation loss "
           f"{result.best_val:,.2f}; version {result.model_version} is the champion")
     return str(result.model_version)
@@ -86,6 +99,9 @@ def reprocess(store_uri: str, model_name: str, *, tracking: str | None = None,
     champion = _champion(client, model_name)
     with open_store(store_uri) as store:
         n, published = store.n_obs, index(store)
+    if infer_config is None and published:  # recomputed results keep the published pairs and library size
+        last = published[-1]
+        infer_config = InferConfig(pairs=tuple(tuple(p) for p in last["pairs"]), library_size=last["library_size"])
     model_uri = f"models:/{model_name}/{champion.version}"
     trained_on = _trained_on(client, champion)
     new = max(0, n - trained_on)

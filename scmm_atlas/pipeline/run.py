@@ -7,7 +7,7 @@ stages are skipped; a training run that died is resumed from its last checkpoint
 
 from __future__ import annotations
 
-import os
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +15,7 @@ from typing import Any
 
 from ..store import open_store, store_exists
 from ..store.errors import InputError
+from ..store.sources import SourceSpec
 from .config import PipelineConfig
 from .stages import StageRecords, fingerprint
 
@@ -31,12 +32,12 @@ class PipelineResult:
 
 def _file_id(spec: str) -> dict[str, Any]:
     """An input's identity for the fingerprint: its path, size and modification time."""
-    _, _, path = spec.rpartition("=")
+    path = SourceSpec.parse(spec).path
     try:
-        st = os.stat(path)
+        st = path.stat()
     except OSError:
         raise InputError(path, "ingest.inputs", "no such file") from None
-    return {"spec": spec, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"spec": spec, "path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _n_obs(uri: str) -> int:
@@ -67,6 +68,7 @@ def _ingest(cfg: PipelineConfig, records: StageRecords, progress: bool, force: b
 
 
 def _stats(cfg: PipelineConfig, records: StageRecords, progress: bool, force: bool) -> dict[str, Any]:
+    from ..data.prepare import selection_fingerprint
     from ..store.stats import compute_stats
 
     def work() -> dict[str, Any]:
@@ -74,18 +76,39 @@ def _stats(cfg: PipelineConfig, records: StageRecords, progress: bool, force: bo
             compute_stats(store, n_top_genes=cfg.stats.n_top_genes, atac_quantile=cfg.stats.atac_quantile,
                           progress=progress)
             selected = {m: int(sel["n_selected"]) for m, sel in store.info.selection.items()}
+        with open_store(cfg.store) as store:  # reopened: the writer's cached var predates the selection
+            chosen = selection_fingerprint(store)
         print("  selected: " + ", ".join(f"{m} {n:,}" for m, n in selected.items()))
-        return {"n_obs": n_obs, "selected": selected}
+        return {"n_obs": n_obs, "selected": selected, "selection": chosen}
 
     with open_store(cfg.store) as store:
         n_obs = store.n_obs
 
-    def still_there(out: dict[str, Any]) -> bool:
+    def still_there(out: dict[str, Any]) -> bool:  # and not replaced since by another `scmm-atlas stats`
         with open_store(cfg.store) as store:
-            return store.info.stats_n_obs == out["n_obs"] and bool(store.info.selection)
+            return (store.info.stats_n_obs == out["n_obs"] and bool(store.info.selection)
+                    and selection_fingerprint(store) == out.get("selection"))
 
     return records.run("stats", {"store": cfg.store, "n_obs": n_obs, **asdict(cfg.stats)}, work, still_there,
                        force=force)
+
+
+def _registered_version(uri: str, model_name: str, run_id: str | None) -> dict[str, Any] | None:
+    """The train stage's outputs for a run that already registered a version of ``model_name``."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    found = [v for v in (client.search_model_versions(f"run_id='{run_id}'") if run_id else [])
+             if v.name == model_name]
+    if not found:
+        return None
+    run = client.get_run(run_id)
+    best = [m.value for m in client.get_metric_history(run_id, "best_val_loss")]
+    epochs = len(client.get_metric_history(run_id, "train_loss"))
+    return {"run_id": run_id, "model_name": model_name, "version": str(found[0].version), "champion": False,
+            "best_val": best[-1] if best else None, "epochs": epochs,
+            "train_s": round(((run.info.end_time or run.info.start_time) - run.info.start_time) / 1e3, 1),
+            "model_uri": f"models:/{model_name}/{found[0].version}"}
 
 
 def _train(cfg: PipelineConfig, records: StageRecords, tracking: str, ray_address: str | None, progress: bool,
@@ -110,9 +133,14 @@ def _train(cfg: PipelineConfig, records: StageRecords, tracking: str, ray_addres
 
     def work() -> dict[str, Any]:
         run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if force else name  # forced: a fresh run
-        resume = RunDir(dist.storage_path, run_name).read(RUN_FILE) is not None
-        if resume:
-            print(f"  resuming training run {name} from its last checkpoint")
+        recorded = RunDir(dist.storage_path, run_name).read(RUN_FILE)
+        if recorded is not None:
+            done = _registered_version(tracking, dist.model_name, json.loads(recorded).get("run_id"))
+            if done is not None:  # trained and registered, then stopped before the record was saved
+                print(f"  training run {run_name} already registered {dist.model_name} version {done['version']}")
+                return {**done, "run_name": run_name}
+            print(f"  resuming training run {run_name} from its last checkpoint")
+        resume = recorded is not None
         result = train(config, cfg.store, ray_address=ray_address, resume=resume, run_name=run_name,
                        tracking=tracking, progress=progress)
         print(f"  {result.epochs} epochs in {result.wall_s:.0f} s, best validation loss {result.best_val:,.2f}; "
@@ -132,18 +160,24 @@ def _train(cfg: PipelineConfig, records: StageRecords, tracking: str, ray_addres
     return records.run("train", inputs, work, still_there, force=force)
 
 
+def _check_pairs(cfg: PipelineConfig) -> None:
+    from ..infer.predict import check_pairs
+
+    with open_store(cfg.store) as store:
+        try:
+            check_pairs(cfg.infer.pair_tuples() or [], store.modalities)
+        except ValueError as exc:
+            raise InputError(cfg.source, "infer.pairs", str(exc)) from None
+
+
 def _infer(cfg: PipelineConfig, records: StageRecords, model: dict[str, Any], tracking: str, ray_address: str | None,
            progress: bool, force: bool) -> dict[str, Any]:
     from ..infer.source import load_trained
-    from ..infer.stage import InferConfig, infer
+    from ..infer.stage import infer
     from ..store.results import index
 
     sec = cfg.infer
-    pairs = tuple(tuple(p.split(":", 1)) for p in sec.pairs) if sec.pairs else None
-    if pairs and any(len(p) != 2 for p in pairs):
-        raise InputError(cfg.source, "infer.pairs", "expected SOURCE:TARGET items")
-    infer_cfg = InferConfig(pairs=pairs, library_size=sec.library_size, programs_mode=sec.traversal,
-                            top_n=sec.top_n, actors=sec.actors)
+    infer_cfg = sec.build()
 
     def work() -> dict[str, Any]:
         trained = load_trained(model["model_uri"], tracking=tracking)
@@ -196,6 +230,7 @@ def run_pipeline(cfg: PipelineConfig, *, ray_address: str | None = None, force: 
     elif not store_exists(cfg.store):
         raise InputError(cfg.store, "store", "no store here, and the config has no ingest section")
     outputs["stats"] = _stats(cfg, records, progress, "stats" in force)
+    _check_pairs(cfg)  # before training, not after it
     outputs["train"] = _train(cfg, records, tracking, ray_address, progress, "train" in force)
     outputs["infer"] = _infer(cfg, records, outputs["train"], tracking, ray_address, progress, "infer" in force)
     if cfg.report.enabled:

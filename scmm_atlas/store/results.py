@@ -6,7 +6,9 @@ target modality's feature space, and the pseudocell programs (and their traversa
 Attempts are written in place (row blocks by many writers, in any order) and are invisible until
 :func:`publish` adds them to the *index*, a single metadata write; readers resolve versions through
 the index, so they see the previous version until the new one is complete. An attempt that died
-is never in the index and is removed by the next publish.
+is never in the index and is removed by the next publish (so one writer per store at a time: a
+publish also removes another process's unfinished entry). Cells appended to the store later are
+added to a published entry by :func:`extend`; readers through the index see them once republished.
 
 Both backends use layouts that plain readers open without this project: on Zarr each entry's
 ``cells`` and ``pred_<T>_from_<S>`` groups are AnnData groups (``anndata.read_zarr``), ``programs``
@@ -80,7 +82,8 @@ class ResultSpec:
 
 class ResultsWriter(abc.ABC):
     """Writes one entry. Row blocks may come from many processes (reopened with :func:`open_writer`);
-    blocks must not share a storage chunk (``spec.chunk_rows`` divides every block start)."""
+    blocks must not share a storage chunk (``spec.chunk_rows`` divides every block start, except
+    ``spec.row_start``, the first new row of an extended entry)."""
 
     def __init__(self, store: Store, spec: ResultSpec) -> None:
         self.store, self.spec = store, spec
@@ -123,7 +126,7 @@ def begin(store: Store, spec: ResultSpec) -> ResultsWriter:
 
 
 def open_writer(store: Store, entry: str) -> ResultsWriter:
-    """Reopen an unpublished entry (e.g. in a Ray actor) to write its row blocks."""
+    """Reopen an entry being written (new, or extended) to write its row blocks, e.g. in a Ray actor."""
     return _backend(store).open_entry(store, entry)
 
 
@@ -153,12 +156,17 @@ def publish(store: Store, writer: ResultsWriter) -> dict[str, Any]:
     spec = writer.spec
     writer._link()
     mod = _backend(store)
-    current = mod.read_index(store)
-    published = [e for e in current.get("published", []) if e["version"] != spec.version]
+    current = list(mod.read_index(store).get("published", []))
+    published = [e for e in current if e["version"] != spec.version]
     record = {"entry": spec.entry, "version": spec.version, "model_uri": spec.model_uri,
               "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "n_cells": spec.n_obs,
               "pairs": [list(p) for p in spec.pairs], "library_size": spec.library_size}
-    mod.write_index(store, {"published": [*published, record]})
+    same = [i for i, e in enumerate(current) if e["entry"] == spec.entry]
+    if same:  # an extended entry keeps its place: which version is the latest does not change
+        current[same[0]] = record
+        mod.write_index(store, {"published": current})
+    else:
+        mod.write_index(store, {"published": [*published, record]})
     keep = {e["entry"] for e in published} | {spec.entry}
     for entry in mod.list_entries(store):
         if entry not in keep:

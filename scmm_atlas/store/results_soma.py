@@ -73,7 +73,7 @@ def extend_entry(store: Store, entry: str, old: int, n: int) -> SomaResultsWrite
         for name in [array_name(k) for k in [JOINT, *spec.modalities]] + [f"pred_{pair_name(*p)}" for p in spec.pairs]:
             if g[name].shape[0] < n:
                 g[name].resize((n, g[name].shape[1]))
-        spec.n_obs, spec.row_start = n, old
+        spec.n_obs, spec.row_start = max(n, spec.n_obs), old
         g.metadata[SPEC_KEY] = json.dumps(spec.to_json())
     return writer
 

@@ -44,7 +44,7 @@ def obsm_key(key: str) -> str:
 def _frame(parent: zarr.Group, name: str, index: str, n: int) -> zarr.Array:
     g = parent.create_group(name, attributes={"_index": index, "column-order": [], "encoding-type": "dataframe",
                                               **_ENC})
-    return g.create_array(index, shape=(n,), dtype=str, chunks=(min(max(n, 1), ID_CHUNK),),
+    return g.create_array(index, shape=(n,), dtype=str, chunks=(ID_CHUNK,),  # the entry may grow (extend)
                           attributes={"encoding-type": "string-array", **_ENC})
 
 
@@ -89,7 +89,8 @@ def _write_ids(store: Store, arrays: list[zarr.Array], lo: int, hi: int) -> None
 def extend_entry(store: Store, entry: str, old: int, n: int) -> ZarrResultsWriter:
     """Grow a published entry's per-cell arrays to ``n`` rows (a shape update: rows below ``old``
     are not touched, except that zarr rewrites the chunk they share with row ``old``, with the
-    same values, atomically)."""
+    same values, atomically). Plain readers of the entry (``anndata.read_zarr``) see the new rows
+    as they are written; readers through the index see them once they are published."""
     g = _entry(store, entry, writable=True)
     spec = ResultSpec.from_json(g.attrs[SPEC_KEY])
     groups = [g["cells"], *(g[f"pred_{pair_name(*p)}"] for p in spec.pairs)]
@@ -97,10 +98,10 @@ def extend_entry(store: Store, entry: str, old: int, n: int) -> ZarrResultsWrite
     arrays = [*ids, *(g["cells"]["obsm"][obsm_key(k)] for k in [JOINT, *spec.modalities]),
               *(g[f"pred_{pair_name(*p)}"]["X"] for p in spec.pairs)]
     for arr in arrays:
-        if arr.shape[0] != n:
+        if arr.shape[0] < n:  # never shrink: a run that saw more cells may be extending it too
             arr.resize((n, *arr.shape[1:]))
     _write_ids(store, ids, old, n)
-    spec.n_obs, spec.row_start = n, old
+    spec.n_obs, spec.row_start = max(n, spec.n_obs), old
     g.attrs[SPEC_KEY] = spec.to_json()
     return ZarrResultsWriter(store, spec, g)
 

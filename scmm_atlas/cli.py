@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -192,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
+    if not args.verbose:  # INFO lines of MLflow (database setup) and Ray Data (execution plans) are noise here
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # read when ray.data sets up its logging
     try:
         if args.command == "ingest":
             _run_ingest(args)

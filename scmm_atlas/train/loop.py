@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -83,6 +84,11 @@ def _validate(model: MMVAE, loader: ShardLoader, *, objective: str, K: int, beta
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
+    # Ray Train 2.60 logs every report at INFO through a logger named by its file path, which its
+    # LoggingConfig does not reach
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(cfg.get("log_level", "INFO"))
     run = RunConfig.from_dict(cfg["config"])
     tr, dist_cfg = run.train, run.distributed
     ctx = ray.train.get_context()
@@ -208,6 +214,7 @@ class _EpochBar:
 
     def close(self) -> None:
         self.bar.close()
+        sys.stdout.flush()  # the closing state must reach the driver before this worker exits
 
 
 def _cpu_state(model: MMVAE) -> dict[str, torch.Tensor]:

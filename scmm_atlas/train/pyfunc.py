@@ -36,7 +36,8 @@ class ScmmEmbedder(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.model, self.meta = load_model(context.artifacts[META], context.artifacts[WEIGHTS])
 
-    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: Any, params: dict | None = None
+    # model_input is not annotated: MLflow reads a type hint as a schema to validate inputs against
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input, params: dict | None = None
                 ) -> np.ndarray:
         x = self._inputs(model_input)
         mask = {m: v.sum(1) > 0 for m, v in x.items()}

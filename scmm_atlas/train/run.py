@@ -1,9 +1,9 @@
 """The training driver: layout, Ray, a ``TorchTrainer`` with N DDP workers, then MLflow's model.
 
 What ``scmm-atlas train`` and ``python -m pipelines.train`` (the ``ray job submit`` entry point)
-call. Locally it starts Ray sized to the machine (dashboard off, nothing listening beyond
-loopback); with ``ray_address`` it joins a cluster. The run's MLflow id is kept beside its Ray
-Train checkpoints so that ``resume=True`` continues both.
+call. Locally it starts Ray sized to the machine (its dashboard and job server on 127.0.0.1
+only, :func:`~..data.cluster.ensure_ray`); with ``ray_address`` it joins a cluster. The run's
+MLflow id is kept beside its Ray Train checkpoints so that ``resume=True`` continues both.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ray
 import torch
-from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
@@ -148,14 +148,15 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
         run_dir.write(RUN_FILE, json.dumps({"run_id": run_id, "tracking_uri": mlflow_uri}))
     log.info("global batch: %d cells per worker x %d workers x %d accumulation", config.train.batch_size,
              dist_cfg.num_workers, dist_cfg.grad_accum)
+    level = "INFO" if log.isEnabledFor(logging.INFO) else "WARNING"  # Ray Train's per-epoch INFO lines
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config.to_dict(), "store": uri, "run_id": run_id, "tracking_uri": mlflow_uri,
                            "fault_marker": f"{run_dir.path}/fault_injected", "resume_from": latest,
-                           "warm_start": warm_start, "progress": progress},
+                           "warm_start": warm_start, "progress": progress, "log_level": level},
         scaling_config=ScalingConfig(num_workers=dist_cfg.num_workers, use_gpu=dist_cfg.use_gpu,
                                      resources_per_worker={"CPU": dist_cfg.cpus_per_worker}),
-        run_config=RayRunConfig(name=name, storage_path=run_dir.storage,
+        run_config=RayRunConfig(name=name, storage_path=run_dir.storage, logging_config=LoggingConfig(level),
                                 # S3 endpoint / region (never credentials: workers use their own or the node's role)
                                 worker_runtime_env={"env_vars": aws_settings()} if uri.startswith("s3://") else None,
                                 failure_config=FailureConfig(max_failures=dist_cfg.max_failures),

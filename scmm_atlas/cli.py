@@ -189,6 +189,35 @@ def _run_train(args: argparse.Namespace) -> None:
           f"s, best validation loss {best}; {registered}")
 
 
+def _run_prepare(args: argparse.Namespace) -> None:
+    from .data.prepare import prepare_layout
+    from .store import open_store
+
+    with open_store(args.store) as store:
+        _, what = prepare_layout(store, seed=args.seed, val_fraction=args.val_fraction, shard_cells=args.shard_cells,
+                                 rebuild=args.rebuild, progress=not args.no_progress)
+    print(what)
+
+
+def _run_info(args: argparse.Namespace) -> None:
+    from .store import open_store
+
+    with open_store(args.store) as store:
+        print(store.summary())
+
+
+def _run_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench
+
+    run_bench(args)
+
+
+HANDLERS = {"ingest": _run_ingest, "stats": _run_stats, "prepare": _run_prepare, "train": _run_train,
+            "infer": cli_results.run_infer, "query": cli_results.run_query, "report": cli_results.run_report,
+            "info": _run_info, "run": cli_pipeline.run_pipeline_cmd, "reprocess": cli_pipeline.run_reprocess,
+            "demo": cli_pipeline.run_demo, "bench": _run_bench}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -197,42 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # read when ray.data sets up its logging
     try:
-        if args.command == "ingest":
-            _run_ingest(args)
-        elif args.command == "stats":
-            _run_stats(args)
-        elif args.command == "prepare":
-            from .data.prepare import prepare_layout
-            from .store import open_store
-
-            with open_store(args.store) as store:
-                _, what = prepare_layout(store, seed=args.seed, val_fraction=args.val_fraction,
-                                         shard_cells=args.shard_cells, rebuild=args.rebuild,
-                                         progress=not args.no_progress)
-            print(what)
-        elif args.command == "train":
-            _run_train(args)
-        elif args.command == "infer":
-            cli_results.run_infer(args)
-        elif args.command == "query":
-            cli_results.run_query(args)
-        elif args.command == "report":
-            cli_results.run_report(args)
-        elif args.command == "info":
-            from .store import open_store
-
-            with open_store(args.store) as store:
-                print(store.summary())
-        elif args.command == "run":
-            cli_pipeline.run_pipeline_cmd(args)
-        elif args.command == "reprocess":
-            cli_pipeline.run_reprocess(args)
-        elif args.command == "demo":
-            cli_pipeline.run_demo(args)
-        elif args.command == "bench":
-            from .bench import run_bench
-
-            run_bench(args)
+        HANDLERS[args.command](args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

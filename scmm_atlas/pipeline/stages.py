@@ -27,12 +27,9 @@ class StageRecords:
     """The stage records of one pipeline workdir."""
 
     def __init__(self, workdir: str) -> None:
-        import fsspec.core
+        from ..store.uri import filesystem, parse_uri
 
-        from ..store.uri import fsspec_options, parse_uri
-
-        uri = parse_uri(workdir).uri  # the same validation as a store's: no '..' escapes
-        self.fs, self.root = fsspec.core.url_to_fs(uri, **(fsspec_options() if uri.startswith("s3://") else {}))
+        self.fs, self.root = filesystem(parse_uri(workdir).uri)  # validated as a store's: no '..' escapes
         self.path = f"{self.root.rstrip('/')}/{STATE_FILE}"
         self.records: dict[str, dict[str, Any]] = (json.loads(self.fs.cat_file(self.path))["stages"]
                                                    if self.fs.exists(self.path) else {})

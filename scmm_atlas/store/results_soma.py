@@ -23,6 +23,7 @@ from .base import Store
 from .errors import StoreError
 from .results import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
 from .soma_backend import context
+from .uri import filesystem
 
 SPEC_KEY = "scmm_result_spec"
 
@@ -96,10 +97,6 @@ def list_entries(store: Store) -> list[str]:
 
 def remove_entry(store: Store, entry: str) -> None:
     """Drop the entry, and its links in obsm / X where they still point at it."""
-    import fsspec.core
-
-    from .uri import fsspec_options
-
     with _open(store, "w") as exp:
         uri = exp["results"][entry].uri
         for mod in exp.ms:
@@ -111,7 +108,7 @@ def remove_entry(store: Store, entry: str) -> None:
                 for key in [k for k in coll if coll[k].uri.startswith(uri.rstrip("/") + "/")]:
                     del coll[key]
         del exp["results"][entry]
-    fs, path = fsspec.core.url_to_fs(uri, **(fsspec_options() if uri.startswith("s3://") else {}))
+    fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from .errors import StoreError
@@ -97,6 +97,13 @@ def fsspec_options() -> dict[str, object]:
     """s3fs options equivalent to :func:`tiledb_config`."""
     endpoint = s3_endpoint()
     return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+def filesystem(uri: str) -> tuple[Any, str]:
+    """An fsspec filesystem and path for a local path or ``s3://`` URI (S3 with :func:`fsspec_options`)."""
+    import fsspec.core
+
+    return fsspec.core.url_to_fs(uri, **(fsspec_options() if uri.startswith("s3://") else {}))
 
 
 def zarr_store(uri: StoreURI, *, read_only: bool) -> zarr.abc.store.Store:

@@ -67,15 +67,12 @@ class RunDir:
     """A run's folder under Ray Train's storage path, local or ``s3://`` (through fsspec)."""
 
     def __init__(self, storage_path: str, name: str) -> None:
-        import fsspec.core
-
-        from ..store.uri import fsspec_options
+        from ..store.uri import filesystem
 
         if "://" not in storage_path:
             storage_path = str(Path(storage_path).expanduser().resolve())
         self.storage = storage_path
-        self.fs, root = fsspec.core.url_to_fs(storage_path, **(fsspec_options() if storage_path.startswith("s3://")
-                                                               else {}))
+        self.fs, root = filesystem(storage_path)
         self.path = f"{root.rstrip('/')}/{name}"
 
     def read(self, name: str) -> str | None:

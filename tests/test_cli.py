@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -78,11 +79,12 @@ def test_generated_h5ad_is_realistic(tmp_path: Path) -> None:
     assert a.obs["cell_type"].nunique() == 20
 
 
-def test_loader_bench_measures_rate_mixing_and_the_memory_of_child_processes() -> None:
+def test_loader_bench_measures_rate_mixing_and_the_memory_of_child_processes(tmp_path) -> None:
     import subprocess
     import time
 
-    from scmm_atlas.bench.loader import PssSampler, batch_entropy, measure
+    from scmm_atlas.bench.loader import batch_entropy, measure
+    from scmm_atlas.bench.monitor import MARK_ENV, TreeMemory
 
     assert batch_entropy(np.zeros(256, dtype=int)) == 0.0
     assert abs(batch_entropy(np.arange(256) % 16) - 4.0) < 1e-9
@@ -95,11 +97,14 @@ def test_loader_bench_measures_rate_mixing_and_the_memory_of_child_processes() -
     result = measure(stream(), start=time.perf_counter(), warmup_s=0.05, window_s=0.2, windows=3)
     assert len(result["rates"]) == 3 and all(5_000 < r < 10_000 for r in result["rates"])  # 100 cells / ~11 ms
     assert result["mixing_bits"] == 2.0 and 0 < result["first_batch_s"] < 0.1
-    with PssSampler(every_s=0.05) as alone:
-        time.sleep(0.3)
-    hog = "import numpy as np, time; a = np.ones(200 * 2**20 // 8); time.sleep(2)"
-    with PssSampler(every_s=0.05) as both:
-        child = subprocess.Popen([sys.executable, "-c", hog])
-        time.sleep(1.5)
+    # a child that marks, then starts a grandchild holding 200 MB: the tree's peak counts it, the mark's does not
+    hog = ("import os, subprocess, sys; from scmm_atlas.bench.monitor import mark; mark(); "
+           "subprocess.run([sys.executable, '-c', 'import numpy as np, time; a = np.ones(200 * 2**20 // 8); "
+           "time.sleep(1.5)'])")
+    mark_file = tmp_path / "mark"
+    child = subprocess.Popen([sys.executable, "-c", hog], env={**os.environ, MARK_ENV: str(mark_file)})
+    with TreeMemory(child.pid, every_s=0.05, pss_every_s=0.1, mark=str(mark_file)) as memory:
         child.wait()
-    assert both.peak_kib > alone.peak_kib + 150 * 1024  # the child's 200 MB are counted
+    assert child.returncode == 0 and not mark_file.exists()
+    assert memory.peak_kib > memory.before_mark() + 150 * 1024  # the grandchild's 200 MB are counted
+    assert 0 < memory.cpu_frac < 0.05

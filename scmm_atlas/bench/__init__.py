@@ -2,20 +2,26 @@
 
 Each bench module has ``run(args) -> list[dict]``: one flat row per system, ``system`` first.
 Systems run in fresh subprocesses with the same environment (thread counts, denormal setting),
-so that wall time and peak RSS are each system's own.
+so that wall time and peak memory are each system's own; the memory of each system's process tree
+is sampled from this (idle) parent process by :class:`~.monitor.TreeMemory`, the same way for
+every system. Every bench prints the CPU model first: figures compare only within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+
+from .monitor import MARK_ENV, TreeMemory
 
 BENCHES = {
     "ingest": "scmm_atlas.bench.ingest",
@@ -29,12 +35,40 @@ BENCHES = {
 
 
 def run_child(system: str, module: str, *args: str, env: dict[str, str] | None = None) -> dict:
-    """Run ``python -m module args`` in a fresh process; its last stdout line is a JSON object."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          env=env if env is not None else os.environ.copy(), check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{system} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Run ``python -m module args`` in a fresh process; its last stdout line is a JSON object, returned
+    with the memory of the child's process tree: ``peak_pss_mib``, ``monitor_cpu_frac`` (the sampler's
+    cost) and, when the child called :func:`~.monitor.mark`, ``base_pss_mib`` (the peak before it)."""
+    with tempfile.TemporaryDirectory(prefix="scmm-bench-") as tmp:
+        mark = str(Path(tmp, "mark"))
+        env = {**(env if env is not None else os.environ), MARK_ENV: mark}
+        with open(Path(tmp, "out"), "w+") as out, open(Path(tmp, "err"), "w+") as err:
+            proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=err, text=True, env=env)
+            with TreeMemory(proc.pid, mark=mark) as memory:
+                code = proc.wait()
+            out.seek(0), err.seek(0)
+            stdout, stderr = out.read(), err.read()
+    if code != 0:
+        raise RuntimeError(f"{system} failed:\n{stderr[-3000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result.update(peak_pss_mib=memory.peak_kib / 1024, monitor_cpu_frac=memory.cpu_frac)
+    if (base := memory.before_mark()) is not None:
+        result["base_pss_mib"] = base / 1024
+    return result
+
+
+def machine() -> str:
+    """The CPU model, its widest vector extension, cores and the denormal setting, for the bench's header."""
+    model, flags = "unknown CPU", ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = value
+    isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
+    return (f"CPU: {model} ({isa}), {os.cpu_count()} logical CPUs; denormals not flushed (torch's default) "
+            "in every system")
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
@@ -55,6 +89,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 def run_bench(args: argparse.Namespace) -> list[dict]:
     module = importlib.import_module(BENCHES[args.name])
+    print(machine(), flush=True)
     rows = module.run(args)
     if args.json:
         clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]

@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..data.cluster import LOCAL_SYSTEM_CONFIG
 from . import format_table, run_child
-from .loader import PssSampler
 from .train import CELLS, GENES
 
 PROGRAM_FEATURES = 100_000
@@ -51,7 +51,8 @@ def _ours(spec: dict) -> dict:
     with open_store(spec["store"]) as store:
         features = {m: [str(f) for f in store.feature_names(m, "selected")] for m in store.modalities}
     ray.init(address="local", num_cpus=2, object_store_memory=512 << 20, include_dashboard=False,
-             log_to_driver=False, configure_logging=False, runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}})
+             log_to_driver=False, configure_logging=False, runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}},
+             _system_config=LOCAL_SYSTEM_CONFIG)
     result = infer(spec["store"], _model(features), config=InferConfig(programs=False), progress=False)
     ray.shutdown()
     big = _model({"RNA": [f"g{i}" for i in range(PROGRAM_FEATURES)], "ADT": features["ADT"]}).build()
@@ -82,9 +83,7 @@ def _child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(2)
-    with PssSampler() as pss:
-        result = (_totalvi if spec["system"] == "totalVI" else _ours)(spec)
-    return {**result, "peak_rss_mib": pss.peak_kib / 1024}
+    return (_totalvi if spec["system"] == "totalVI" else _ours)(spec)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -102,9 +101,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             row = {"system": system, "cells": cells,
                    **run_child(system, "scmm_atlas.bench.infer", json.dumps({**spec, "system": system}))}
             rows.append(row)
-            print(f"  {system}: {row['cells_per_s']:,.0f} cells/s, peak {row['peak_rss_mib']:,.0f} MiB", flush=True)
+            print(f"  {system}: {row['cells_per_s']:,.0f} cells/s, peak {row['peak_pss_mib']:,.0f} MiB", flush=True)
     print()
-    print(format_table(rows, ["system", "cells", "cells_per_s", "programs_s", "peak_rss_mib"]))
+    print(format_table(rows, ["system", "cells", "cells_per_s", "programs_s", "peak_pss_mib", "monitor_cpu_frac"]))
     ours = rows[0]
     print(f"\ntarget >= {TARGET_CELLS_PER_S:,} cells/s including writes: {ours['cells_per_s']:,.0f} "
           f"({'met' if ours['cells_per_s'] >= TARGET_CELLS_PER_S else 'MISSED'}); totalVI's latent (no writes): "

@@ -15,8 +15,8 @@ tensors:
 Per system: cells/s (median of 3 windows of ``WINDOW_S`` after ``WARMUP_S`` of warm-up; for N
 workers the windows' rates are summed over workers), batch mixing (mean Shannon entropy of the
 label within a batch, bits; uniform random ~ log2(20) = 4.32 minus small-sample bias ~ 3.92), peak
-PSS summed over the process tree (Ray's raylet, GCS and workers included, sampled every 0.2 s),
-and the time from asking for the first batch to having it (Ray already up, the loader warmed up).
+PSS summed over the process tree (Ray's raylet, GCS and workers included; :mod:`.monitor`), and the
+time from asking for the first batch to having it (Ray already up, the loader warmed up).
 ``loader_mib`` is the peak minus the peak before the loader was created (Ray, its Train workers and
 torch for ours; the interpreter and imports for the peers). Every system runs with
 ``MALLOC_ARENA_MAX=2`` (glibc's per-thread arenas otherwise keep ~300 MB of freed blocks in a
@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,15 +40,17 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from ..data.cluster import LOCAL_SYSTEM_CONFIG
 from . import format_table, run_child
 from .ingest import DEFAULT_CELLS, DEFAULT_GENES, generate_h5ad
+from .monitor import mark
 
 BATCH = 256
 WARMUP_S, WINDOW_S, WINDOWS = 4.0, 5.0, 3
 N_LABELS = 20
 OURS = ("scmm-atlas soma 1w", "scmm-atlas soma 2w", "scmm-atlas zarr 1w", "scmm-atlas zarr 2w")
 PEERS = ("tiledbsoma-ml", "scdataset", "in-memory csr")
-TARGETS = {"cells_per_s": 150_000, "mixing_bits": 3.85, "loader_mib": 1024, "first_batch_s": 1.0, "vs_soma_ml": 4.0}
+TARGETS = {"cells_per_s": 150_000, "mixing_bits": 3.85, "loader_mib": 512, "first_batch_s": 1.0, "vs_soma_ml": 4.0}
 SCALING = 5
 
 
@@ -86,43 +87,6 @@ def measure(stream: Iterator[np.ndarray], *, start: float, warmup_s: float = WAR
     return {"rates": rates, "mixing_bits": float(np.mean(entropies)), "first_batch_s": first}
 
 
-class PssSampler:
-    """Peak of the summed PSS of this process and all its descendants (Ray's processes included)."""
-
-    def __init__(self, every_s: float = 0.2) -> None:
-        self.peak_kib = 0
-        self.samples: list[tuple[float, int]] = []  # (time.time(), total KiB)
-        self._every = every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> PssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while not self._stop.wait(self._every):
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += int(Path(f"/proc/{proc.pid}/smaps_rollup").read_text().split("Pss:")[1].split()[0])
-                except (OSError, IndexError, ValueError):
-                    continue
-            self.peak_kib = max(self.peak_kib, total)
-            self.samples.append((time.time(), total))
-
-    def peak_before(self, when: float) -> float:
-        """Peak KiB sampled before ``when`` (the fixed cost of what ran before, e.g. Ray and its workers)."""
-        return max((kib for t, kib in self.samples if t < when), default=0)
-
-
 def _repeat(make: Callable[[int], Iterator[np.ndarray]]) -> Iterator[np.ndarray]:
     epoch = 0
     while True:
@@ -137,7 +101,7 @@ def _ours(spec: dict) -> dict:
     from ray.train.torch import TorchTrainer
 
     ray.init(address="local", num_cpus=2, object_store_memory=512 << 20, include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING")
+             logging_level="WARNING", _system_config=LOCAL_SYSTEM_CONFIG)
     out = Path(spec["workdir"], "worker_results")
     out.mkdir(exist_ok=True)
     trainer = TorchTrainer(
@@ -152,7 +116,7 @@ def _ours(spec: dict) -> dict:
     return {"rates": [sum(r) for r in zip(*(p["rates"] for p in parts), strict=True)],
             "mixing_bits": float(np.mean([p["mixing_bits"] for p in parts])),
             "first_batch_s": max(p["first_batch_s"] for p in parts),
-            "warm_up_s": max(p["warm_up_s"] for p in parts), "loader_started": min(p["started"] for p in parts)}
+            "warm_up_s": max(p["warm_up_s"] for p in parts)}
 
 
 def _train_worker(cfg: dict) -> None:
@@ -165,14 +129,25 @@ def _train_worker(cfg: dict) -> None:
     torch.set_num_threads(1)
     ray.data.DataContext.get_current().enable_progress_bars = False
     labels = np.load(cfg["labels"])
-    started = time.time()
+    _mark_when_all_ranks_are_up()
     loader = ShardLoader.for_train_worker(cfg["store"], LoaderConfig(**{"mode": "layout", "batch_size": BATCH,
                                                                          **cfg.get("loader", {})}))
     warm_s = loader.warm_up()
     stream = (labels[b.cells] for b in _repeat(loader.epoch))
-    result = {**measure(stream, start=time.perf_counter()), "started": started, "warm_up_s": warm_s}
+    result = {**measure(stream, start=time.perf_counter()), "warm_up_s": warm_s}
     rank = ray.train.get_context().get_world_rank()
     Path(cfg["out"], f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def _mark_when_all_ranks_are_up() -> None:
+    """Rank 0 marks the loaders' start once every Train worker (with torch) is up, before any loader exists."""
+    import ray.train
+    import torch.distributed as dist
+
+    dist.barrier()
+    if ray.train.get_context().get_world_rank() == 0:
+        mark()
+    dist.barrier()
 
 
 def _soma_ml(spec: dict) -> dict:
@@ -181,7 +156,8 @@ def _soma_ml(spec: dict) -> dict:
     from tiledbsoma_ml import ExperimentDataset, experiment_dataloader
 
     labels = np.load(spec["labels"])
-    started, start = time.time(), time.perf_counter()
+    mark()
+    start = time.perf_counter()
     with tiledbsoma.Experiment.open(spec["store"]) as exp, exp.axis_query("RNA") as query:
         ds = ExperimentDataset(query, layer_name="counts", batch_size=BATCH, shuffle=True, seed=0,
                                obs_column_names=["soma_joinid"])
@@ -193,7 +169,7 @@ def _soma_ml(spec: dict) -> dict:
                 torch.as_tensor(x, dtype=torch.float32)
                 yield labels[obs["soma_joinid"].to_numpy()]
 
-        return {**measure(_repeat(epoch), start=start), "loader_started": started}
+        return measure(_repeat(epoch), start=start)
 
 
 def _scdataset(spec: dict) -> dict:
@@ -203,7 +179,8 @@ def _scdataset(spec: dict) -> dict:
     from scdataset.strategy import BlockShuffling
 
     labels = np.load(spec["labels"])
-    started, start = time.time(), time.perf_counter()
+    mark()
+    start = time.perf_counter()
     adata = ad.read_h5ad(spec["h5ad"], backed="r")
     ds = scDataset(np.arange(adata.n_obs), BlockShuffling(block_size=8), batch_size=BATCH, fetch_factor=32,
                    fetch_callback=lambda _, idx: (adata.X[idx], idx),
@@ -214,7 +191,7 @@ def _scdataset(spec: dict) -> dict:
             torch.from_numpy(x.toarray())
             yield labels[idx]
 
-    return {**measure(_repeat(epoch), start=start), "loader_started": started}
+    return measure(_repeat(epoch), start=start)
 
 
 def _in_memory(spec: dict) -> dict:
@@ -223,7 +200,7 @@ def _in_memory(spec: dict) -> dict:
     import torch
 
     labels = np.load(spec["labels"])
-    started = time.time()
+    mark()
     with h5py.File(spec["h5ad"], "r") as f:
         x = ad.io.read_elem(f["X"])
     x = sp.csr_matrix((x.data, x.indices, x.indptr.astype(x.indices.dtype)), shape=x.shape)  # one index dtype:
@@ -237,7 +214,7 @@ def _in_memory(spec: dict) -> dict:
             torch.from_numpy(x[rows].toarray())
             yield labels[rows]
 
-    return {**measure(_repeat(epoch), start=start), "loader_started": started}
+    return measure(_repeat(epoch), start=start)
 
 
 def _child(spec: dict) -> dict:
@@ -245,10 +222,7 @@ def _child(spec: dict) -> dict:
 
     torch.set_num_threads(1)
     run = {"tiledbsoma-ml": _soma_ml, "scdataset": _scdataset, "in-memory csr": _in_memory}.get(spec["system"], _ours)
-    with PssSampler() as pss:
-        result = run(spec)
-    base = pss.peak_before(result.pop("loader_started"))
-    return {**result, "peak_mib": pss.peak_kib / 1024, "base_mib": base / 1024}
+    return run(spec)
 
 
 # -- the driver --------------------------------------------------------------------------------
@@ -286,11 +260,11 @@ def _run_system(system: str, data: dict, work: Path, cells: int) -> dict:
     env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}  # every system alike
     result = run_child(system, "scmm_atlas.bench.loader", json.dumps(spec), env=env)
     row = {"system": system, "cells": cells, "cells_per_s": statistics.median(result["rates"]),
-           "mixing_bits": result["mixing_bits"], "peak_mib": result["peak_mib"],
-           "loader_mib": result["peak_mib"] - result["base_mib"], "first_batch_s": result["first_batch_s"],
-           "warm_up_s": result.get("warm_up_s")}
+           "mixing_bits": result["mixing_bits"], "peak_pss_mib": result["peak_pss_mib"],
+           "loader_mib": result["peak_pss_mib"] - result["base_pss_mib"], "first_batch_s": result["first_batch_s"],
+           "warm_up_s": result.get("warm_up_s"), "monitor_cpu_frac": result["monitor_cpu_frac"]}
     print(f"  {system}: {row['cells_per_s']:,.0f} cells/s (windows {', '.join(f'{r:,.0f}' for r in result['rates'])})"
-          f", {row['mixing_bits']:.2f} bits, peak {row['peak_mib']:,.0f} MiB (loader {row['loader_mib']:,.0f}), "
+          f", {row['mixing_bits']:.2f} bits, peak {row['peak_pss_mib']:,.0f} MiB (loader {row['loader_mib']:,.0f}), "
           f"first batch {row['first_batch_s']:.2f} s",
           flush=True)
     return row
@@ -316,8 +290,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def _report(rows: list[dict], cells: int) -> None:
     print()
-    print(format_table(rows, ["system", "cells", "cells_per_s", "mixing_bits", "peak_mib", "loader_mib",
-                              "first_batch_s", "warm_up_s"]))
+    print(format_table(rows, ["system", "cells", "cells_per_s", "mixing_bits", "peak_pss_mib", "loader_mib",
+                              "first_batch_s", "warm_up_s", "monitor_cpu_frac"]))
     base = {r["system"]: r for r in rows if r["cells"] == cells}
     soma_ml = base["tiledbsoma-ml"]["cells_per_s"]
     print()
@@ -332,7 +306,7 @@ def _report(rows: list[dict], cells: int) -> None:
         print(f"target {r['system']}: {text}")
     for r in rows:
         if r["cells"] != cells:
-            growth = r["peak_mib"] / base[r["system"]]["peak_mib"] - 1
+            growth = r["peak_pss_mib"] / base[r["system"]]["peak_pss_mib"] - 1
             print(f"target {r['system']} peak memory growth {cells:,} -> {r['cells']:,} cells < 10 %: "
                   f"{100 * growth:+.1f} % ({'met' if growth < 0.10 else 'MISSED'})")
 

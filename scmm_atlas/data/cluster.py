@@ -6,16 +6,22 @@ import logging
 import os
 
 DASHBOARD_ENV = "SCMM_ATLAS_RAY_DASHBOARD"
+# Ray starts its workers at nice 15 (``worker_niceness``) so that a cluster node's daemons stay
+# responsive. On one machine that puts the training workers below their own driver and anything
+# else running: on 2 cores a normal-priority process takes its CPU from training first. A local
+# Ray runs its workers at the driver's priority instead; a cluster keeps its own setting.
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 
 def ensure_ray(address: str | None, *, object_store_bytes: int = 1 << 30) -> None:
     """Join ``address``, or start a local Ray sized to this machine. A no-op when Ray is already up.
 
-    Locally: a bounded object store; MALLOC_ARENA_MAX=2 in its workers (glibc's per-thread arenas
-    cost ~300 MB per threaded loader process otherwise); workers log warnings and errors only
-    (unless this process logs INFO, e.g. ``scmm-atlas -v``); the dashboard and its job server
-    listen on 127.0.0.1 only (Ray Train's state API needs them; ``SCMM_ATLAS_RAY_DASHBOARD=0``
-    turns them off). Ray's token authentication (on by default since Ray 2.5x) guards its ports.
+    Locally: workers at the driver's priority (:data:`LOCAL_SYSTEM_CONFIG`); a bounded object store;
+    MALLOC_ARENA_MAX=2 in its workers (glibc's per-thread arenas cost ~300 MB per threaded loader
+    process otherwise); workers log warnings and errors only (unless this process logs INFO, e.g.
+    ``scmm-atlas -v``); the dashboard and its job server listen on 127.0.0.1 only (Ray Train's state
+    API needs them; ``SCMM_ATLAS_RAY_DASHBOARD=0`` turns them off). Ray's token authentication (on
+    by default since Ray 2.5x) guards its ports.
     """
     import ray
 
@@ -29,4 +35,5 @@ def ensure_ray(address: str | None, *, object_store_bytes: int = 1 << 30) -> Non
                  include_dashboard=os.environ.get(DASHBOARD_ENV) != "0", dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2",
                                            **({"RAY_DATA_LOG_LEVEL": "WARNING"} if quiet else {})}},
-                 configure_logging=False, logging_config=ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"))
+                 configure_logging=False, logging_config=ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
+                 _system_config=LOCAL_SYSTEM_CONFIG)

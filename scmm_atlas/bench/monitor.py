@@ -1,0 +1,124 @@
+"""Memory of a benchmarked process tree, measured from outside it at well under 1 % of a core.
+
+The sampler runs in the bench's parent process (idle while a system runs), never inside the
+system measured, so it takes no GIL from it, and it is the same for every system. Reading a
+process's PSS (``/proc/PID/smaps_rollup``) walks its page tables: ~16 ms for an idle local Ray's
+ten processes, more for big ones, which at 5 reads a second cost ~40 % of a core. So it is read
+rarely: every ``every_s`` the sampler sums the processes' RSS from ``/proc/PID/statm`` (kernel
+counters, ~0.1 ms for the tree) and reads the PSS only when that sum has grown by more than
+``grow`` since the last PSS reading, at most once per ``pss_every_s``. The peak PSS is therefore
+read at the moments the tree's resident memory peaks (within ``pss_every_s``). The tree is
+re-listed every ``tree_every_s``. When the file ``mark`` appears (the system calls :func:`mark` where
+the part measured apart begins, e.g. its loader), the PSS is read at once and the file removed:
+:meth:`before_mark` is the peak up to then. ``cpu_frac`` is the sampler thread's own CPU time (user
+and kernel, from the OS) over its wall time; every bench row reports it as ``monitor_cpu_frac``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+MARK_ENV = "SCMM_BENCH_MARK"
+
+
+def mark() -> None:
+    """In a benchmarked child: tell the parent's :class:`TreeMemory` that the part measured apart begins,
+    and wait (up to 5 s) until it has read the PSS and removed the file. A no-op outside a bench."""
+    path = os.environ.get(MARK_ENV)
+    if not path:
+        return
+    open(path, "a").close()
+    deadline = time.monotonic() + 5
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _statm_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE_KIB
+
+
+def _pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+class TreeMemory:
+    """Peak summed PSS (KiB) of process ``pid`` and all its descendants, sampled from another process."""
+
+    def __init__(self, pid: int, *, every_s: float = 0.5, pss_every_s: float = 5.0, grow: float = 0.02,
+                 tree_every_s: float = 2.0, mark: str | None = None) -> None:
+        self.pid, self.mark = pid, mark
+        self.marked_at: float | None = None
+        self.peak_kib = 0
+        self.peak_rss_kib = 0
+        self.samples: list[tuple[float, int]] = []  # (time.time(), summed PSS KiB) at each PSS reading
+        self.cpu_s = self.wall_s = 0.0
+        self._every, self._pss_every, self._grow, self._tree_every = every_s, pss_every_s, grow, tree_every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tree-memory", daemon=True)
+
+    @property
+    def cpu_frac(self) -> float:
+        return self.cpu_s / self.wall_s if self.wall_s else 0.0
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _tree(self) -> list[int]:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            return [self.pid, *(p.pid for p in root.children(recursive=True))]
+        except psutil.Error:
+            return []
+
+    def _sum(self, pids: list[int], read) -> int:
+        total = 0
+        for pid in pids:
+            try:
+                total += read(pid)
+            except (OSError, ValueError, IndexError):
+                continue  # exited between listing and reading
+        return total
+
+    def _run(self) -> None:
+        cpu0, wall0 = time.thread_time(), time.perf_counter()
+        pids, listed, last_pss, rss_at_pss = [], -1e9, -1e9, 0
+        while True:
+            stopping = self._stop.wait(self._every)
+            now = time.perf_counter()
+            if now - listed >= self._tree_every or stopping:
+                pids, listed = self._tree(), now
+            rss = self._sum(pids, _statm_rss_kib)
+            self.peak_rss_kib = max(self.peak_rss_kib, rss)
+            marked = self.marked_at is None and self.mark is not None and os.path.exists(self.mark)
+            if marked or (rss > rss_at_pss * (1 + self._grow) and now - last_pss >= self._pss_every):
+                pss = self._sum(pids, _pss_kib)
+                self.peak_kib = max(self.peak_kib, pss)
+                self.samples.append((time.time(), pss))
+                last_pss, rss_at_pss = now, rss
+                if marked:
+                    self.marked_at = time.time()
+                    os.remove(self.mark)
+            if stopping:
+                break
+        self.cpu_s, self.wall_s = time.thread_time() - cpu0, time.perf_counter() - wall0
+
+    def before_mark(self) -> int | None:
+        """Peak PSS (KiB) read up to the moment ``mark`` appeared (None if it never did)."""
+        if self.marked_at is None:
+            return None
+        return max(kib for t, kib in self.samples if t <= self.marked_at)

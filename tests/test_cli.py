@@ -100,10 +100,11 @@ def test_loader_bench_measures_rate_mixing_and_the_memory_of_child_processes(tmp
     # a child that marks, then starts a grandchild holding 200 MB: the tree's peak counts it, the mark's does not
     hog = ("import os, subprocess, sys; from scmm_atlas.bench.monitor import mark; mark(); "
            "subprocess.run([sys.executable, '-c', 'import numpy as np, time; a = np.ones(200 * 2**20 // 8); "
-           "time.sleep(1.5)'])")
+           "time.sleep(2.5)'])")
     mark_file = tmp_path / "mark"
     child = subprocess.Popen([sys.executable, "-c", hog], env={**os.environ, MARK_ENV: str(mark_file)})
-    with TreeMemory(child.pid, every_s=0.05, pss_every_s=0.1, mark=str(mark_file)) as memory:
+    with TreeMemory(child.pid, every_s=0.05, pss_every_s=0.1, tree_every_s=0.1,
+                    mark=str(mark_file)) as memory:
         child.wait()
     assert child.returncode == 0 and not mark_file.exists()
     assert memory.peak_kib > memory.before_mark() + 150 * 1024  # the grandchild's 200 MB are counted

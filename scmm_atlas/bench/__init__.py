@@ -31,6 +31,7 @@ BENCHES = {
     "loader": "scmm_atlas.bench.loader",
     "train": "scmm_atlas.bench.train",
     "infer": "scmm_atlas.bench.infer",
+    "scale": "scmm_atlas.bench.scale",
 }
 
 
@@ -74,7 +75,9 @@ def machine() -> str:
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     def cell(value: object) -> str:
         if isinstance(value, float):
-            return "-" if math.isnan(value) else f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+            if math.isnan(value):
+                return "-"
+            return f"{value:.4f}" if 0 < abs(value) < 0.1 else f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
         if isinstance(value, int):
             return f"{value:,}"
         return "-" if value is None else str(value)

@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 from conftest import PLANTED_N, make_planted_stores, random_counts, write_h5ad
 
-from scmm_atlas.data.blocks import SparseBlock, compact_arrays, decode, encode
+from scmm_atlas.data.blocks import CompactBlock, SparseBlock, compact_arrays
 from scmm_atlas.data.layout import Layout, is_validation, layout_uri, read_info
 from scmm_atlas.data.prepare import prepare_layout
 from scmm_atlas.data.reading import StoreBlockReader
@@ -18,7 +18,7 @@ from scmm_atlas.store.ingest import IngestOptions, ingest
 from scmm_atlas.store.stats import compute_stats
 
 
-def test_encode_decode_round_trip_keeps_values_and_picks_compact_dtypes() -> None:
+def test_compact_arrays_round_trip_keeps_values_and_picks_compact_dtypes() -> None:
     rng = np.random.default_rng(0)
     small = sp.random(50, 300, density=0.2, format="csr", random_state=1, dtype=np.float64)
     small.data = rng.integers(1, 1000, small.nnz).astype(np.int32)
@@ -29,12 +29,20 @@ def test_encode_decode_round_trip_keeps_values_and_picks_compact_dtypes() -> Non
     arrays = compact_arrays(SparseBlock({"A": small.astype(np.int32), "B": big.astype(np.int32)}, obs))
     assert arrays["A/indices"].dtype == np.uint16 and arrays["A/data"].dtype == np.uint16
     assert arrays["B/indices"].dtype == np.int32 and arrays["B/data"].dtype == np.int32  # too wide for uint16
-    out = decode(memoryview(encode(arrays, {"A": 300, "B": 70_000})))
+    block = CompactBlock(arrays, {"A": 300, "B": 70_000})
+    assert len(block) == 50
+    out = block.take(np.arange(50))
     for mod, mat in (("A", small), ("B", big)):
         assert out.counts[mod].dtype == np.float32 and out.counts[mod].shape == mat.shape
         np.testing.assert_array_equal(out.counts[mod].toarray(), mat.toarray())
     for key, values in obs.items():
         np.testing.assert_array_equal(out.obs[key], values)
+    rows = np.array([7, 3, 3, 49, 0, 12])  # any order, repeats, rows without values (B is ~93 % empty rows)
+    some = block.take(rows)
+    for mod, mat in (("A", small), ("B", big)):
+        np.testing.assert_array_equal(some.counts[mod].toarray(), mat[rows].toarray())
+    np.testing.assert_array_equal(some.obs["library_A"], obs["library_A"][rows])
+    assert block.take(np.array([], dtype=np.int64)).counts["A"].shape == (0, 300)
 
 
 @pytest.fixture()

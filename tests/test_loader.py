@@ -29,8 +29,12 @@ def stores(planted_stores, ray_session) -> dict[str, Path]:
 
 
 def _cells(uri: Path, epoch: int, *, rank: int = 0, world: int = 1, **config) -> list[np.ndarray]:
+    return [cells for cells, *_ in _batches(uri, epoch, rank=rank, world=world, **config)]
+
+
+def _batches(uri: Path, epoch: int, *, rank: int = 0, world: int = 1, **config) -> list[tuple]:
     with ShardLoader(uri, rank=rank, world_size=world, config=LoaderConfig(**{**SMALL, **config})) as loader:
-        return [b.cells for b in loader.epoch(epoch)]
+        return [(b.cells, b.x, b.masks, b.batch) for b in loader.epoch(epoch)]
 
 
 @pytest.mark.parametrize("mode", ["layout", "store"])
@@ -74,9 +78,7 @@ def test_epochs_in_a_row_stream_ahead_and_match_fresh_loaders(stores) -> None:
 
 @pytest.mark.parametrize("mode", ["layout", "store"])
 def test_both_backends_give_identical_batches(stores, mode) -> None:
-    loaders = [ShardLoader(stores[k], rank=1, world_size=2, config=LoaderConfig(**SMALL, mode=mode))
-               for k in ("soma", "zarr")]
-    a, b = ([(x.cells, x.x, x.masks, x.batch) for x in loader.epoch(1)] for loader in loaders)
+    a, b = (_batches(stores[k], 1, rank=1, world=2, mode=mode) for k in ("soma", "zarr"))
     assert len(a) == len(b) == N // 2 // 50
     for (ca, xa, ma, ba), (cb, xb, mb, bb) in zip(a, b, strict=True):
         np.testing.assert_array_equal(ca, cb)
@@ -153,6 +155,7 @@ def _train_loop(cfg: dict) -> None:
     Path(cfg["out"], f"rank{ctx.get_world_rank()}.json").write_text(json.dumps(cells))
 
 
+@pytest.mark.slow
 def test_inside_two_ray_train_workers_each_gets_its_share(stores, tmp_path) -> None:
     import sys
 

@@ -1,8 +1,8 @@
-"""The data layer: shuffle plans (pure, seeded, testable without Ray), sparse blocks and their wire
-format, the pre-shuffled training layout, the Ray Data datasource and the per-worker loader.
+"""The data layer: shuffle plans (pure, seeded, testable without Ray), sparse blocks and their compact
+arrays, the pre-shuffled training layout, the feeder actors that read blocks and the per-worker loader.
 
-Modules that Ray read workers import (plan, blocks, layout, source) import neither torch nor the
-store backends; ``loader`` (torch) runs in the training process only.
+Modules that feeder actors import (plan, blocks, layout, feeder) import neither torch nor the store
+backends; ``loader`` (torch) runs in the training process only.
 """
 
 from .plan import BlockShufflePlan, LoadRequest

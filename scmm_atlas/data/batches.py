@@ -2,8 +2,8 @@
 
 Blocks stay sparse until the minibatch is made dense on the device that computes: nothing dense
 crosses a process boundary. The buffer gathers several blocks (so a minibatch mixes cells from
-different parts of the store) and deals shuffled minibatches with vectorised row indexing, never
-one cell at a time.
+different parts of the store) and deals shuffled minibatches with vectorised row gathers, never
+one cell at a time, and never by concatenating whole blocks.
 """
 
 from __future__ import annotations
@@ -13,41 +13,54 @@ from collections.abc import Generator, Iterable, Iterator
 import numpy as np
 import torch
 
-from .blocks import SparseBlock
+from .blocks import CompactBlock, SparseBlock
+
+Rows = SparseBlock | CompactBlock  # anything with len() and take(rows) -> SparseBlock
 
 
-def minibatches(blocks: Iterable[SparseBlock], *, batch_size: int, buffer_cells: int, rng: np.random.Generator,
+def minibatches(blocks: Iterable[Rows], *, batch_size: int, buffer_cells: int, rng: np.random.Generator,
                 drop_last: bool = False) -> Iterator[SparseBlock]:
     """Shuffled minibatches from a buffer of whole blocks.
 
-    Blocks are gathered until the buffer holds at least ``buffer_cells`` cells; the buffer is then
-    shuffled and dealt in minibatches, the remainder (under ``batch_size``) carried into the next
-    buffer. ``rng`` is injected so that a plan's (seed, epoch, rank) fixes the order.
+    Blocks are gathered until the buffer holds at least ``buffer_cells`` cells; the buffer's cells are
+    then shuffled and dealt in minibatches, the remainder (under ``batch_size``) carried into the next
+    buffer. Each minibatch's rows are gathered from the blocks they come from: blocks are never
+    concatenated or copied whole. ``rng`` is injected so that a plan's (seed, epoch, rank) fixes the order.
     """
     if batch_size <= 0 or buffer_cells <= 0:
         raise ValueError(f"batch_size and buffer_cells must be positive, got {batch_size} and {buffer_cells}")
-    pending: list[SparseBlock] = []
+    pending: list[Rows] = []
     held = 0
     for block in blocks:
         pending.append(block)
         held += len(block)
         if held >= max(buffer_cells, batch_size):
-            rest = yield from _deal(SparseBlock.concat(pending), batch_size, rng)
+            rest = yield from _deal(pending, batch_size, rng)
             pending, held = ([rest], len(rest)) if rest is not None else ([], 0)
     if held:
-        rest = yield from _deal(SparseBlock.concat(pending), batch_size, rng)
+        rest = yield from _deal(pending, batch_size, rng)
         if rest is not None and not drop_last:
             yield rest
 
 
-def _deal(buffer: SparseBlock, batch_size: int, rng: np.random.Generator
+def _deal(parts: list[Rows], batch_size: int, rng: np.random.Generator
           ) -> Generator[SparseBlock, None, SparseBlock | None]:
-    """Yield full minibatches of the shuffled buffer; return the remainder (or None)."""
-    order = rng.permutation(len(buffer))
+    """Yield full minibatches of the shuffled rows of ``parts``; return the remainder (or None)."""
+    bounds = np.cumsum([0] + [len(p) for p in parts])
+    order = rng.permutation(int(bounds[-1]))
     full = len(order) - len(order) % batch_size
     for i in range(0, full, batch_size):
-        yield buffer.take(order[i : i + batch_size])
-    return buffer.take(order[full:]) if full < len(order) else None
+        yield _take(parts, bounds, order[i : i + batch_size])
+    return _take(parts, bounds, order[full:]) if full < len(order) else None
+
+
+def _take(parts: list[Rows], bounds: np.ndarray, rows: np.ndarray) -> SparseBlock:
+    """Rows ``rows`` of the parts laid end to end, grouped by the part they come from."""
+    if len(parts) == 1:
+        return parts[0].take(rows)
+    source = np.searchsorted(bounds, rows, side="right") - 1
+    pieces = [parts[k].take(rows[source == k] - bounds[k]) for k in np.unique(source)]
+    return SparseBlock.concat(pieces)
 
 
 def to_dense(batch: SparseBlock, device: torch.device | str = "cpu", *, pin_memory: bool = False

@@ -1,26 +1,23 @@
-"""Sparse blocks of cells and their wire format.
+"""Sparse blocks of cells and the compact arrays that carry them between processes.
 
 A block is what crosses a process boundary: per modality the CSR arrays of the selected features
 in the smallest dtype that holds them (``uint16`` indices and counts when they fit), plus per-cell
-arrays (store index, batch code, modality masks, library sizes). On the wire a block is one
-``bytes`` value: a JSON header and the raw arrays, 8-byte aligned, so that decoding is a handful
-of ``np.frombuffer`` views. Ray moves one such value per block (one row, one binary column): Ray's
-per-column overhead for object columns cost 3-5x the throughput on this machine.
+arrays (store index, batch code, modality masks, library sizes), as a flat dict of numpy arrays
+(the layout stores the same arrays). Ray moves such a dict with each array out of band: stored
+once in shared memory, mapped by the consumer without a copy. The consumer keeps it that way
+(:class:`CompactBlock`) and gathers each minibatch's rows straight into a small float32 CSR, so a
+block is never converted or copied whole in the training process.
 
-No torch here: Ray read workers import this module and should stay small.
+No torch here: feeder processes import this module and should stay small.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-
-_ALIGN = 8
-_HEADER_LEN = np.dtype("<u8")
 
 
 @dataclass
@@ -65,43 +62,32 @@ def compact_arrays(block: SparseBlock) -> dict[str, np.ndarray]:
     return out
 
 
-def from_arrays(arrays: Mapping[str, np.ndarray], n_features: Mapping[str, int]) -> SparseBlock:
-    """A :class:`SparseBlock` of float32 counts and int32 indices, ready for row gathers and ``toarray``."""
-    counts = {}
-    for mod, n_var in n_features.items():
-        indptr = arrays[f"{mod}/indptr"]
-        indptr = (indptr - indptr[0]).astype(np.int32 if indptr[-1] - indptr[0] < 2**31 else np.int64)
-        indices = arrays[f"{mod}/indices"].astype(indptr.dtype)
-        data = arrays[f"{mod}/data"].astype(np.float32)
-        counts[mod] = sp.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, n_var), copy=False)
-    obs = {k: v for k, v in arrays.items() if "/" not in k}
-    return SparseBlock(counts, obs)
+class CompactBlock:
+    """A block as :func:`compact_arrays` made it (possibly read-only views of shared memory), rows gathered
+    on demand: :meth:`take` gives a :class:`SparseBlock` of float32 counts and int32 indices."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], n_features: Mapping[str, int]) -> None:
+        self.arrays, self.n_features = arrays, dict(n_features)
+        self._len = len(arrays["cell"])
+
+    def __len__(self) -> int:
+        return self._len
+
+    def take(self, rows: np.ndarray) -> SparseBlock:
+        rows = np.asarray(rows, dtype=np.int64)
+        counts = {m: _gather(self.arrays[f"{m}/indptr"], self.arrays[f"{m}/indices"], self.arrays[f"{m}/data"], rows,
+                             n_var) for m, n_var in self.n_features.items()}
+        obs = {k: v[rows] for k, v in self.arrays.items() if "/" not in k}
+        return SparseBlock(counts, obs)
 
 
-def encode(arrays: Mapping[str, np.ndarray], n_features: Mapping[str, int]) -> bytearray:
-    """One buffer: header length, JSON header, then each array 8-byte aligned."""
-    entries, offset = [], 0
-    for name, arr in arrays.items():
-        arr = np.ascontiguousarray(arr)
-        entries.append([name, arr.dtype.str, len(arr), offset])
-        offset += -(-arr.nbytes // _ALIGN) * _ALIGN
-    header = json.dumps({"features": dict(n_features), "arrays": entries}).encode()
-    start = -(-(_HEADER_LEN.itemsize + len(header)) // _ALIGN) * _ALIGN
-    buf = bytearray(start + offset)
-    buf[: _HEADER_LEN.itemsize] = np.array(len(header), _HEADER_LEN).tobytes()
-    buf[_HEADER_LEN.itemsize : _HEADER_LEN.itemsize + len(header)] = header
-    view = memoryview(buf)
-    for (_, _, _, off), arr in zip(entries, arrays.values(), strict=True):
-        raw = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
-        view[start + off : start + off + len(raw)] = raw
-    return buf
-
-
-def decode(buf: bytes | memoryview) -> SparseBlock:
-    """Inverse of :func:`encode` (views over ``buf``, then one dtype conversion per CSR array)."""
-    n_header = int(np.frombuffer(buf, _HEADER_LEN, count=1)[0])
-    header = json.loads(bytes(buf[_HEADER_LEN.itemsize : _HEADER_LEN.itemsize + n_header]))
-    start = -(-(_HEADER_LEN.itemsize + n_header) // _ALIGN) * _ALIGN
-    arrays = {name: np.frombuffer(buf, np.dtype(dtype), count=n, offset=start + off)
-              for name, dtype, n, off in header["arrays"]}
-    return from_arrays(arrays, header["features"])
+def _gather(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray, n_var: int) -> sp.csr_matrix:
+    """Rows ``rows`` of a CSR given by its arrays, as a float32 CSR with int32 indices (vectorised: one
+    ``repeat`` and two gathers, whatever the rows)."""
+    starts = indptr[rows] - indptr[0]
+    lens = indptr[rows + 1] - indptr[rows]
+    out_ptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lens, out=out_ptr[1:])
+    pos = np.repeat(starts - out_ptr[:-1], lens) + np.arange(out_ptr[-1])
+    return sp.csr_matrix((data[pos].astype(np.float32), indices[pos].astype(np.int32), out_ptr.astype(np.int32)),
+                         shape=(len(rows), n_var))

@@ -1,16 +1,18 @@
-"""The per-worker loader: this rank's ranges of an epoch through Ray Data, a shuffle buffer, dense batches.
+"""The per-worker loader: this rank's ranges of an epoch from feeder actors, a shuffle buffer, dense batches.
 
 Inside a Ray Train worker, :meth:`ShardLoader.for_train_worker` takes the rank and world size from
-the train context, so each worker streams exactly its share of the epoch's shuffle plan (the
-equivalent of ``get_dataset_shard``, but with the plan's guarantees: each cell once per epoch across
-ranks, equal cells per rank, a reproducible order). Blocks are read by Ray tasks ahead of the
-consumer (``prefetch_blocks``); minibatches are gathered and made dense in a background thread
-(``prefetch_batches`` ahead), on the worker's device: on a GPU from pinned memory, copied without
-blocking and densified there.
+the train context, so each worker streams exactly its share of the epoch's shuffle plan (each cell
+once per epoch across ranks, equal cells per rank, a reproducible order). Blocks are read by
+feeder actors (:mod:`.feeder`) ``read_ahead`` requests ahead of the consumer; the training process
+only receives ready blocks: one thread takes them (``prefetch_blocks`` ahead, left in shared memory as
+they arrived), another gathers shuffled minibatches and makes them dense (``prefetch_batches`` ahead) on
+the worker's device: on a GPU from pinned memory, copied without blocking and densified there.
+No data-pipeline scheduler runs in the training process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -21,17 +23,15 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-import ray
 import torch
-from ray.data import ExecutionResources
 
 from ..store.errors import StoreError
 from ..store.uri import StoreURI, parse_uri
 from .batches import minibatches, to_dense
-from .blocks import SparseBlock, decode
-from .layout import LayoutInfo, layout_uri, read_info
-from .plan import BlockShufflePlan, LoadRequest
-from .source import COLUMN, SourceSpec, StoreDatasource
+from .blocks import CompactBlock, SparseBlock
+from .feeder import Feeders, SourceSpec
+from .layout import layout_uri, read_info
+from .plan import BlockShufflePlan
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "layout", "store")
@@ -42,24 +42,24 @@ class LoaderConfig:
     """How a worker loads. The defaults were tuned with ``scmm-atlas bench loader`` on 2 cores."""
 
     batch_size: int = 256
-    block_cells: int = 32768  # cells per contiguous read and per Ray block (fewer, larger Ray objects:
-    # 8k-cell blocks ran ~190k cells/s, 32k-cell blocks ~290k on 2 cores)
+    block_cells: int = 16384  # cells per contiguous read and per block handed over (32k blocks: ~5-10 %
+    # more cells/s, ~100 MiB more memory)
     buffer_blocks: int | None = None  # blocks mixed by the local shuffle buffer (None: 1 on the pre-shuffled
     # layout, whose blocks are already random samples; 8 in store order)
-    prefetch_blocks: int = 1  # decoded blocks read ahead (Ray holds 2 more encoded ones)
+    read_ahead: int = 2  # read requests in flight to the feeders (blocks waiting in the object store)
+    prefetch_blocks: int = 1  # received blocks converted ahead of the shuffle buffer
     prefetch_batches: int = 4  # dense minibatches made ahead by a thread
-    ranges_per_task: int = 1  # ranges per Ray read task
-    read_cpus: float = 0.25  # logical CPUs reserved by each read task (reads are light; training
-    # workers reserve the rest)
-    read_tasks: int = 1  # read tasks in flight per worker: one read process keeps up with a consumer
-    # (~600k cells/s read + encode) and each more costs ~150 MB
+    readers: int = 1  # feeder actors per training worker: one keeps up with a consumer and each more
+    # is a process of its own
+    read_cpus: float = 0.25  # logical CPUs reserved by each feeder (reads are light; training workers
+    # reserve the rest)
     mode: str = "auto"  # "layout" (pre-shuffled), "store" (store order), "auto": layout if up to date
     seed: int = 0
     drop_last: bool = True  # drop each epoch's last partial minibatch (DDP needs equal steps)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "block_cells", "buffer_blocks", "prefetch_blocks", "prefetch_batches",
-                     "ranges_per_task", "read_tasks"):
+        for name in ("batch_size", "block_cells", "buffer_blocks", "read_ahead", "prefetch_blocks",
+                     "prefetch_batches", "readers"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"LoaderConfig.{name} must be positive, got {getattr(self, name)}")
         if self.mode not in MODES:
@@ -84,10 +84,14 @@ class LoaderStats:
 
 
 class ShardLoader:
-    """One rank's view of the epochs of a store."""
+    """One rank's view of the epochs of a store.
+
+    ``feeders``: the feeder actors to read through, e.g. shared by a worker's training and validation
+    loaders (their owner closes them); by default the loader starts its own and :meth:`close` ends them."""
 
     def __init__(self, store_uri: str | StoreURI, *, split: str = "train", rank: int = 0, world_size: int = 1,
-                 config: LoaderConfig | None = None, device: torch.device | str = "cpu") -> None:
+                 config: LoaderConfig | None = None, device: torch.device | str = "cpu",
+                 feeders: Feeders | None = None) -> None:
         self.config = config or LoaderConfig()
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
@@ -97,19 +101,20 @@ class ShardLoader:
         self.plan = BlockShufflePlan(self.n_cells, block_size=self.config.block_cells, seed=self.config.seed)
         self.plan.check_rank(rank, world_size)
         self.stats = LoaderStats()
+        self._feeders, self._own_feeders = feeders, feeders is None
         self._stream: Prefetcher | None = None
         self._stream_epoch = -1
 
     @classmethod
-    def for_train_worker(cls, store_uri: str, config: LoaderConfig | None = None, *, split: str = "train"
-                         ) -> ShardLoader:
+    def for_train_worker(cls, store_uri: str, config: LoaderConfig | None = None, *, split: str = "train",
+                         feeders: Feeders | None = None) -> ShardLoader:
         """Inside a Ray Train worker: rank, world size and device from the train context."""
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         return cls(store_uri, split=split, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                   config=config, device=ray.train.torch.get_device())
+                   config=config, device=ray.train.torch.get_device(), feeders=feeders)
 
     @property
     def n_features(self) -> dict[str, int]:
@@ -119,64 +124,58 @@ class ShardLoader:
     def batches(self) -> list[str]:
         return list(self.spec.batches)
 
+    @property
+    def feeders(self) -> Feeders:
+        if self._feeders is None:
+            self._feeders = Feeders(readers=self.config.readers, cpus=self.config.read_cpus)
+        return self._feeders
+
     def warm_up(self) -> float:
-        """Read two tiny ranges through Ray Data, so that its actors and read workers (and their imports)
-        are up before the first epoch; returns the seconds it took. Call it while the model is built."""
+        """Start the feeders and open the source in them, so that their start-up (a process, imports,
+        metadata reads) is not paid by the first epoch; returns the seconds it took. Call it while the
+        model is built."""
         start = time.perf_counter()
-        n = min(2, self.n_cells)
-        for _ in self._dataset([LoadRequest(i, i + 1) for i in range(n)]).iter_batches(batch_size=None):
-            pass
+        self.feeders.warm_up(self.spec)
         return time.perf_counter() - start
 
-    def dataset(self, epoch: int) -> ray.data.Dataset:
-        """This rank's ranges of ``epoch`` as a Ray dataset of encoded sparse blocks, in plan order."""
-        return self._dataset(self.plan.epoch(epoch, rank=self.rank, world_size=self.world_size))
-
-    def _dataset(self, requests: list[LoadRequest]) -> ray.data.Dataset:
-        source = StoreDatasource(self.spec, requests, ranges_per_task=self.config.ranges_per_task)
-        ds = ray.data.read_datasource(source, override_num_blocks=len(requests), num_cpus=self.config.read_cpus,
-                                      concurrency=self.config.read_tasks)
-        ds.context.execution_options.preserve_order = True  # reproducible batches
-        # read ahead a few blocks, not as far as the object store allows: unbounded, Ray Data filled the
-        # store ahead of a slow consumer (memory that grew with the epoch's length) and read blocks a
-        # truncated epoch never used
-        block_bytes = self.config.block_cells * self.spec.bytes_per_cell
-        ds.context.execution_options.resource_limits = ExecutionResources.for_limits(
-            object_store_memory=(self.config.read_tasks + 2) * block_bytes)
-        ds.context.enable_progress_bars = False  # one dataset per epoch: Ray's bars would be noise
-        return ds
-
-    def blocks(self, epoch: int) -> Iterator[SparseBlock]:
-        """Decoded blocks of ``epoch``. A background thread streams epoch after epoch: the next epoch's
-        Ray dataset starts as soon as this one's reads are done, so epoch boundaries cost no wait."""
+    def blocks(self, epoch: int) -> Iterator[CompactBlock]:
+        """Received blocks of ``epoch``. A background thread streams epoch after epoch: the next epoch's
+        reads are requested as soon as this one's are, so epoch boundaries cost no wait."""
         if self._stream is None or self._stream_epoch != epoch:
-            self.close()
-            self._stream, self._stream_epoch = Prefetcher(self._blocks_from(epoch), self.config.prefetch_blocks), epoch
+            self._stop_stream()
+            stream = _blocks_from(self.feeders, self.spec, self.plan, epoch, rank=self.rank, world_size=self.world_size,
+                                  read_ahead=self.config.read_ahead)
+            self._stream, self._stream_epoch = Prefetcher(stream, self.config.prefetch_blocks), epoch
         for item in self._stream:
             if isinstance(item, _EpochEnd):
                 self._stream_epoch = item.epoch + 1
                 return
             yield item
 
-    def _blocks_from(self, epoch: int) -> Iterator[SparseBlock | _EpochEnd]:
-        for e in itertools.count(epoch):
-            for table in self.dataset(e).iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                for value in table.column(COLUMN).chunks:
-                    for i in range(len(value)):
-                        yield decode(memoryview(value[i].as_buffer()))
-            yield _EpochEnd(e)
-
-    def close(self) -> None:
-        """Stop reading ahead (the loader can be used again: the next epoch starts a new stream)."""
+    def _stop_stream(self) -> None:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+
+    def close(self) -> None:
+        """Stop reading ahead and end the loader's own feeders (a later epoch starts new ones)."""
+        self._stop_stream()
+        if self._own_feeders and self._feeders is not None:
+            self._feeders.close()
+            self._feeders = None
 
     def __enter__(self) -> ShardLoader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        """A loader dropped unclosed ends its reads and its feeders (the stream's thread holds no reference to
+        it); quietly, as at interpreter exit Ray may be gone already."""
+        if "_stream" in vars(self):
+            with contextlib.suppress(Exception):
+                self.close()
 
     def sparse_batches(self, epoch: int) -> Iterator[SparseBlock]:
         """Shuffled sparse minibatches of ``epoch`` (seeded by seed, epoch and rank)."""
@@ -186,12 +185,13 @@ class ShardLoader:
         return minibatches(self.blocks(epoch), batch_size=cfg.batch_size, buffer_cells=buffer_blocks *
                            cfg.block_cells, rng=rng, drop_last=cfg.drop_last)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """Dense minibatches of ``epoch`` on the loader's device, made ahead in a background thread."""
+    def epoch(self, epoch: int, *, skip: int = 0) -> Iterator[Batch]:
+        """Dense minibatches of ``epoch`` on the loader's device, made ahead in a background thread.
+        ``skip``: minibatches already trained (a resumed epoch): passed over sparse, never made dense."""
         pin = self.device.type == "cuda"
         start = time.perf_counter()
-        made = Prefetcher((_dense(b, self.device, pin) for b in self.sparse_batches(epoch)),
-                          self.config.prefetch_batches)
+        sparse = itertools.islice(self.sparse_batches(epoch), skip, None)
+        made = Prefetcher((_dense(b, self.device, pin) for b in sparse), self.config.prefetch_batches)
         try:
             for i, batch in enumerate(made):
                 if i == 0:
@@ -201,6 +201,17 @@ class ShardLoader:
         finally:
             made.close()
             self.stats.wait_s += made.wait_s
+
+
+def _blocks_from(feeders: Feeders, spec: SourceSpec, plan: BlockShufflePlan, epoch: int, *, rank: int,
+                 world_size: int, read_ahead: int) -> Iterator[CompactBlock | _EpochEnd]:
+    """Epoch after epoch of a rank's blocks, from ``epoch`` on (a function: the thread that runs it must not
+    keep the loader alive)."""
+    for e in itertools.count(epoch):
+        requests = plan.epoch(e, rank=rank, world_size=world_size)
+        for arrays in feeders.stream(spec, requests, read_ahead=read_ahead):
+            yield CompactBlock(arrays, spec.n_features)
+        yield _EpochEnd(e)
 
 
 def _dense(block: SparseBlock, device: torch.device, pin: bool) -> Batch:
@@ -282,7 +293,7 @@ def _source_spec(uri: StoreURI, mode: str, split: str) -> SourceSpec:
                          "(or read in store order with mode='store')")
     if info is not None:
         return SourceSpec(uri.uri, "layout", info.n_cells(split), split, dict(info.n_features),
-                          tuple(info.batches), _bytes_per_cell(info))
+                          tuple(info.batches))
     from ..store import open_store
     from .reading import StoreBlockReader
 
@@ -290,6 +301,3 @@ def _source_spec(uri: StoreURI, mode: str, split: str) -> SourceSpec:
         reader = StoreBlockReader(store)
         return SourceSpec(uri.uri, "store", store.n_obs, split, reader.n_features, tuple(reader.batches))
 
-
-def _bytes_per_cell(info: LayoutInfo) -> float:
-    return 64.0 + 0.1 * 4 * sum(info.n_features.values())  # ~10 % nonzero at 4 bytes per value

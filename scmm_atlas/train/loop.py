@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig
+from ..data.feeder import Feeders
 from ..data.loader import Batch, LoaderConfig, ShardLoader
 from ..model import MMVAE
 from ..model.objectives import OBJECTIVES
@@ -95,8 +96,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, dist_cfg.torch_threads or int(dist_cfg.cpus_per_worker)))
     loader_cfg = LoaderConfig(**{"batch_size": tr.batch_size, "seed": tr.seed, "drop_last": True, **dist_cfg.loader})
-    train_data = ShardLoader.for_train_worker(cfg["store"], loader_cfg)
-    val_data = ShardLoader.for_train_worker(cfg["store"], replace(loader_cfg, drop_last=False), split="val")
+    feeders = Feeders(readers=loader_cfg.readers, cpus=loader_cfg.read_cpus)  # shared by both loaders
+    train_data = ShardLoader.for_train_worker(cfg["store"], loader_cfg, feeders=feeders)
+    val_data = ShardLoader.for_train_worker(cfg["store"], replace(loader_cfg, drop_last=False), split="val",
+                                            feeders=feeders)
     device = train_data.device
     torch.manual_seed(tr.seed)
     model = MMVAE(run.model.build(train_data.n_features, len(train_data.batches)))
@@ -130,11 +133,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
         beta = tr.beta(epoch)
         model.train()
         parts, cells = torch.zeros(len(loss_module.part_names), dtype=torch.float64, device=device), 0
-        wait0, t0 = train_data.stats.wait_s, time.perf_counter()
+        wait0, t0, cpu0 = train_data.stats.wait_s, time.perf_counter(), time.thread_time()
         skip = st.epoch_batches
-        for i, batch in enumerate(train_data.epoch(epoch - 1)):
-            if i < skip:
-                continue
+        for i, batch in enumerate(train_data.epoch(epoch - 1, skip=skip), start=skip):
             if dist_cfg.max_steps_per_epoch and i >= dist_cfg.max_steps_per_epoch * dist_cfg.grad_accum:
                 break
             _maybe_fail(cfg, dist_cfg, st.step + 1, rank, world)
@@ -156,16 +157,18 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 _report(rank, {"epoch": st.epoch, "step": st.step}, model, opt, st, best_model)
         sums = {**dict(zip(loss_module.part_names, parts.tolist(), strict=True)), "cells": float(cells)}
         epoch_s = time.perf_counter() - t0
+        thread_cpu = time.thread_time() - cpu0  # this (the training) thread's CPU time, from the OS
         wait = train_data.stats.wait_s - wait0
         val_sum, val_cells = _validate(model, val_data, objective=tr.objective, K=tr.K, beta=beta, epoch=epoch - 1)
         keys = sorted(sums)
-        reduced = dict(zip([*keys, "val_sum", "val_cells", "wait", "epoch_s"], _allreduce(
-            [sums[k] for k in keys] + [val_sum, val_cells, wait, epoch_s], device), strict=True))
+        reduced = dict(zip([*keys, "val_sum", "val_cells", "wait", "epoch_s", "thread_cpu"], _allreduce(
+            [sums[k] for k in keys] + [val_sum, val_cells, wait, epoch_s, thread_cpu], device), strict=True))
         n = max(reduced["cells"], 1.0)
         val = reduced["val_sum"] / reduced["val_cells"] if reduced["val_cells"] else None
         metrics = {"epoch": epoch, "step": st.step, "beta": beta, "train_loss": reduced["loss"] / n,
                    "kl": reduced["kl"] / n, "cells_per_s": reduced["cells"] / (reduced["epoch_s"] / world),
                    "data_wait_frac": reduced["wait"] / max(reduced["epoch_s"], 1e-9),
+                   "train_thread_cpu_frac": reduced["thread_cpu"] / max(reduced["epoch_s"], 1e-9),
                    **{k: reduced[k] / n for k in keys if k.startswith("recon_")}}
         if val is not None:
             metrics["val_loss"] = val
@@ -194,6 +197,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
         bar.close()
     train_data.close()
     val_data.close()
+    feeders.close()
 
 
 class _EpochBar:

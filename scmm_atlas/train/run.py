@@ -52,7 +52,7 @@ def init_ray(address: str | None, dist_cfg: DistributedSection) -> DistributedSe
     ensure_ray(address)
     cpus = ray.cluster_resources().get("CPU", 1.0)
     loader = LoaderConfig(**dist_cfg.loader)
-    read = 2 * loader.read_cpus * loader.read_tasks  # the training and the validation stream
+    read = loader.read_cpus * loader.readers  # each worker's feeders (its training and validation loaders share them)
     need = dist_cfg.num_workers * (dist_cfg.cpus_per_worker + read)
     if not dist_cfg.use_gpu and need > cpus:
         per = max(0.25, cpus / dist_cfg.num_workers - read)

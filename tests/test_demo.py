@@ -5,10 +5,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from scmm_atlas.cli import main
 from scmm_atlas.store import open_store
 
 
+@pytest.mark.slow
 def test_demo_runs_the_pipeline_on_real_data_and_prints_the_summary(data_dir: Path, tmp_path, monkeypatch,
                                                                      ray_session, capsys) -> None:
     from pipelines.demo import run_demo

@@ -60,6 +60,7 @@ def grown(tmp_path_factory, ray_session):
             "before": snapshot(store)}
 
 
+@pytest.mark.slow
 def test_a_second_run_skips_every_finished_stage(grown, capsys) -> None:
     assert main(["run", "--config", str(grown["config"]), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -107,6 +108,7 @@ def test_reprocess_maps_appended_cells_and_leaves_published_results_unchanged(gr
     assert np.array_equal(snapshot(store)["joint"], after["joint"])
 
 
+@pytest.mark.slow
 def test_reprocess_retrains_warm_started_when_enough_cells_are_new(grown, capsys) -> None:
     store, tracking = grown["store"], grown["tracking"]
     if len(snapshot(store)["joint"]) != 450:
@@ -129,6 +131,7 @@ def test_reprocess_retrains_warm_started_when_enough_cells_are_new(grown, capsys
     assert "nothing to do: version 2 (champion)" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # continues from the previous test's store (its published version 2)
 def test_reprocess_recomputes_every_cell_when_the_champion_changed(grown, capsys) -> None:
     store, tracking = grown["store"], grown["tracking"]
     client = mlflow.MlflowClient(tracking)

@@ -96,6 +96,7 @@ def test_infer_writes_and_publishes_readable_results(ray_session, planted_stores
             res.cells(where={"tissue": ["x"]})
 
 
+@pytest.mark.slow
 def test_killed_inference_keeps_the_previous_version_and_rerun_completes(ray_session, tmp_path) -> None:
     from conftest import make_planted_stores
 
@@ -154,6 +155,7 @@ def test_model_from_the_registry(tmp_path, planted_stores) -> None:
         load_trained("models:/infer-test@nope", tracking=tracking)
 
 
+@pytest.mark.slow
 def test_s3_store_infer_and_query(ray_session, tmp_path, s3_bucket) -> None:
     """Results on an S3 store (moto server): written by the actors, published, queried."""
     from conftest import make_planted_stores

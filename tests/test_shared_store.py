@@ -44,6 +44,7 @@ def s3_env(s3_atlas, monkeypatch):
     return s3_atlas
 
 
+@pytest.mark.slow
 def test_pipeline_on_s3_records_its_stages_there_and_resumes(s3_env, capsys) -> None:
     s3 = boto3.client("s3", endpoint_url=s3_env["endpoint"])
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_env["bucket"], Prefix="work/")["Contents"]}
@@ -79,6 +80,7 @@ def _reader(store: str, seen: list[tuple[str, int]], errors: list[BaseException]
             return
 
 
+@pytest.mark.slow
 def test_two_readers_see_only_complete_versions_while_inference_publishes(s3_env) -> None:
     store = s3_env["store"]
     stop, errors = threading.Event(), []

@@ -39,6 +39,7 @@ def baseline(store, tracking, tmp_path_factory, ray_session):
     return train(_config(tmp), str(store), run_name="base", tracking=tracking, progress=False), tmp
 
 
+@pytest.mark.slow
 def test_two_workers_train_log_every_epoch_and_register_a_loadable_model(baseline, tracking) -> None:
     result, _ = baseline
     assert result.epochs == 3 and result.model_version == "1" and result.champion
@@ -62,6 +63,7 @@ def test_two_workers_train_log_every_epoch_and_register_a_loadable_model(baselin
     assert rna_only.shape == (7, 20) and not np.allclose(rna_only, emb)
 
 
+@pytest.mark.slow
 def test_the_champion_alias_moves_only_to_a_better_model(baseline, store, tracking) -> None:
     _, tmp = baseline
     worse = train(_config(tmp, "train.lr=0", "train.epochs=2"), str(store), run_name="frozen",
@@ -70,6 +72,7 @@ def test_the_champion_alias_moves_only_to_a_better_model(baseline, store, tracki
     assert str(mlflow.MlflowClient(tracking).get_model_version_by_alias("scmm-atlas", "champion").version) == "1"
 
 
+@pytest.mark.slow
 def test_a_worker_that_fails_once_is_restarted_from_the_last_checkpoint(baseline, store, tracking) -> None:
     base, tmp = baseline
     steps_per_epoch = base.history[0]["step"]
@@ -82,6 +85,7 @@ def test_a_worker_that_fails_once_is_restarted_from_the_last_checkpoint(baseline
     assert abs(faulty.best_val - base.best_val) <= 0.02 * abs(base.best_val)
 
 
+@pytest.mark.slow
 def test_resume_continues_an_interrupted_run(baseline, store, tracking) -> None:
     _, tmp = baseline
     first = train(_config(tmp, "train.epochs=1", "distributed.grad_accum=2", "distributed.checkpoint_every_steps=2",
@@ -108,6 +112,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ray_job_submit_runs_the_training_entry_point(store, tmp_path, monkeypatch) -> None:
     import os
     import secrets

@@ -29,11 +29,20 @@ PEER = "tiledbsoma.io.from_h5ad"
 
 
 def generate_h5ad(path: Path, n_cells: int, n_genes: int, *, density: float = DENSITY, seed: int = 0,
-                  chunk: int = 20_000) -> Path:
-    """Write a CSR h5ad chunk by chunk (memory bounded by ``chunk`` cells)."""
-    rng = np.random.default_rng(seed)
-    gene_mean = rng.lognormal(0.0, 0.7, n_genes)
+                  chunk: int = 20_000, n_labels: int = 20, group_effect: float = 0.0, structure_seed: int = 0,
+                  first_cell: int = 0) -> Path:
+    """Write a CSR h5ad chunk by chunk (memory bounded by ``chunk`` cells), cells sorted by ``n_labels``
+    labels (``cell_type``), named ``cell<first_cell + i>``.
+
+    ``group_effect`` > 0 gives each label its own expression profile (per-gene log-normal factors of
+    that SD, drawn from ``structure_seed``, so that files written with other ``seed``s, e.g. parts of
+    one dataset, share the profiles); 0: counts do not depend on the label."""
+    structure = np.random.default_rng(structure_seed)
+    gene_mean = structure.lognormal(0.0, 0.7, n_genes)
     detect = np.clip(density * n_genes * gene_mean / gene_mean.sum(), 0, 1)  # per-gene detection rate
+    factor = structure.lognormal(0.0, group_effect, (n_labels, n_genes)) if group_effect else np.ones((1, n_genes))
+    labels = np.repeat(np.arange(n_labels), -(-n_cells // n_labels))[:n_cells]
+    rng = np.random.default_rng(seed)
     with h5py.File(path, "w") as f:
         f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         x = f.create_group("X")
@@ -45,19 +54,21 @@ def generate_h5ad(path: Path, n_cells: int, n_genes: int, *, density: float = DE
         indptr[0] = 0
         for start in range(0, n_cells, chunk):
             n = min(chunk, n_cells - start)
-            rows, cols = np.nonzero(rng.random((n, n_genes), dtype=np.float32) < detect)
+            group = labels[start : start + n] if group_effect else np.zeros(n, dtype=int)
+            rate = np.clip(detect * factor[group], 0, 1).astype(np.float32)
+            rows, cols = np.nonzero(rng.random((n, n_genes), dtype=np.float32) < rate)
             k = np.bincount(rows, minlength=n)
             idx = cols.astype(np.int32)
-            vals = (1 + rng.negative_binomial(2, 2 / (2 + 3 * gene_mean[idx]))).astype(np.float32)
+            mean = gene_mean[idx] * factor[group[rows], idx]
+            vals = (1 + rng.negative_binomial(2, 2 / (2 + 3 * mean))).astype(np.float32)
             data.resize((nnz + len(idx),))
             indices.resize((nnz + len(idx),))
             data[nnz:] = vals
             indices[nnz:] = idx
             indptr[start + 1 : start + n + 1] = nnz + np.cumsum(k)
             nnz += len(idx)
-        obs = pd.DataFrame({"cell_type": pd.Categorical(np.repeat(np.arange(20), -(-n_cells // 20))[:n_cells]
-                                                        .astype(str))},
-                           index=pd.Index([f"cell{i}" for i in range(n_cells)]))
+        obs = pd.DataFrame({"cell_type": pd.Categorical(labels.astype(str))},
+                           index=pd.Index([f"cell{first_cell + i}" for i in range(n_cells)]))
         var = pd.DataFrame(index=pd.Index([f"gene{i}" for i in range(n_genes)]))
         ad.io.write_elem(f, "obs", obs)
         ad.io.write_elem(f, "var", var)

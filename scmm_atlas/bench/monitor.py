@@ -11,7 +11,8 @@ readings the PSS is taken to have moved as the anonymous memory did (statm's res
 private growth counts in full, and shared pages, which PSS splits among their mappers, are left to the
 next reading, which their growth of the resident sum triggers). Checked on ``bench loader``'s Ray tree
 against a PSS reading every second: peak 2,167 vs 2,174 MiB at 0.5 % vs 3.4 % of a core; counting the
-resident growth instead overstated it by 216 MiB, the pages Ray's processes share. The tree is
+resident growth instead overstated it by 216 MiB, the pages Ray's processes share. A reading re-reads only
+the processes whose statm counters moved since their last one (Ray's idle actors are half the tree). The tree is
 re-listed every ``tree_every_s``. When the file ``mark`` appears (the system calls :func:`mark` where
 the part measured apart begins, e.g. its loader), the PSS is read at once and the file removed:
 :meth:`before_mark` is the peak up to then. ``cpu_frac`` is the sampler thread's own CPU time (user
@@ -59,13 +60,14 @@ class TreeMemory:
     """Peak summed PSS (KiB) of process ``pid`` and all its descendants, sampled from another process."""
 
     def __init__(self, pid: int, *, every_s: float = 0.5, pss_every_s: float = 5.0, grow: float = 0.02,
-                 tree_every_s: float = 2.0, mark: str | None = None) -> None:
+                 tree_every_s: float = 5.0, mark: str | None = None) -> None:
         self.pid, self.mark = pid, mark
         self.marked_at: float | None = None
         self.peak_kib = 0
         self.peak_rss_kib = 0
         self.samples: list[tuple[float, int]] = []  # (time.time(), summed PSS KiB) at each PSS reading
         self.cpu_s = self.wall_s = 0.0
+        self._pss_cache: dict[int, tuple[tuple[int, int], int]] = {}  # pid -> (statm at reading, PSS)
         self._every, self._pss_every, self._grow, self._tree_every = every_s, pss_every_s, grow, tree_every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tree-memory", daemon=True)
@@ -92,15 +94,22 @@ class TreeMemory:
             return []
 
     @staticmethod
-    def _sum(pids: list[int], read) -> tuple[int, int]:
-        first = second = 0
+    def _read(pids: list[int], read) -> dict[int, tuple[int, int]]:
+        out = {}
         for pid in pids:
             try:
-                a, b = read(pid)
+                out[pid] = read(pid)
             except (OSError, ValueError, IndexError):
                 continue  # exited between listing and reading
-            first, second = first + a, second + b
-        return first, second
+        return out
+
+    def _pss(self, statm: dict[int, tuple[int, int]]) -> int:
+        """The tree's PSS, re-read only for processes whose resident memory moved since their last reading
+        (an idle process's PSS moves only when others map or drop the pages it shares)."""
+        stale = [pid for pid, counts in statm.items() if self._pss_cache.get(pid, (None,))[0] != counts]
+        for pid, (pss, _) in self._read(stale, _pss_kib).items():
+            self._pss_cache[pid] = (statm[pid], pss)
+        return sum(self._pss_cache[pid][1] for pid in statm if pid in self._pss_cache)
 
     def _run(self) -> None:
         cpu0, wall0 = time.thread_time(), time.perf_counter()
@@ -110,12 +119,13 @@ class TreeMemory:
             now = time.perf_counter()
             if now - listed >= self._tree_every or stopping:
                 pids, listed = self._tree(), now
-            rss, anon = self._sum(pids, _statm_kib)
+            statm = self._read(pids, _statm_kib)
+            rss, anon = sum(r for r, _ in statm.values()), sum(a for _, a in statm.values())
             self.peak_rss_kib = max(self.peak_rss_kib, rss)
             self.peak_kib = max(self.peak_kib, last_pss_kib + anon - anon_at_pss)
             marked = self.marked_at is None and self.mark is not None and os.path.exists(self.mark)
             if marked or (rss > rss_high * (1 + self._grow) and now - last_pss >= self._pss_every):
-                pss = self._sum(pids, _pss_kib)[0]
+                pss = self._pss(statm)
                 self.peak_kib = max(self.peak_kib, pss)
                 self.samples.append((time.time(), pss))
                 last_pss, rss_high, last_pss_kib, anon_at_pss = now, max(rss_high, rss), pss, anon

@@ -31,6 +31,7 @@ from . import state as ckpt
 from .state import TrainState
 
 log = logging.getLogger(__name__)
+VAL_BLOCK_CELLS = 4096  # validation blocks: smaller than training's, as their order does not matter
 
 
 class LossModule(torch.nn.Module):
@@ -81,6 +82,7 @@ def _validate(model: MMVAE, loader: ShardLoader, *, objective: str, K: int, beta
                 continue
             total += obj(model, batch.x, mask=batch.masks, batch=_batch_codes(batch, model), K=K, **kwargs).loss
             cells += len(batch.cells)
+    loader.close()  # no reading ahead into the next validation while the next epoch trains
     return float(total), cells
 
 
@@ -98,8 +100,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
     loader_cfg = LoaderConfig(**{"batch_size": tr.batch_size, "seed": tr.seed, "drop_last": True, **dist_cfg.loader})
     feeders = Feeders(readers=loader_cfg.readers, cpus=loader_cfg.read_cpus)  # shared by both loaders
     train_data = ShardLoader.for_train_worker(cfg["store"], loader_cfg, feeders=feeders)
-    val_data = ShardLoader.for_train_worker(cfg["store"], replace(loader_cfg, drop_last=False), split="val",
-                                            feeders=feeders)
+    # validation reads its cells once per epoch in any order: small blocks, one read in flight
+    val_cfg = replace(loader_cfg, drop_last=False, block_cells=min(loader_cfg.block_cells, VAL_BLOCK_CELLS),
+                      read_ahead=1)
+    val_data = ShardLoader.for_train_worker(cfg["store"], val_cfg, split="val", feeders=feeders)
     device = train_data.device
     torch.manual_seed(tr.seed)
     model = MMVAE(run.model.build(train_data.n_features, len(train_data.batches)))

@@ -259,11 +259,10 @@ def _run_system(system: str, data: dict, work: Path, cells: int) -> dict:
             "workdir": str(work), "workers": int(system[-2]) if system in OURS else 1}
     env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}  # every system alike
     result = run_child(system, "scmm_atlas.bench.loader", json.dumps(spec), env=env)
+    loader_mib = result["peak_pss_mib"] - result["base_pss_mib"]
     row = {"system": system, "cells": cells, "cells_per_s": statistics.median(result["rates"]),
-           "mixing_bits": result["mixing_bits"], "peak_pss_mib": result["peak_pss_mib"],
-           "loader_mib": result["peak_pss_mib"] - result["base_pss_mib"],
-           "loader_mib_per_worker": (result["peak_pss_mib"] - result["base_pss_mib"]) / spec["workers"],
-           "first_batch_s": result["first_batch_s"],
+           "mixing_bits": result["mixing_bits"], "peak_pss_mib": result["peak_pss_mib"], "loader_mib": loader_mib,
+           "loader_mib_per_worker": loader_mib / spec["workers"], "first_batch_s": result["first_batch_s"],
            "warm_up_s": result.get("warm_up_s"), "monitor_cpu_frac": result["monitor_cpu_frac"]}
     print(f"  {system}: {row['cells_per_s']:,.0f} cells/s (windows {', '.join(f'{r:,.0f}' for r in result['rates'])})"
           f", {row['mixing_bits']:.2f} bits, peak {row['peak_pss_mib']:,.0f} MiB (loader {row['loader_mib']:,.0f}), "

@@ -24,9 +24,12 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 MARK_ENV = "SCMM_BENCH_MARK"
+T = TypeVar("T")
 
 
 def mark() -> None:
@@ -48,12 +51,12 @@ def _statm_kib(pid: int) -> tuple[int, int]:
     return int(fields[1]) * PAGE_KIB, (int(fields[1]) - int(fields[2])) * PAGE_KIB
 
 
-def _pss_kib(pid: int) -> tuple[int, int]:
+def _pss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
             if line.startswith("Pss:"):
-                return int(line.split()[1]), 0
-    return 0, 0
+                return int(line.split()[1])
+    return 0
 
 
 class TreeMemory:
@@ -64,7 +67,6 @@ class TreeMemory:
         self.pid, self.mark = pid, mark
         self.marked_at: float | None = None
         self.peak_kib = 0
-        self.peak_rss_kib = 0
         self.samples: list[tuple[float, int]] = []  # (time.time(), summed PSS KiB) at each PSS reading
         self.cpu_s = self.wall_s = 0.0
         self._pss_cache: dict[int, tuple[tuple[int, int], int]] = {}  # pid -> (statm at reading, PSS)
@@ -94,7 +96,7 @@ class TreeMemory:
             return []
 
     @staticmethod
-    def _read(pids: list[int], read) -> dict[int, tuple[int, int]]:
+    def _read(pids: list[int], read: Callable[[int], T]) -> dict[int, T]:
         out = {}
         for pid in pids:
             try:
@@ -107,7 +109,7 @@ class TreeMemory:
         """The tree's PSS, re-read only for processes whose resident memory moved since their last reading
         (an idle process's PSS moves only when others map or drop the pages it shares)."""
         stale = [pid for pid, counts in statm.items() if self._pss_cache.get(pid, (None,))[0] != counts]
-        for pid, (pss, _) in self._read(stale, _pss_kib).items():
+        for pid, pss in self._read(stale, _pss_kib).items():
             self._pss_cache[pid] = (statm[pid], pss)
         return sum(self._pss_cache[pid][1] for pid in statm if pid in self._pss_cache)
 
@@ -121,7 +123,6 @@ class TreeMemory:
                 pids, listed = self._tree(), now
             statm = self._read(pids, _statm_kib)
             rss, anon = sum(r for r, _ in statm.values()), sum(a for _, a in statm.values())
-            self.peak_rss_kib = max(self.peak_rss_kib, rss)
             self.peak_kib = max(self.peak_kib, last_pss_kib + anon - anon_at_pss)
             marked = self.marked_at is None and self.mark is not None and os.path.exists(self.mark)
             if marked or (rss > rss_high * (1 + self._grow) and now - last_pss >= self._pss_every):

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from scmm_atlas.evaluate.metrics import cluster_scores, feature_correlations, knn_regression
+from scmm_atlas.evaluate.metrics import feature_correlations, knn_regression
 
 
 def blobs(n_per: int = 80, n_types: int = 4, dim: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -17,27 +17,12 @@ def blobs(n_per: int = 80, n_types: int = 4, dim: int = 10, seed: int = 0) -> tu
     return centres[np.repeat(np.arange(n_types), n_per)] + rng.normal(0, 1, (n_types * n_per, dim)), labels
 
 
-def test_cluster_scores_separated_blobs_score_near_one():
-    emb, labels = blobs()
-    labels[:10] = "unknown"  # left out of the label metrics, still clustered
-    out = cluster_scores(emb, labels)
-    assert out["ari"] > 0.98 and out["nmi"] > 0.98
-    assert out["n_clusters"] == 4
-    assert 0.05 <= out["resolution"] <= 2.0
-    assert cluster_scores(emb, labels) == out  # deterministic for a fixed seed
+def test_embedding_scores_reject_length_mismatch():
+    from scmm_atlas.evaluate.embedding import embedding_scores
 
-
-def test_cluster_scores_random_labels_score_near_zero():
-    emb, labels = blobs()
-    shuffled = np.random.default_rng(1).permutation(labels)
-    out = cluster_scores(emb, shuffled)
-    assert abs(out["ari"]) < 0.05 and out["nmi"] < 0.05
-
-
-def test_cluster_scores_rejects_length_mismatch():
     emb, labels = blobs()
     with pytest.raises(ValueError, match="labels"):
-        cluster_scores(emb, labels[:-1])
+        embedding_scores(emb, labels[:-1])
 
 
 def test_feature_correlations_match_scipy():
@@ -83,3 +68,96 @@ def test_knn_regression_beats_shuffled_baseline():
     ours = feature_correlations(pred, target[test])["pearson"]
     shuffled = feature_correlations(pred[rng.permutation(len(test))], target[test])["pearson"]
     assert ours > 0.8 and ours > shuffled + 0.5
+
+
+def test_open_region_scores_match_sklearn():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from scmm_atlas.evaluate.metrics import open_region_scores
+
+    rng = np.random.default_rng(0)
+    observed = (rng.random((120, 8)) < 0.3).astype(float)
+    observed[:, 3] = 0  # never open: skipped
+    observed[5] = 0  # a cell with nothing open: skipped
+    pred = observed * 0.5 + rng.random(observed.shape)
+    pred[:, 1] = np.round(pred[:, 1], 1)  # ties
+    out = open_region_scores(pred, sp.csr_matrix(observed))
+    regions = [j for j in range(8) if j != 3]
+    assert out["n_regions"] == 7
+    assert out["auroc"] == pytest.approx(np.mean([roc_auc_score(observed[:, j], pred[:, j]) for j in regions]))
+    cells = [i for i in range(120) if 0 < observed[i].sum() < 8]
+    assert out["n_cells"] == len(cells) and 5 not in cells
+    assert out["auprc"] == pytest.approx(np.mean([average_precision_score(observed[i], pred[i]) for i in cells]))
+    assert open_region_scores(observed, observed)["auroc"] == pytest.approx(1.0)
+    assert open_region_scores(rng.random(observed.shape), observed)["auroc"] == pytest.approx(0.5, abs=0.08)
+
+
+def test_embedding_scores_separated_types_and_mixed_batches():
+    from scmm_atlas.evaluate.embedding import embedding_scores
+
+    emb, labels = blobs(n_per=100, n_types=5)
+    labels[-10:] = "unknown"  # left out of every metric
+    labels[:60] = "t_rare"  # 60 of 500 cells: not rare (>= 2 %), so the rarest label is the isolated one
+    emb[:60] += 40  # separated from everything
+    batch = np.tile([0, 1], len(labels) // 2)  # batches mixed within every type
+    out = embedding_scores(emb, labels, batch=batch, kbet=False)
+    for key in ("nmi", "ari", "nmi_k", "ari_k", "knn_acc", "isolated_f1", "clisi"):
+        assert out[key] > 0.97, (key, out[key])
+    assert out["silhouette"] > 0.8 and out["isolated_asw"] > 0.8
+    assert out["bio"] == pytest.approx(np.mean([out[k] for k in ("isolated_asw", "nmi", "ari", "silhouette",
+                                                                 "clisi")]))
+    assert out["ilisi"] > 0.8 and out["graph_connectivity"] > 0.97 and out["bras"] > 0.8
+    assert "kbet" not in out
+    assert out["batch"] == pytest.approx(np.mean([out[k] for k in ("ilisi", "graph_connectivity", "bras")]))
+
+
+def test_embedding_scores_punish_merged_rare_type_and_unmixed_batches():
+    from scmm_atlas.evaluate.embedding import embedding_scores, isolated_label_set
+
+    emb, labels = blobs(n_per=100, n_types=4)
+    labels[:6] = "rare"  # 6 of 400 cells, placed inside type t0: no cluster can be it
+    assert isolated_label_set(labels, None) == ["rare"]
+    batch = (emb[:, 0] > np.median(emb[:, 0])).astype(int)  # batches follow the embedding
+    out = embedding_scores(emb, labels, batch=batch, kbet=False)
+    assert out["isolated_f1"] < 0.3 and out["isolated_asw"] < 0.55
+    assert out["knn_acc"] < 0.99
+    assert out["ilisi"] < 0.2 and out["bras"] == 0.0  # no type spans both batches
+    shuffled = embedding_scores(emb, np.random.default_rng(0).permutation(labels))
+    assert shuffled["nmi"] < 0.1 and abs(shuffled["ari_k"]) < 0.05 and shuffled["knn_acc"] < 0.45
+    assert "ilisi" not in shuffled
+    assert embedding_scores(emb, labels, batch=batch, kbet=False) == out  # deterministic for a fixed seed
+
+
+def test_graph_scores_of_the_embeddings_own_neighbours_match_embedding_scores():
+    from sklearn.neighbors import kneighbors_graph
+
+    from scmm_atlas.evaluate.embedding import embedding_scores, graph_scores
+
+    emb, labels = blobs(n_per=60, n_types=4)
+    batch = np.tile([0, 1], len(labels) // 2)
+    graph = graph_scores(kneighbors_graph(emb, 15, mode="distance"), labels, batch=batch)
+    full = embedding_scores(emb, labels, batch=batch, kbet=False)
+    for key in ("nmi", "ari", "nmi_k", "ari_k", "isolated_f1", "knn_acc", "graph_connectivity"):
+        assert graph[key] == pytest.approx(full[key], abs=1e-9), key
+    assert np.isnan(graph["silhouette"]) and np.isnan(graph["bio"]) and graph["bio_graph"] > 0.9
+
+
+def test_isolated_labels_follow_batches_when_they_differ():
+    from scmm_atlas.evaluate.embedding import isolated_label_set
+
+    labels = np.array(["a"] * 10 + ["b"] * 10 + ["c"] * 10)
+    batch = np.array([0, 1] * 10 + [0] * 10)  # c is in one batch only
+    assert isolated_label_set(labels, batch) == ["c"]
+    assert isolated_label_set(labels, np.zeros(30)) == ["a"]  # one batch, no rare type: the rarest (ties: first)
+
+
+@pytest.mark.slow
+def test_kbet_accepts_mixed_batches_and_rejects_separated_ones():
+    from scmm_atlas.evaluate.embedding import embedding_scores
+
+    emb, labels = blobs(n_per=60, n_types=2)
+    mixed = np.tile([0, 1], len(labels) // 2)
+    shifted = emb.copy()
+    shifted[mixed == 1] += 6  # batch 1 moved away from batch 0 inside every type
+    assert embedding_scores(emb, labels, batch=mixed)["kbet"] > 0.6
+    assert embedding_scores(shifted, labels, batch=mixed)["kbet"] < 0.2

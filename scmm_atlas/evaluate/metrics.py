@@ -1,63 +1,26 @@
-"""Quality metrics applied identically to every method (ours, totalVI, MultiVI, the kNN baseline).
+"""Prediction metrics applied identically to every method (ours, totalVI, MultiVI, the kNN baseline).
 
-Conventions:
+Conventions (embedding metrics: :mod:`.embedding`):
 
-- Clustering: exact kNN graph on the embedding (scanpy, sklearn transformer), Leiden (igraph flavour). The
-  resolution is picked without labels, the same way for every method: ``RESOLUTIONS`` (0.05 to 2.0 in steps of 0.05)
-  is scanned and the resolution whose cluster count is closest to the number of distinct (non-excluded) labels
-  wins, ties going to the smaller resolution. All cells are clustered; ARI/NMI are computed only on cells whose
-  label is not in ``exclude`` (by default ``'unknown'`` is left out of the label metrics).
 - Prediction: per feature, across cells, correlation between prediction and observation after both are normalised
   to 10,000 per cell over that modality's features and log1p-transformed; features constant (after that transform)
   in either are skipped. Normalising the prediction too puts any non-negative prediction (expected counts, rates,
   probabilities) on one scale; Spearman is unaffected by the log but not by the normalisation.
+- Open/closed prediction (ATAC): per-region AUROC of the predicted score against the observed peak being open
+  (count > 0), across cells, and per-cell AUPRC (average precision) across regions; regions or cells that are all
+  open or all closed are skipped. Ranks only, so no normalisation.
 """
 
 from __future__ import annotations
 
-import anndata as ad
 import numpy as np
-import scanpy as sc
 import scipy.sparse as sp
 from scipy.stats import rankdata
 from sklearn.decomposition import PCA
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics import average_precision_score
 from sklearn.neighbors import NearestNeighbors
 
-RESOLUTIONS = tuple(float(r) for r in np.round(np.arange(0.05, 2.001, 0.05), 2))
 TARGET_SUM = 1e4
-
-
-def cluster_scores(embedding: np.ndarray, labels: np.ndarray, *, exclude: tuple[str, ...] = ("unknown",),
-                   n_neighbors: int = 15, seed: int = 0) -> dict:
-    """ARI/NMI of Leiden clusters of ``embedding`` against ``labels``; resolution chosen label-free (module doc).
-
-    Returns ``ari``, ``nmi``, ``resolution`` and ``n_clusters`` (at the chosen resolution).
-    """
-    labels = np.asarray(labels).astype(str)
-    if len(labels) != len(embedding):
-        raise ValueError(f"{len(embedding)} embedding rows but {len(labels)} labels")
-    keep = ~np.isin(labels, list(exclude))
-    n_labels = len(np.unique(labels[keep]))
-    adata = ad.AnnData(np.ascontiguousarray(embedding, dtype=np.float32))
-    sc.pp.neighbors(adata, n_neighbors=n_neighbors, use_rep="X", transformer="sklearn", random_state=seed)
-    best: tuple[int, float, np.ndarray] | None = None
-    for resolution in RESOLUTIONS:
-        sc.tl.leiden(adata, resolution=resolution, flavor="igraph", n_iterations=2, directed=False,
-                     random_state=seed)
-        clusters = adata.obs["leiden"].to_numpy()
-        gap = abs(len(np.unique(clusters)) - n_labels)
-        if best is None or gap < best[0]:  # strict: ties keep the smaller resolution
-            best = (gap, resolution, clusters)
-        if gap == 0:
-            break
-    _, resolution, clusters = best
-    return {
-        "ari": float(adjusted_rand_score(labels[keep], clusters[keep])),
-        "nmi": float(normalized_mutual_info_score(labels[keep], clusters[keep])),
-        "resolution": resolution,
-        "n_clusters": len(np.unique(clusters)),
-    }
 
 
 def _log_normalised(x: np.ndarray | sp.spmatrix) -> np.ndarray:
@@ -96,6 +59,26 @@ def feature_correlations(pred: np.ndarray | sp.spmatrix, observed: np.ndarray | 
         "pearson_per_feature": pearson,
         "spearman_per_feature": spearman,
     }
+
+
+def open_region_scores(pred: np.ndarray | sp.spmatrix, observed: np.ndarray | sp.spmatrix) -> dict:
+    """``auroc``: mean per-region AUROC across cells; ``auprc``: mean per-cell average precision across regions
+    (module doc). Ties in the prediction count half, as in scikit-learn's ``roc_auc_score``."""
+    if pred.shape != observed.shape:
+        raise ValueError(f"prediction {pred.shape} and observation {observed.shape} differ in shape")
+    p = pred.toarray() if sp.issparse(pred) else np.asarray(pred, dtype=np.float64)
+    o = (observed.toarray() if sp.issparse(observed) else np.asarray(observed)) > 0
+    n_pos = o.sum(axis=0)
+    n_neg = o.shape[0] - n_pos
+    valid = (n_pos > 0) & (n_neg > 0)
+    ranks = rankdata(p[:, valid], axis=0)  # Mann-Whitney U per region
+    u = (ranks * o[:, valid]).sum(axis=0) - n_pos[valid] * (n_pos[valid] + 1) / 2
+    auroc = u / (n_pos[valid] * n_neg[valid])
+    cells = np.flatnonzero(o.any(axis=1) & ~o.all(axis=1))
+    auprc = [average_precision_score(o[i], p[i]) for i in cells]
+    return {"auroc": float(np.mean(auroc)) if len(auroc) else float("nan"),
+            "auprc": float(np.mean(auprc)) if auprc else float("nan"),
+            "n_regions": int(valid.sum()), "n_cells": len(cells)}
 
 
 def rna_pca(rna: np.ndarray | sp.spmatrix, *, n_pcs: int = 50, seed: int = 0) -> np.ndarray:

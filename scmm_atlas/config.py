@@ -30,6 +30,8 @@ class ModelSection:
     dropout: float = 0.1
     learn_prior: bool = True
     batch_covariate: bool = True
+    joint: str = "moe"  # moe | poe | mopoe
+    embedding: str = "mean"  # mean | concat
     modalities: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def build(self, n_features: Mapping[str, int], n_batches: int = 0) -> MMVAEConfig:
@@ -39,14 +41,9 @@ class ModelSection:
             spec = dict(self.modalities.get(name, {}))
             mods[name] = ModalitySpec(n_features=int(n), **spec)
         return MMVAEConfig(modalities=mods, latent_dim=self.latent_dim, faithful=self.faithful, norm=self.norm,
-                           dropout=self.dropout, learn_prior=self.learn_prior,
+                           dropout=self.dropout, learn_prior=self.learn_prior, joint=self.joint,
+                           embedding=self.embedding,
                            n_batches=n_batches if self.batch_covariate and n_batches > 1 else 0)
-
-
-@dataclass
-class FeatureSection:
-    n_top_genes: int = 5000
-    atac_quantile: float = 0.75
 
 
 @dataclass
@@ -74,19 +71,17 @@ class DistributedSection:
 class RunConfig:
     model: ModelSection
     train: FitConfig
-    features: FeatureSection
     distributed: DistributedSection = field(default_factory=DistributedSection)
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": copy.deepcopy(vars(self.model)), "train": dict(vars(self.train)),
-                "features": dict(vars(self.features)), "distributed": copy.deepcopy(vars(self.distributed))}
+                "distributed": copy.deepcopy(vars(self.distributed))}
 
     @classmethod
     def from_dict(cls, tree: Mapping[str, Any], where: str = "<config>") -> RunConfig:
         return cls(model=_section(ModelSection, tree.get("model"), where, "model"),
                    train=_section(FitConfig, tree.get("train"), where, "train"),
-                   features=_section(FeatureSection, tree.get("features"), where, "features"),
                    distributed=_section(DistributedSection, tree.get("distributed"), where, "distributed"),
                    source=where)
 
@@ -149,7 +144,10 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         if not sep:
             raise InputError(item, "override", "expected key=value")
         _set(tree, key.strip(), value, str(p))
-    unknown = set(tree) - {"model", "train", "features", "distributed"}
+    if "features" in tree:
+        raise InputError(p, "features", "feature selection belongs to the store, not to training: choose it at "
+                                        "ingest (--n-top-genes) or with `scmm-atlas stats`, and remove this section")
+    unknown = set(tree) - {"model", "train", "distributed"}
     if unknown:
         raise InputError(p, "sections", f"unknown sections {sorted(unknown)}")
     return RunConfig.from_dict(tree, str(p))

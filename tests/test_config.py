@@ -52,3 +52,28 @@ def test_every_shipped_config_loads_and_the_gpu_one_is_set_for_a_cluster() -> No
     assert gpu.use_gpu and gpu.num_workers == 8 and gpu.bf16 and gpu.storage_path.startswith("s3://")
     over = load_config("atlas_cite", ["distributed.num_workers=3", "distributed.loader.block_cells=1024"])
     assert over.distributed.num_workers == 3 and over.distributed.loader == {"block_cells": 1024}
+
+
+def test_every_key_of_the_shipped_configs_is_a_field_that_training_reads(tmp_path) -> None:
+    """A key in configs/*.yaml must reach the model or the trainer (none silently ignored)."""
+    from dataclasses import fields
+
+    import yaml
+
+    from scmm_atlas.config import CONFIG_DIR, DistributedSection, ModelSection, load_config
+    from scmm_atlas.model import ModalitySpec
+    from scmm_atlas.model.fit import FitConfig
+
+    sections = {"model": ModelSection, "train": FitConfig, "distributed": DistributedSection}
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        tree = yaml.safe_load(path.read_text())
+        assert set(tree) <= set(sections), path
+        for name, cls in sections.items():
+            assert set(tree.get(name, {})) <= {f.name for f in fields(cls)}, (path, name)
+        for spec in tree["model"]["modalities"].values():
+            assert set(spec) <= {f.name for f in fields(ModalitySpec)}, path
+        load_config(path)
+    old = tmp_path / "old.yaml"
+    old.write_text((CONFIG_DIR / "atlas_cite.yaml").read_text() + "features:\n  n_top_genes: 4000\n")
+    with pytest.raises(InputError, match="feature selection belongs to the store"):
+        load_config(old)

@@ -11,8 +11,10 @@ from scmm_atlas.model.distributions import (
     BernoulliCounts,
     Counts,
     Laplace,
+    NBBackgroundMixture,
     NegativeBinomial,
     NegativeBinomialMeanDisp,
+    PoissonCounts,
     ZeroInflatedNB,
     kl_laplace,
 )
@@ -69,6 +71,26 @@ def test_zinb_matches_mixture(dtype: torch.dtype) -> None:
     np.testing.assert_allclose(zinb.log_prob(t(x)).numpy(), expected, rtol=_rtol(dtype) * 10, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_poisson_and_background_mixture_match_scipy(dtype: torch.dtype) -> None:
+    rng = np.random.default_rng(3)
+    x = _counts(rng, (5, 7))
+    t = lambda a: torch.tensor(a, dtype=dtype)  # noqa: E731
+    rate = rng.uniform(0.01, 200, x.shape)
+    np.testing.assert_allclose(PoissonCounts(t(rate), eps=0.0).log_prob(t(x)).numpy(), st.poisson.logpmf(x, rate),
+                               rtol=_rtol(dtype), atol=1e-3 if dtype == torch.float32 else 1e-8)
+    back, fore = rng.uniform(0.5, 20, x.shape), rng.uniform(20, 500, x.shape)
+    theta, pi = rng.uniform(0.5, 10, x.shape[1]), rng.uniform(0.05, 0.95, x.shape)
+    mix = NBBackgroundMixture(t(back), t(fore), t(theta), torch.logit(t(pi)))
+    mix.back.eps = mix.fore.eps = 0.0
+    expected = np.log(pi * st.nbinom.pmf(x, theta, theta / (theta + back))
+                      + (1 - pi) * st.nbinom.pmf(x, theta, theta / (theta + fore)))
+    np.testing.assert_allclose(mix.log_prob(t(x)).numpy(), expected, rtol=_rtol(dtype) * 10,
+                               atol=1e-3 if dtype == torch.float32 else 1e-8)
+    np.testing.assert_allclose(mix.mean.numpy(), pi * back + (1 - pi) * fore, rtol=1e-5)
+    np.testing.assert_allclose(mix.foreground_mean.numpy(), (1 - pi) * fore, rtol=1e-5)
+
+
 def test_bernoulli_on_binarised_counts() -> None:
     logits = torch.tensor([[-2.0, 0.5, 3.0]])
     x = torch.tensor([[0.0, 4.0, 1.0]])
@@ -90,6 +112,7 @@ def test_sparse_row_sums_equal_dense(dtype: torch.dtype) -> None:
     for dist, has_lgamma in [(NegativeBinomial(r, logits), True), (NegativeBinomialMeanDisp(mu, theta), True),
                              (ZeroInflatedNB(NegativeBinomial(r, logits), gate), True),
                              (ZeroInflatedNB(NegativeBinomialMeanDisp(mu, theta), gate), True),
+                             (PoissonCounts(mu), True), (NBBackgroundMixture(mu, mu * 3, theta, gate), True),
                              (BernoulliCounts(logits), False)]:
         dense = dist.log_prob(x).sum(-1)
         rows = dist.log_prob_rows(c) - (lg if has_lgamma else 0)

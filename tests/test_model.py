@@ -90,7 +90,7 @@ def test_three_modalities_and_batch_covariates() -> None:
          "ATAC": (torch.rand(12, 50, generator=g) < 0.1).float()}
     batch = torch.arange(12) % 3
     out = model(x, batch=batch, K=2)
-    assert out.zs["ATAC"].shape == (2, 12, 4)
+    assert out.zs[2].shape == (2, 12, 4)  # components follow the modalities: ATAC is the third
     loss = moe_elbo(model, x, batch=batch, K=2)
     loss.loss.backward()
     assert set(loss.recon) == {"RNA", "ADT", "ATAC"}
@@ -185,3 +185,106 @@ def test_early_stopping_on_validation_restores_best() -> None:
 def test_fewer_than_two_modalities_refused() -> None:
     with pytest.raises(ValueError, match="at least two modalities"):
         MMVAEConfig(modalities={"RNA": {"n_features": 3}})
+
+
+def test_product_of_experts_is_the_gaussian_product_and_skips_absent_experts() -> None:
+    from scmm_atlas.model.distributions import Laplace
+    from scmm_atlas.model.mmvae import product_of_experts
+
+    a = Laplace(torch.tensor([[0.0, 2.0], [1.0, 1.0]]), torch.tensor([[1.0, 0.5], [2.0, 2.0]]))
+    b = Laplace(torch.tensor([[3.0, 2.0], [5.0, 5.0]]), torch.tensor([[2.0, 0.5], [1.0, 1.0]]))
+    have = torch.tensor([[1.0, 1.0], [1.0, 0.0]])  # cell 1 lacks expert b
+    p = product_of_experts([a, b], have)
+    var_a, var_b = 2 * a.scale[0] ** 2, 2 * b.scale[0] ** 2
+    var = 1 / (1 / var_a + 1 / var_b)
+    torch.testing.assert_close(p.loc[0], var * (a.loc[0] / var_a + b.loc[0] / var_b))
+    torch.testing.assert_close(2 * p.scale[0] ** 2, var)  # the product's variance
+    torch.testing.assert_close(p.loc[1], a.loc[1])  # only its own expert
+    torch.testing.assert_close(p.scale[1], a.scale[1])
+
+
+@pytest.mark.parametrize("joint", ["poe", "mopoe"])
+def test_joint_posteriors_average_over_their_components(joint: str) -> None:
+    from scmm_atlas.model.distributions import kl_laplace
+
+    torch.manual_seed(0)
+    model = MMVAE(_config(norm="layernorm", joint=joint)).eval()
+    assert model.components == ([("RNA", "ADT")] if joint == "poe" else [("RNA",), ("ADT",), ("RNA", "ADT")])
+    x = _synthetic(6)
+    mask = {"RNA": torch.ones(6, dtype=torch.bool), "ADT": torch.arange(6) > 0}  # cell 0: RNA only
+    torch.manual_seed(3)
+    total = moe_elbo(model, x, mask=mask, beta=0.5).loss
+    torch.manual_seed(3)
+    out = model(x, mask=mask)
+    lpx = log_likelihoods(model, out, x)
+    kl = torch.stack([kl_laplace(q, model.prior()).sum(-1) for q in out.qc])
+    elbo = lpx["RNA"][:, 0] + lpx["ADT"][:, 0] * mask["ADT"] - 0.5 * kl  # [C, B]
+    if joint == "poe":  # one component, for cell 0 the RNA expert alone
+        assert out.present.tolist() == [[1.0] * 6]
+        torch.testing.assert_close(out.qc[0].loc[0], out.qz["RNA"].loc[0])
+        expected = elbo[0].sum()
+    else:  # cell 0 has only the RNA singleton; the others all three components
+        assert out.present[:, 0].tolist() == [1.0, 0.0, 0.0]
+        expected = elbo[0, 0] + elbo[:, 1:].mean(0).sum()
+    torch.testing.assert_close(total, -expected)
+    emb = model.embed(x, mask=mask)
+    qc, _ = model.joint_components(out.qz, mask)
+    torch.testing.assert_close(emb[1], torch.stack([q.loc[1] for q in qc]).mean(0))  # the mixture's mean
+
+
+def test_iwae_needs_the_mixture_of_experts() -> None:
+    model = MMVAE(_config(joint="poe"))
+    with pytest.raises(ValueError, match=r"need model\.joint=moe"):
+        moe_iwae(model, _synthetic(8), K=2)
+
+
+def test_concatenated_embedding_fills_absent_experts_with_the_joint_mean() -> None:
+    torch.manual_seed(0)
+    model = MMVAE(_config(norm="layernorm", embedding="concat")).eval()
+    assert model.config.embedding_dim == 8
+    x = _synthetic(6)
+    mask = {"RNA": torch.ones(6, dtype=torch.bool), "ADT": torch.arange(6) > 0}
+    emb = model.embed(x, mask=mask)
+    qz = model.encode(x, mask)
+    torch.testing.assert_close(emb[:, :4], qz["RNA"].loc)
+    torch.testing.assert_close(emb[1:, 4:], qz["ADT"].loc[1:])
+    torch.testing.assert_close(emb[0, 4:], qz["RNA"].loc[0])  # cell 0's joint mean is its RNA expert
+
+
+def test_bad_joint_or_embedding_named() -> None:
+    with pytest.raises(ValueError, match=r"model\.joint must be one of"):
+        _config(joint="sum")
+    with pytest.raises(ValueError, match=r"model\.embedding must be one of"):
+        _config(embedding="max")
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "nb_disp", "zinb", "zinb_disp", "bernoulli", "poisson", "nb_mixture"])
+def test_every_likelihood_trains_and_predicts(likelihood: str) -> None:
+    torch.manual_seed(0)
+    mods = {"RNA": {"n_features": 40, "likelihood": "nb_disp", "hidden": 16},
+            "ADT": {"n_features": 6, "likelihood": likelihood, "hidden": 8}}
+    model = MMVAE(_config(modalities=mods, norm="layernorm", n_batches=2))
+    data = CellData(_synthetic(120), batch=np.arange(120) % 2)
+    result = fit(model, data, np.arange(100), np.arange(100, 120),
+                 FitConfig(epochs=12, batch_size=20, lr=1e-2, warmup_epochs=0, patience=50))
+    losses = [r.train_loss for r in result.history]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    mean = model.eval().decode(torch.zeros(3, 4), "ADT", None, torch.tensor([0, 1, 0])).mean
+    assert mean.shape == (3, 6) and torch.isfinite(mean).all() and (mean >= 0).all()
+
+
+def test_kl_weight_and_learning_rate_schedules() -> None:
+    cfg = FitConfig(epochs=11, warmup_epochs=4, kl_weight=0.5, lr=1e-2, lr_schedule="cosine", lr_min_factor=0.1)
+    assert [cfg.beta(e) for e in (1, 3, 5, 9)] == [0.0, 0.25, 0.5, 0.5]
+    assert cfg.lr_at(1) == pytest.approx(1e-2) and cfg.lr_at(11) == pytest.approx(1e-3)
+    assert cfg.lr_at(6) == pytest.approx(0.55e-2)  # halfway down the cosine
+    assert FitConfig(lr=1e-3).lr_at(50) == 1e-3
+    with pytest.raises(ValueError, match=r"train\.lr_schedule must be one of"):
+        FitConfig(lr_schedule="step")
+    torch.manual_seed(0)
+    model = MMVAE(_config(norm="layernorm"))
+    seen = []
+    fit(model, CellData(_synthetic(40)), np.arange(40), None,
+        FitConfig(epochs=3, batch_size=20, lr=1e-2, lr_schedule="cosine", lr_min_factor=0.0, warmup_epochs=0),
+        on_epoch=lambda r: seen.append(r.lr))
+    assert seen == pytest.approx([1e-2, 5e-3, 0.0])

@@ -18,12 +18,12 @@ from scmm_atlas.store.results import index, open_results
 SMALL = InferConfig(block_cells=256, batch_size=100, actors=2, cpus_per_actor=0.5, top_n=3)
 
 
-def _trained(store_uri, version: str = "1", seed: int = 0) -> TrainedModel:
+def _trained(store_uri, version: str = "1", seed: int = 0, **options) -> TrainedModel:
     with open_store(store_uri) as store:
         features = {m: [str(f) for f in store.feature_names(m, "selected")] for m in store.modalities}
     torch.manual_seed(seed)
     mods = {m: {"n_features": len(f), "hidden": 8, "n_layers": 1} for m, f in features.items()}
-    config = MMVAEConfig(modalities=mods, latent_dim=3, n_batches=3)
+    config = MMVAEConfig(modalities=mods, latent_dim=3, n_batches=3, **options)
     model = MMVAE(config)
     return TrainedModel(config=config, state={k: v.clone() for k, v in model.state_dict().items()}, features=features,
                         batches=["b0", "b1", "b2"], version=version, uri=f"test://{version}")
@@ -43,17 +43,19 @@ def _expected(store_uri, trained: TrainedModel):
                        pairs=default_pairs(list(trained.features)), library_size=1e4)
 
 
-@pytest.mark.parametrize("backend", ["zarr", "soma"])
-def test_infer_writes_and_publishes_readable_results(ray_session, planted_stores, backend) -> None:
+@pytest.mark.parametrize(("backend", "options"), [("zarr", {"joint": "mopoe", "embedding": "concat"}), ("soma", {})])
+def test_infer_writes_and_publishes_readable_results(ray_session, planted_stores, backend, options) -> None:
     uri = str(planted_stores[backend])
-    trained = _trained(uri)
+    trained = _trained(uri, **options)
     out = infer(uri, trained, config=SMALL, progress=False)
     assert out.cells == 1000 and out.record["version"] == "1"
     want = _expected(uri, trained)
     with open_store(uri) as store:
         reader = open_results(store)
         np.testing.assert_allclose(reader.embedding("joint"), want.joint, rtol=1e-5, atol=1e-6)
+        assert reader.embedding("joint").shape == (1000, 6 if options else 3)  # concat: both experts side by side
         ada = reader.embedding("ADT")
+        assert ada.shape == (1000, 3)
         assert np.isnan(ada[900:]).all() and not np.isnan(ada[:900]).any()  # the last 100 cells lack ADT
         pred = reader.prediction("RNA", "ADT")
         np.testing.assert_allclose(pred, want.predictions[("RNA", "ADT")], rtol=1e-4)

@@ -161,6 +161,7 @@ def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None =
             pairs = check_pairs(list(cfg.pairs) if cfg.pairs is not None else default_pairs(list(trained.features)),
                                 list(trained.features))
             spec = ResultSpec(version=trained.version, model_uri=trained.uri, latent_dim=trained.config.latent_dim,
+                              joint_dim=trained.config.embedding_dim,
                               modalities=list(trained.features), pairs=pairs,
                               target_features={t: list(trained.features[t]) for _, t in pairs},
                               library_size=cfg.library_size, chunk_rows=math.gcd(cfg.block_cells, CHUNK_ROWS))

@@ -178,6 +178,62 @@ class ZeroInflatedNB:
         return self.nb.sample() * keep
 
 
+class PoissonCounts:
+    """Poisson with rate ``rate`` [N, F] (e.g. ATAC fragment counts, as in Martens et al. 2023)."""
+
+    def __init__(self, rate: torch.Tensor, eps: float = 1e-8) -> None:
+        self.rate, self.eps = rate, eps
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.rate
+
+    def log_prob(self, x: torch.Tensor, lgamma_x1: torch.Tensor | None = None) -> torch.Tensor:
+        lg = lgamma1p(x) if lgamma_x1 is None else lgamma_x1
+        return x * torch.log(self.rate + self.eps) - self.rate - lg
+
+    def log_prob_rows(self, c: Counts) -> torch.Tensor:
+        """[N] sum over features of log_prob without lgamma(x + 1): -rate everywhere, x log rate at the nonzeros."""
+        return _rows(-self.rate, c, c.values * torch.log(_at(self.rate, c) + self.eps))
+
+    def sample(self) -> torch.Tensor:
+        return torch.poisson(self.rate)
+
+
+class NBBackgroundMixture:
+    """Protein counts as totalVI models them: a two-component NB mixture with a shared inverse dispersion
+    ``theta``, a background mean ``mu_back`` and a foreground mean ``mu_fore`` (> background), and the
+    probability of background ``sigmoid(back_logits)`` per cell x protein."""
+
+    def __init__(self, mu_back: torch.Tensor, mu_fore: torch.Tensor, theta: torch.Tensor,
+                 back_logits: torch.Tensor) -> None:
+        self.back = NegativeBinomialMeanDisp(mu_back, theta)
+        self.fore = NegativeBinomialMeanDisp(mu_fore, theta)
+        self.back_logits = back_logits
+
+    @property
+    def mean(self) -> torch.Tensor:
+        pi = torch.sigmoid(self.back_logits)
+        return pi * self.back.mu + (1 - pi) * self.fore.mu
+
+    @property
+    def foreground_mean(self) -> torch.Tensor:
+        """The expected counts without the background (totalVI's denoised protein)."""
+        return torch.sigmoid(-self.back_logits) * self.fore.mu
+
+    def log_prob(self, x: torch.Tensor, lgamma_x1: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.logaddexp(F.logsigmoid(self.back_logits) + self.back.log_prob(x, lgamma_x1),
+                               F.logsigmoid(-self.back_logits) + self.fore.log_prob(x, lgamma_x1))
+
+    def log_prob_rows(self, c: Counts) -> torch.Tensor:
+        """[N] sum over features of log_prob without lgamma(x + 1) (dense: protein panels are small)."""
+        return self.log_prob(c.x, torch.zeros_like(c.x)).sum(-1)
+
+    def sample(self) -> torch.Tensor:
+        back = torch.rand_like(self.back_logits) < torch.sigmoid(self.back_logits)
+        return torch.where(back, self.back.sample(), self.fore.sample())
+
+
 class BernoulliCounts:
     """Bernoulli on binarised counts (x > 0), e.g. ATAC peaks as open / closed."""
 

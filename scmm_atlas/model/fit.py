@@ -4,12 +4,15 @@ Bookkeeping follows the original scMM so that faithful mode's numbers line up wi
 epoch's loss is the sum of the batch losses (each summed over cells) divided by the number of
 cells in the split; beta = (epoch - 1) / W during warm-up, then 1; batches of one cell are
 skipped. Early stopping watches the validation loss only after warm-up, and the best state is
-restored at the end.
+restored at the end. ``kl_weight`` is the KL's weight once warm-up ends (1: the ELBO); the
+learning rate is constant or follows a cosine from ``lr`` to ``lr * lr_min_factor`` over the
+epoch cap. These rules are used by the distributed trainer as well.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +23,8 @@ import torch
 
 from .mmvae import MMVAE
 from .objectives import OBJECTIVES
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -36,16 +41,37 @@ class FitConfig:
     seed: int = 0
     drop_last: bool = True
     grad_clip: float | None = None
+    kl_weight: float = 1.0
+    lr_schedule: str = "constant"  # constant | cosine
+    lr_min_factor: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.kl_weight < 0:
+            raise ValueError(f"train.kl_weight must be >= 0, got {self.kl_weight}")
 
     def beta(self, epoch: int) -> float:
         w = self.warmup_epochs
-        return (epoch - 1) / w if w > 0 and epoch <= w else 1.0
+        return self.kl_weight * ((epoch - 1) / w if w > 0 and epoch <= w else 1.0)
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of ``epoch`` (1-based)."""
+        if self.lr_schedule == "constant" or self.epochs <= 1:
+            return self.lr
+        progress = (epoch - 1) / (self.epochs - 1)
+        return self.lr * (self.lr_min_factor + (1 - self.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def set_lr(self, opt: torch.optim.Optimizer, epoch: int) -> None:
+        for group in opt.param_groups:
+            group["lr"] = self.lr_at(epoch)
 
 
 @dataclass
 class EpochRecord:
     epoch: int
     beta: float
+    lr: float
     train_loss: float  # per cell
     val_loss: float | None
     recon: dict[str, float]  # per cell, training pass
@@ -130,6 +156,7 @@ def fit(model: MMVAE, data: CellData, train_idx: np.ndarray, val_idx: np.ndarray
     train_idx = np.asarray(train_idx)
     for epoch in range(1, cfg.epochs + 1):
         beta = cfg.beta(epoch)
+        cfg.set_lr(opt, epoch)
         model.train()
         order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
         total, recon, kl, seen = 0.0, {}, 0.0, 0
@@ -156,7 +183,7 @@ def fit(model: MMVAE, data: CellData, train_idx: np.ndarray, val_idx: np.ndarray
         if val_idx is not None and len(val_idx):
             val = evaluate(model, data, np.asarray(val_idx), beta=beta, batch_size=cfg.batch_size,
                            objective=cfg.objective, K=cfg.K)
-        rec = EpochRecord(epoch=epoch, beta=beta, train_loss=total / n_train, val_loss=val,
+        rec = EpochRecord(epoch=epoch, beta=beta, lr=cfg.lr_at(epoch), train_loss=total / n_train, val_loss=val,
                           recon={k: v / n_train for k, v in recon.items()}, kl=kl / n_train, train_s=train_s,
                           cells_per_s=seen / max(train_s, 1e-9))
         result.history.append(rec)

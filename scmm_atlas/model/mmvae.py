@@ -1,16 +1,26 @@
 """The MoE-MMVAE (scMM) for any set of modalities, with masks for missing ones.
 
-One encoder and one decoder per modality; the joint posterior is the equal mixture of the experts
-a cell has; every expert's sample decodes every modality. ``faithful`` reproduces the original
-scMM (encoder input counts / library x 1e4 without log, Laplace posterior with softmax scale);
-otherwise atlas mode (log1p of library-normalised counts, free posterior scale). Zero-count cells
-never give NaN: their library is taken as 1, so their input is all zeros.
+One encoder and one decoder per modality. The joint posterior is a mixture of components, each a
+product of experts (``joint``): ``moe`` (scMM): the equal mixture of the experts a cell has;
+``poe``: the product of a cell's experts (one component, MVAE); ``mopoe``: the mixture of the
+products of every subset of the modalities (Sutter et al. 2021), singletons included. Every
+component's sample decodes every modality. Laplace experts have no closed-form product: a product
+is the Laplace with the precision-weighted mean of the experts' locations and the variance of the
+product of Gaussians of the experts' variances (exact for Gaussians; no prior expert).
+
+``faithful`` reproduces the original scMM (encoder input counts / library x 1e4 without log,
+Laplace posterior with softmax scale); otherwise atlas mode (log1p of library-normalised counts,
+free posterior scale). Zero-count cells never give NaN: their library is taken as 1, so their
+input is all zeros. The embedding (``embedding``) is the joint posterior's mean (``mean``: the
+mean of the locations of the components a cell has) or the experts' locations side by side
+(``concat``; an absent expert's block holds the joint mean).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import combinations
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +28,9 @@ from torch import nn
 
 from .distributions import Laplace
 from .networks import Decoder, Encoder
+
+JOINTS = ("moe", "poe", "mopoe")
+EMBEDDINGS = ("mean", "concat")
 
 
 @dataclass
@@ -39,12 +52,23 @@ class MMVAEConfig:
     n_batches: int = 0  # batch/donor covariate (one-hot) into decoders when > 0
     batch_in_encoder: bool = False
     library_scale: float = 1e4
+    joint: str = "moe"  # moe | poe | mopoe (module doc)
+    embedding: str = "mean"  # mean | concat
 
     def __post_init__(self) -> None:
         if len(self.modalities) < 2:
             raise ValueError(f"a MoE-MMVAE needs at least two modalities, got {list(self.modalities)}")
+        if self.joint not in JOINTS:
+            raise ValueError(f"model.joint must be one of {JOINTS}, got {self.joint!r}")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"model.embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
         self.modalities = {k: v if isinstance(v, ModalitySpec) else ModalitySpec(**v)
                            for k, v in self.modalities.items()}
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the joint embedding."""
+        return self.latent_dim * (len(self.modalities) if self.embedding == "concat" else 1)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> MMVAEConfig:
@@ -54,12 +78,14 @@ class MMVAEConfig:
 
 @dataclass
 class MMVAEOutput:
-    """One forward pass: posteriors, samples, and every expert x modality reconstruction."""
+    """One forward pass: posteriors, samples, and every component x modality reconstruction."""
 
     qz: dict[str, Laplace]  # expert -> posterior over the batch (absent rows: placeholders)
-    zs: dict[str, torch.Tensor]  # expert -> [K, B, D] samples
-    # modality -> its reconstruction from every expert's samples: either one distribution per
-    # expert (over [K * B, F]) or a single one over all experts stacked ([M * K * B, F])
+    qc: list[Laplace]  # the joint posterior's components (for moe: the experts, in order)
+    present: torch.Tensor  # [C, B] float: 1 where a cell has the component
+    zs: list[torch.Tensor]  # per component, [K, B, D] samples
+    # modality -> its reconstruction from every component's samples: either one distribution per
+    # component (over [K * B, F]) or a single one over all components stacked ([C * K * B, F])
     px: dict[str, list[object]]
     mask: dict[str, torch.Tensor]  # modality -> [B] bool presence
     library: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> [B, 1]
@@ -80,6 +106,11 @@ class MMVAE(nn.Module):
                        dropout=cfg.dropout, n_batches=cfg.n_batches, library_scale=cfg.library_scale)
             for m, s in cfg.modalities.items()})
         self.prior_logits = nn.Parameter(torch.zeros(1, cfg.latent_dim), requires_grad=cfg.learn_prior)
+        names = tuple(self.names)
+        self.components: list[tuple[str, ...]] = (
+            [(m,) for m in names] if cfg.joint == "moe" else [names] if cfg.joint == "poe"
+            else [c for r in range(1, len(names) + 1) for c in combinations(names, r)])
+
 
     def full_mask(self, x: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every cell has every modality (paired data)."""
@@ -128,31 +159,65 @@ class MMVAE(nn.Module):
         mask = self.full_mask(x) if mask is None else mask
         library = {m: x[m].sum(-1, keepdim=True) for m in self.names}
         qz = self.encode(x, mask, batch, library)
-        zs = {m: q.rsample((K,)) for m, q in qz.items()}
+        qc, present = self.joint_components(qz, mask)
+        zs = [q.rsample((K,)) for q in qc]
         rep_batch = batch.repeat(K) if batch is not None else None
         px: dict[str, list[object]] = {}
         for d in self.names:
             lib = library[d].repeat(K, 1)
             if self.config.norm == "batchnorm":
-                # BatchNorm statistics per expert, as the original computes them.
-                px[d] = [self.decode(zs[e].reshape(K * n, -1), d, lib, rep_batch) for e in self.names]
+                # BatchNorm statistics per component, as the original computes them per expert.
+                px[d] = [self.decode(z.reshape(K * n, -1), d, lib, rep_batch) for z in zs]
             else:
-                # No cross-cell statistics: one decoder call for all experts' samples.
-                z_all = torch.cat([zs[e].reshape(K * n, -1) for e in self.names])
-                m = len(self.names)
-                b_all = rep_batch.repeat(m) if rep_batch is not None else None
-                px[d] = [self.decode(z_all, d, lib.repeat(m, 1), b_all)]
-        return MMVAEOutput(qz=qz, zs=zs, px=px, mask=dict(mask), library=library)
+                # No cross-cell statistics: one decoder call for all components' samples.
+                z_all = torch.cat([z.reshape(K * n, -1) for z in zs])
+                c = len(zs)
+                b_all = rep_batch.repeat(c) if rep_batch is not None else None
+                px[d] = [self.decode(z_all, d, lib.repeat(c, 1), b_all)]
+        return MMVAEOutput(qz=qz, qc=qc, present=present, zs=zs, px=px, mask=dict(mask), library=library)
+
+    def joint_components(self, qz: Mapping[str, Laplace], mask: Mapping[str, torch.Tensor]
+                         ) -> tuple[list[Laplace], torch.Tensor]:
+        """The joint posterior's components and their [C, B] float presence (module doc).
+
+        A component is present where the cell has all its experts; ``poe``'s single product is
+        taken over the experts a cell has, so it is present where the cell has any.
+        """
+        qc, present = [], []
+        for comp in self.components:
+            have = torch.stack([mask[m] for m in comp]).to(qz[comp[0]].loc.dtype)  # [|c|, B]
+            qc.append(qz[comp[0]] if len(comp) == 1 else product_of_experts([qz[m] for m in comp], have))
+            present.append(have.amax(0) if self.config.joint == "poe" else have.amin(0))
+        return qc, torch.stack(present)
 
     @torch.no_grad()
     def embed(self, x: Mapping[str, torch.Tensor], *, mask: Mapping[str, torch.Tensor] | None = None,
               batch: torch.Tensor | None = None) -> torch.Tensor:
-        """Joint embedding: the mean of the locations of the experts each cell has."""
+        """Joint embedding [B, config.embedding_dim] (module doc)."""
         mask = self.full_mask(x) if mask is None else mask
         return self.joint_location(self.encode(x, mask, batch), mask)
 
     def joint_location(self, qz: Mapping[str, Laplace], mask: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """[B, D]: the mean of the locations of the experts each cell has."""
-        weights = torch.stack([mask[m].to(qz[m].loc.dtype) for m in self.names])  # [M, B]
-        locs = torch.stack([qz[m].loc for m in self.names])  # [M, B, D]
-        return (weights.unsqueeze(-1) * locs).sum(0) / weights.sum(0).clamp(min=1).unsqueeze(-1)
+        """[B, config.embedding_dim]: the joint posterior's mean, or the experts' locations side by side."""
+        qc, present = self.joint_components(qz, mask)
+        mean = _weighted_mean(torch.stack([q.loc for q in qc]), present)
+        if self.config.embedding == "mean":
+            return mean
+        return torch.cat([torch.where(mask[m].unsqueeze(-1), qz[m].loc, mean) for m in self.names], dim=-1)
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[B, D]: the mean over the first axis of ``values`` [N, B, D] with ``weights`` [N, B] (0/1)."""
+    return (weights.unsqueeze(-1) * values).sum(0) / weights.sum(0).clamp(min=1).unsqueeze(-1)
+
+
+def product_of_experts(experts: list[Laplace], have: torch.Tensor) -> Laplace:
+    """The product of the Laplace experts a cell has (``have`` [E, B] 0/1), as a Laplace (module doc):
+    precision 1 / (2 b^2) per expert, the precision-weighted mean of the locations, the summed
+    precision's variance. Cells with none of the experts get the first expert's placeholder."""
+    prec = torch.stack([1 / (2 * q.scale.square()) for q in experts]) * have.unsqueeze(-1)  # [E, B, D]
+    total = prec.sum(0)
+    loc = (prec * torch.stack([q.loc for q in experts])).sum(0) / total.clamp(min=1e-12)
+    scale = torch.sqrt(1 / (2 * total.clamp(min=1e-12)))
+    none = (have.sum(0) == 0).unsqueeze(-1)
+    return Laplace(torch.where(none, experts[0].loc, loc), torch.where(none, experts[0].scale, scale))

@@ -9,12 +9,14 @@ from torch import nn
 from .distributions import (
     BernoulliCounts,
     Laplace,
+    NBBackgroundMixture,
     NegativeBinomial,
     NegativeBinomialMeanDisp,
+    PoissonCounts,
     ZeroInflatedNB,
 )
 
-LIKELIHOODS = ("nb", "nb_disp", "zinb", "zinb_disp", "bernoulli")
+LIKELIHOODS = ("nb", "nb_disp", "zinb", "zinb_disp", "bernoulli", "poisson", "nb_mixture")
 NORMS = ("batchnorm", "layernorm", "none")
 
 
@@ -58,7 +60,11 @@ class Decoder(nn.Module):
 
     ``nb``/``zinb``: scMM's NB, total_count = exp(clamp(h, +-12)) * library / 1e4 and per cell x
     feature probs; ``*_disp``: mean = softmax(h) * library with a per-feature (optionally
-    per-batch) dispersion; ``bernoulli``: open/closed peaks.
+    per-batch) dispersion; ``poisson``: rate = softmax(h) * library; ``bernoulli``: open/closed
+    peaks; ``nb_mixture``: proteins as background + foreground (totalVI's idea): a background
+    mean per protein (and batch) at the cell's library relative to ``library_scale``, shifted per
+    cell by a head bounded to +-1 in log space, a foreground 1 + softplus(h) times higher, and a
+    per cell x protein background probability; shared per-protein dispersion.
     """
 
     def __init__(self, latent: int, n_out: int, hidden: int, n_layers: int, *, likelihood: str, norm: str,
@@ -73,8 +79,12 @@ class Decoder(nn.Module):
             self.head_p = nn.Linear(hidden, n_out)
         if likelihood.startswith("zinb"):
             self.head_gate = nn.Linear(hidden, n_out)
-        if likelihood.endswith("_disp"):
+        if likelihood.endswith("_disp") or likelihood == "nb_mixture":
             self.log_theta = nn.Parameter(torch.zeros(max(n_batches, 1), n_out))
+        if likelihood == "nb_mixture":
+            self.back_log_mean = nn.Parameter(torch.zeros(max(n_batches, 1), n_out))
+            self.head_back = nn.Linear(hidden, n_out)
+            self.head_gate = nn.Linear(hidden, n_out)
 
     def forward(self, z: torch.Tensor, library: torch.Tensor | None, batch: torch.Tensor | None = None):
         """``z``: [N, D]; ``library``: [N, 1] counts of the target modality; ``batch``: [N] codes."""
@@ -87,12 +97,23 @@ class Decoder(nn.Module):
         out = self.head(h)
         if self.likelihood == "bernoulli":
             return BernoulliCounts(out)
-        if self.likelihood.endswith("_disp"):
-            # per-batch dispersion as a matmul: indexing (log_theta[batch]) backpropagates through a serial
-            # index_put on CPU, which made steps ~2.5x slower with 10 batches
-            theta = torch.exp(onehot @ self.log_theta if onehot is not None else self.log_theta[0])
+        if self.likelihood == "poisson":
+            return PoissonCounts(F.softmax(out, dim=-1) * library)
+        if self.likelihood.endswith("_disp") or self.likelihood == "nb_mixture":
+            theta = torch.exp(self._per_batch(self.log_theta, onehot))
+            if self.likelihood == "nb_mixture":
+                log_back = (self._per_batch(self.back_log_mean, onehot) + torch.tanh(self.head_back(h))
+                            + torch.log(library.clamp(min=1) / self.library_scale))
+                mu_back = torch.exp(log_back.clamp(max=20))
+                return NBBackgroundMixture(mu_back, mu_back * (1 + F.softplus(out)), theta, self.head_gate(h))
             nb = NegativeBinomialMeanDisp(F.softmax(out, dim=-1) * library, theta)
         else:
             r = torch.exp(out.clamp(-12, 12)) * (library / self.library_scale)
             nb = NegativeBinomial(r, self.head_p(h))
         return ZeroInflatedNB(nb, self.head_gate(h)) if self.likelihood.startswith("zinb") else nb
+
+    @staticmethod
+    def _per_batch(param: torch.Tensor, onehot: torch.Tensor | None) -> torch.Tensor:
+        """A [batches, F] parameter for each cell; as a matmul: indexing (param[batch]) backpropagates
+        through a serial index_put on CPU, which made steps ~2.5x slower with 10 batches."""
+        return onehot @ param if onehot is not None else param[0]

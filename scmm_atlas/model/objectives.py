@@ -1,9 +1,10 @@
-"""Objectives for the MoE-MMVAE: the stratified MoE ELBO with beta warm-up (scMM), and the
-importance-weighted bound (IWAE) and its doubly-reparameterised gradient (DReG) for the mixture
-posterior with K samples per expert (after Shi et al., 2019).
+"""Objectives for the MMVAE: the stratified mixture ELBO with beta warm-up (scMM's MoE ELBO; for
+``poe`` and ``mopoe`` the same average over the joint posterior's components), and, for the MoE
+posterior, the importance-weighted bound (IWAE) and its doubly-reparameterised gradient (DReG)
+with K samples per expert (after Shi et al., 2019).
 
-Missing modalities: a cell's mixture holds only the experts it has, it reconstructs only what
-was observed, and its objective is normalised by its own number of experts. Every function
+Missing modalities: a cell's mixture holds only the components it has, it reconstructs only what
+was observed, and its objective is normalised by its own number of components. Every function
 returns the loss to minimise: minus the objective, summed over the cells of the batch.
 """
 
@@ -34,21 +35,21 @@ def _masks(model: MMVAE, x: Mapping[str, torch.Tensor], mask: Mapping[str, torch
 
 
 def log_likelihoods(model: MMVAE, out: MMVAEOutput, x: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Modality -> [M, K, B]: log p(x_d | z) summed over features, for every expert's samples.
+    """Modality -> [C, K, B]: log p(x_d | z) summed over features, for every component's samples.
 
     The data-only term sum_f lgamma(x + 1) is computed once per cell and modality.
     """
-    m = len(model.names)
-    k = next(iter(out.zs.values())).shape[0]
+    m = len(out.zs)
+    k = out.zs[0].shape[0]
     out_lp = {}
     for d in model.names:
         counts = Counts.from_dense(x[d])
         n = counts.x.shape[0]
         dists = out.px[d]
-        if len(dists) == m:  # one distribution per expert
+        if len(dists) == m:  # one distribution per component
             rep = counts.repeat(k)
             lp = torch.stack([dist.log_prob_rows(rep) for dist in dists]).view(m, k, n)
-        else:  # one distribution over all experts' samples, stacked
+        else:  # one distribution over all components' samples, stacked
             lp = dists[0].log_prob_rows(counts.repeat(m * k)).view(m, k, n)
         if model.config.modalities[d].likelihood != "bernoulli":
             lp = lp - counts.lgamma_rows()
@@ -58,19 +59,21 @@ def log_likelihoods(model: MMVAE, out: MMVAEOutput, x: Mapping[str, torch.Tensor
 
 def moe_elbo(model: MMVAE, x: Mapping[str, torch.Tensor], *, mask: Mapping[str, torch.Tensor] | None = None,
              batch: torch.Tensor | None = None, beta: float = 1.0, K: int = 1) -> Objective:
-    """(1/M_c) sum_m [ sum_d log p(x_d | z_m) - beta KL(q(z|x_m) || p(z)) ], z_m ~ q(z|x_m)."""
+    """(1/C_c) sum_c [ sum_d log p(x_d | z_c) - beta KL(q_c(z|x) || p(z)) ], z_c ~ q_c(z|x), over the
+    components c a cell has (for ``moe`` the experts: scMM's objective)."""
     out = model(x, mask=mask, batch=batch, K=K)
-    present = _masks(model, x, mask)
+    observed = _masks(model, x, mask)  # [M, B]
+    present = out.present  # [C, B]
     lpx = log_likelihoods(model, out, x)
     prior = model.prior()
-    kl = torch.stack([kl_laplace(out.qz[e], prior).sum(-1) for e in model.names])  # [M, B]
-    recon_d = {d: lp.mean(1) * present[i] for i, (d, lp) in enumerate(lpx.items())}  # [M, B] each
-    recon = torch.stack(list(recon_d.values())).sum(0)  # [M, B]
-    per_cell = (present * (recon - beta * kl)).sum(0) / present.sum(0).clamp(min=1)
-    n_experts = present.sum(0).clamp(min=1)
+    kl = torch.stack([kl_laplace(q, prior).sum(-1) for q in out.qc])  # [C, B]
+    recon_d = {d: lp.mean(1) * observed[i] for i, (d, lp) in enumerate(lpx.items())}  # [C, B] each
+    recon = torch.stack(list(recon_d.values())).sum(0)  # [C, B]
+    n_comp = present.sum(0).clamp(min=1)
+    per_cell = (present * (recon - beta * kl)).sum(0) / n_comp
     with torch.no_grad():
-        parts = {d: ((present * r).sum(0) / n_experts).sum() for d, r in recon_d.items()}
-        kl_sum = ((present * kl).sum(0) / n_experts).sum()
+        parts = {d: ((present * r).sum(0) / n_comp).sum() for d, r in recon_d.items()}
+        kl_sum = ((present * kl).sum(0) / n_comp).sum()
     return Objective(loss=-per_cell.sum(), recon=parts, kl=kl_sum)
 
 
@@ -78,13 +81,16 @@ def _log_weights(model: MMVAE, out: MMVAEOutput, x: Mapping[str, torch.Tensor], 
                  detach_q: bool) -> torch.Tensor:
     """[M, K, B] log importance weights log p(x, z) - log q_mix(z | x) of every expert's samples;
     -inf for experts a cell lacks. q_mix is the equal mixture of the cell's own experts."""
+    if model.config.joint != "moe":
+        raise ValueError(f"the iwae and dreg objectives need model.joint=moe (got {model.config.joint!r}); "
+                         "use train.objective=elbo")
     prior = model.prior()
     lpx = log_likelihoods(model, out, x)
-    qs = [out.qz[e].detach() if detach_q else out.qz[e] for e in model.names]
+    qs = [q.detach() if detach_q else q for q in out.qc]
     log_present = torch.log(present)  # 0 or -inf, [M, B]
     lws = []
-    for i, e in enumerate(model.names):
-        z = out.zs[e]  # [K, B, D]
+    for i in range(len(model.names)):
+        z = out.zs[i]  # [K, B, D]
         lpz = prior.log_prob(z).sum(-1)
         lq_each = torch.stack([q.log_prob(z).sum(-1) for q in qs])  # [M, K, B]
         lq_mix = torch.logsumexp(lq_each + log_present.unsqueeze(1), 0) - torch.log(present.sum(0))
@@ -125,8 +131,7 @@ def moe_dreg(model: MMVAE, x: Mapping[str, torch.Tensor], *, mask: Mapping[str, 
         k = lw.shape[1]
         flat = lw.transpose(0, 1).reshape(-1, lw.shape[-1])
         wt = (flat - torch.logsumexp(flat, 0, keepdim=True)).exp().reshape(k, -1, lw.shape[-1]).transpose(0, 1)
-    for i, e in enumerate(model.names):
-        z = out.zs[e]
+    for i, z in enumerate(out.zs):
         if z.requires_grad:
             z.register_hook(lambda g, w=wt[i]: g * w.unsqueeze(-1))
     surrogate = torch.where(present.unsqueeze(1) > 0, wt * lw, torch.zeros_like(lw)).sum()

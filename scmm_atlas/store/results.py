@@ -58,7 +58,7 @@ class ResultSpec:
 
     version: str  # model version (the registry's), or a run id
     model_uri: str
-    latent_dim: int
+    latent_dim: int  # width of each modality's embedding
     modalities: list[str]
     pairs: list[tuple[str, str]]  # (source, target)
     target_features: dict[str, list[str]]  # target modality -> its feature names (the model's)
@@ -68,9 +68,15 @@ class ResultSpec:
     row_start: int = 0  # the first row this attempt writes (> 0 when it extends a published entry)
     entry: str = ""
     created: str = ""
+    joint_dim: int = 0  # width of the joint embedding (0: latent_dim; the experts side by side are wider)
 
     def __post_init__(self) -> None:
         self.pairs = [tuple(p) for p in self.pairs]
+        self.joint_dim = self.joint_dim or self.latent_dim
+
+    def width(self, key: str) -> int:
+        """Columns of the embedding ``key`` (``joint`` or a modality)."""
+        return self.joint_dim if key == JOINT else self.latent_dim
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

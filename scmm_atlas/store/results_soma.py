@@ -45,10 +45,10 @@ def _open(store: Store, mode: str = "r") -> soma.Experiment:
 
 
 def create_entry(store: Store, spec: ResultSpec) -> SomaResultsWriter:
-    n, d, rows = max(spec.n_obs, 1), spec.latent_dim, spec.chunk_rows
+    n, rows = max(spec.n_obs, 1), spec.chunk_rows
     with _open(store, "w") as exp, exp["results"].add_new_collection(spec.entry) as g:
         g.metadata[SPEC_KEY] = json.dumps(spec.to_json())
-        arrays = {array_name(k): d for k in [JOINT, *spec.modalities]}
+        arrays = {array_name(k): spec.width(k) for k in [JOINT, *spec.modalities]}
         arrays.update({f"pred_{pair_name(s, t)}": len(spec.target_features[t]) for s, t in spec.pairs})
         for name, width in arrays.items():
             tiles = {"tiledb": {"create": {"dims": {"soma_dim_0": {"tile": rows}, "soma_dim_1": {"tile": width}}}}}

@@ -60,11 +60,11 @@ def _anndata(parent: zarr.Group, name: str, n_obs: int, var_ids: list[str]) -> t
 def create_entry(store: Store, spec: ResultSpec) -> ZarrResultsWriter:
     results = _results(store, writable=True)
     g = results.create_group(spec.entry, attributes={SPEC_KEY: spec.to_json()})
-    n, d = spec.n_obs, spec.latent_dim
-    rows = spec.chunk_rows
+    n, rows = spec.n_obs, spec.chunk_rows
     cells, ids = _anndata(g, "cells", n, [])
     id_arrays = [ids]
     for key in [JOINT, *spec.modalities]:
+        d = spec.width(key)
         cells["obsm"].create_array(obsm_key(key), shape=(n, d), dtype="float32", chunks=(rows, d), compressors=CODEC,
                                    fill_value=np.nan, attributes={"encoding-type": "array", **_ENC})
     for source, target in spec.pairs:

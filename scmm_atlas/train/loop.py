@@ -135,6 +135,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     bar = _EpochBar(tr.epochs, st.epoch) if rank == 0 and cfg.get("progress") else None
     for epoch in range(st.epoch + 1, tr.epochs + 1):
         beta = tr.beta(epoch)
+        tr.set_lr(opt, epoch)
         model.train()
         parts, cells = torch.zeros(len(loss_module.part_names), dtype=torch.float64, device=device), 0
         wait0, t0, cpu0 = train_data.stats.wait_s, time.perf_counter(), time.thread_time()
@@ -169,7 +170,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
             [sums[k] for k in keys] + [val_sum, val_cells, wait, epoch_s, thread_cpu], device), strict=True))
         n = max(reduced["cells"], 1.0)
         val = reduced["val_sum"] / reduced["val_cells"] if reduced["val_cells"] else None
-        metrics = {"epoch": epoch, "step": st.step, "beta": beta, "train_loss": reduced["loss"] / n,
+        metrics = {"epoch": epoch, "step": st.step, "beta": beta, "lr": tr.lr_at(epoch),
+                   "train_loss": reduced["loss"] / n,
                    "kl": reduced["kl"] / n, "cells_per_s": reduced["cells"] / (reduced["epoch_s"] / world),
                    "data_wait_frac": reduced["wait"] / max(reduced["epoch_s"], 1e-9),
                    "train_thread_cpu_frac": reduced["thread_cpu"] / max(reduced["epoch_s"], 1e-9),

@@ -39,7 +39,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI for logging the figures")
 
     p = sub.add_parser("query", help="read published results for a cell filter or a latent dim")
-    p.add_argument("what", choices=("embeddings", "predictions", "programs", "versions"))
+    p.add_argument("what", choices=("embeddings", "predictions", "programs", "markers", "versions"))
     p.add_argument("--store", required=True, metavar="URI")
     p.add_argument("--version", metavar="V", help="a published version (default: the latest)")
     p.add_argument("--where", action="append", default=[], metavar="COL=V1,V2",
@@ -52,6 +52,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", metavar="F,...", help="predictions: only these features")
     p.add_argument("--modality", help="programs: one modality")
     p.add_argument("--direction", choices=("up", "down"), help="programs: one direction")
+    p.add_argument("--resolution", type=float, default=1.0, help="markers: Leiden resolution of the clusters")
+    p.add_argument("--sub-resolution", type=float, default=0.3,
+                   help="markers: Leiden resolution of the sub-clusters inside each label (default 0.3)")
+    p.add_argument("--label-key", default="cell_type", help="markers: the obs column whose labels are sub-clustered")
+    p.add_argument("--top", type=int, default=10, help="markers: features per group and modality (default 10)")
+    p.add_argument("--max-cells", type=int, default=20_000, help="markers: cells drawn (default 20,000)")
     p.add_argument("--out", metavar="FILE", help=f"write {'/'.join(FORMATS)} instead of printing a table")
     p.add_argument("--limit", type=int, default=20, help="rows printed in the terminal (default 20)")
 
@@ -91,6 +97,13 @@ def run_infer(args: argparse.Namespace) -> None:
 def run_query(args: argparse.Namespace) -> None:
     from . import results
 
+    if args.what == "markers":
+        from .evaluate.report import store_markers
+
+        table = store_markers(args.store, version=args.version, max_cells=args.max_cells, label_key=args.label_key,
+                              resolution=args.resolution, sub_resolution=args.sub_resolution, top=args.top)
+        _output(table, args.out, args.limit)
+        return
     with results.open(args.store, args.version) as res:
         ids = args.ids.split(",") if args.ids else None
         if args.what == "versions":

@@ -23,8 +23,10 @@ def test_demo_runs_the_pipeline_on_real_data_and_prints_the_summary(data_dir: Pa
     assert not (tmp_path / "runs" / "demo" / "stale").exists()
     assert lines[0] == "cells: 6,855; modalities: RNA (6,855 cells), ADT (6,855 cells)"
     assert re.search(r"training: 3 epochs in \d+ s", out)
-    ari = re.search(r"7 labels, \d+ Leiden clusters\): ARI (0\.\d+), NMI (0\.\d+)", out)
+    ari = re.search(r"7 labels\): ARI (0\.\d+), NMI (0\.\d+) at the best-NMI resolution", out)
     assert ari and float(ari.group(1)) > 0.2 and float(ari.group(2)) > 0.3  # 3 epochs: rough, not random
+    fair = re.search(r"15-NN accuracy (0\.\d+); bio-conservation (0\.\d+)", out)
+    assert fair and float(fair.group(1)) > 0.7 and 0.3 < float(fair.group(2)) < 1  # random labels: ~0.4 / ~0.2
     held = re.search(r"RNA -> ADT on (\d+) held-out cells: mean Pearson r (0\.\d+)", out)
     assert held and 500 < int(held.group(1)) < 900 and float(held.group(2)) > 0.15  # random: ~0
     assert len(re.findall(r"program of dim \d+: RNA up: \S+, \S+, \S+; RNA down: ", out)) == 3

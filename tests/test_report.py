@@ -64,6 +64,11 @@ def test_query_outputs(published, tmp_path, capsys) -> None:
     assert "unknown format" in capsys.readouterr().err
     assert main(["query", "predictions", "--store", uri, "--target", "GEX"]) == 2
     assert "predicts no GEX" in capsys.readouterr().err
+    assert main(["query", "markers", "--store", uri, "--top", "3", "--out", str(tmp_path / "m.csv")]) == 0
+    marks = pd.read_csv(tmp_path / "m.csv")
+    assert set(marks["level"]) == {"cluster"}  # the planted store has no labels to sub-cluster
+    assert set(marks["modality"]) == {"RNA", "ADT"} and marks["rank"].max() == 3
+    assert marks["pval_adj"].between(0, 1).all() and marks["frac_in"].between(0, 1).all()
 
 
 def test_report_figures(published, tmp_path) -> None:
@@ -79,5 +84,6 @@ def test_report_figures(published, tmp_path) -> None:
             assert np.asarray(img.convert("L")).std() > 5  # not a blank canvas
     page = (tmp_path / "rep" / "index.html").read_text()
     assert all(f'src="{n}"' in page for n in names)
+    assert "markers of each cluster" in page and len(pd.read_csv(tmp_path / "rep" / "markers.csv")) > 0
     assert done["numbers"]["cells_shown"] == 600 and done["numbers"]["leiden_clusters"] >= 2
     assert done["mlflow_run"] is None  # a model folder: nothing to log to

@@ -7,6 +7,9 @@ in the model's MLflow run.
 - ``<T>_clusters.png`` / ``<T>_scatter.png`` (a protein modality predicted from another): observed vs
   predicted per Leiden cluster (heatmap, each protein z-scored across clusters) and per protein
   (scatter of log1p per-10k values, Pearson r in each title).
+- ``markers.csv`` and a table on the page: the top differential features of each Leiden cluster
+  and of the sub-clusters inside each labelled type (:mod:`.markers`), over the cells that have
+  every modality, on the store's selected features.
 
 At most ``max_cells`` cells (a seeded random sample) are drawn; the store is read a slice at a time.
 """
@@ -24,6 +27,7 @@ import pandas as pd
 from ..store import Store, open_store
 from ..store.base import HASH_CHUNK
 from ..store.results import ResultsReader, open_results
+from .markers import markers
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +82,7 @@ def _umap(emb: np.ndarray, labels: pd.Series, path: Path, seed: int) -> np.ndarr
     import scanpy as sc
 
     adata = ad.AnnData(np.nan_to_num(emb).astype(np.float32))
-    sc.pp.neighbors(adata, use_rep="X", n_neighbors=15, random_state=seed)
+    sc.pp.neighbors(adata, use_rep="X", n_neighbors=15, transformer="sklearn", random_state=seed)
     sc.tl.leiden(adata, resolution=1.0, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
     sc.tl.umap(adata, random_state=seed)
     clusters = adata.obs["leiden"].astype(int).to_numpy()
@@ -183,6 +187,49 @@ def _protein(store: Store, reader: ResultsReader, rows: np.ndarray, clusters: np
     return [heat, scatter], {f"{target}_from_{source}_median_pearson": float(np.nanmedian(r))}
 
 
+UNLABELLED = ("", "unknown", "nan")
+
+
+def markers_of(store: Store, reader: ResultsReader, rows: np.ndarray, *, label_key: str = "cell_type",
+               resolution: float = 1.0, sub_resolution: float = 0.3, top: int = 10, seed: int = 0) -> pd.DataFrame:
+    """:func:`.markers.markers` of the published embedding for the cells ``rows`` that have every modality;
+    sub-clusters inside each value of ``label_key`` except the unlabelled ones."""
+    obs = read_obs(store, rows, [label_key, *(f"has_{m}" for m in store.modalities)])
+    complete = np.logical_and.reduce([obs[f"has_{m}"].to_numpy(bool) for m in store.modalities])
+    rows, labels = rows[complete], obs[label_key].astype(str).to_numpy()[complete]
+    labels = np.where(np.isin(labels, UNLABELLED), "", labels)
+    counts = {}
+    for mod in store.modalities:
+        names = list(store.feature_names(mod, "selected"))
+        counts[mod] = (read_counts(store, mod, rows, names), names)
+    table = markers(reader.embedding("joint", rows), counts, labels=labels if (labels != "").any() else None,
+                    resolution=resolution, sub_resolution=sub_resolution, top=top, seed=seed)
+    return table[~table["group"].astype(str).str.startswith("/")]  # the unlabelled cells' sub-clusters
+
+
+def store_markers(store_uri: str, *, version: str | None = None, max_cells: int = 20_000, seed: int = 0,
+                  **options: Any) -> pd.DataFrame:
+    """``scmm-atlas query markers``: :func:`markers_of` for a seeded sample of at most ``max_cells`` cells."""
+    with open_store(store_uri) as store:
+        reader = open_results(store, version)
+        return markers_of(store, reader, sample_rows(reader.n_obs, max_cells, seed), seed=seed, **options)
+
+
+def _markers_html(table: pd.DataFrame, per_group: int = 4) -> str:
+    """Sub-clusters (else clusters): per group and modality, its top features with log2 fold changes."""
+    level = "subcluster" if (table["level"] == "subcluster").any() else "cluster"
+    lines = []
+    for group, g in table[table["level"] == level].groupby("group", sort=True):
+        cells = [f"{html.escape(str(m))}: " + ", ".join(
+            f"{html.escape(str(r.feature))} ({r.log2fc:+.1f})" for r in gm[gm["rank"] <= per_group].itertuples())
+            for m, gm in g.groupby("modality", sort=False)]
+        lines.append(f"<tr><td>{html.escape(str(group))}</td><td>{int(g['n_cells'].iloc[0])}</td>"
+                     f"<td>{'<br>'.join(cells)}</td></tr>")
+    return (f"<h2>markers of each {level} (Wilcoxon, top {per_group}, log2 fold change; all in markers.csv)</h2>"
+            f"<table border='1' cellpadding='3'><tr><th>{level}</th><th>cells</th><th>top features</th></tr>"
+            + "".join(lines) + "</table>")
+
+
 def report(store_uri: str, out_dir: str | Path, *, version: str | None = None, max_cells: int = 20_000,
            top: int = 5, seed: int = 0, tracking: str | None = None) -> dict[str, Any]:
     """Write the figures and ``index.html`` into ``out_dir``; log them to the model's MLflow run when
@@ -200,20 +247,22 @@ def report(store_uri: str, out_dir: str | Path, *, version: str | None = None, m
         protein, numbers = _protein(store, reader, rows, clusters, out)
         figures += protein
         numbers.update({"cells_shown": len(rows), "leiden_clusters": len(np.unique(clusters))})
+        table = markers_of(store, reader, rows, seed=seed)
         record = reader.record
+    table.to_csv(out / "markers.csv", index=False)
     page = out / "index.html"
-    page.write_text(_html(store_uri, record, figures, numbers))
-    run_id = _log_to_mlflow(record, [*figures, page], tracking)
+    page.write_text(_html(store_uri, record, figures, numbers, _markers_html(table) if len(table) else ""))
+    run_id = _log_to_mlflow(record, [*figures, out / "markers.csv", page], tracking)
     return {"figures": [str(p) for p in figures], "html": str(page), "numbers": numbers, "mlflow_run": run_id}
 
 
-def _html(store_uri: str, record: dict, figures: list[Path], numbers: dict) -> str:
+def _html(store_uri: str, record: dict, figures: list[Path], numbers: dict, extra: str = "") -> str:
     items = "\n".join(f'<h2>{html.escape(p.stem)}</h2><img src="{html.escape(p.name)}" style="max-width:100%">'
                       for p in figures)
     facts = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in
                     {**{k: record[k] for k in ("version", "model_uri", "time", "n_cells")}, **numbers}.items())
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>scmm-atlas report</title></head><body>"
-            f"<h1>scmm-atlas results of {html.escape(store_uri)}</h1><ul>{facts}</ul>{items}</body></html>\n")
+            f"<h1>scmm-atlas results of {html.escape(store_uri)}</h1><ul>{facts}</ul>{items}{extra}</body></html>\n")
 
 
 def _log_to_mlflow(record: dict, paths: list[Path], tracking: str | None) -> str | None:

@@ -1,6 +1,8 @@
 """The numbers a finished pipeline prints: what the store holds and how good the published results are.
 
-- ARI / NMI of Leiden clusters of the joint embedding against the store's ``cell_type`` labels;
+- how well the joint embedding keeps the store's ``cell_type`` labels (:mod:`.embedding`: NMI / ARI at
+  the best resolution and at the label count, silhouette, cLISI, isolated labels, 15-NN accuracy and
+  their bio-conservation aggregate; iLISI and the batch aggregate without kBET where there are batches);
 - cross-modal prediction quality on the **held-out** cells (the training layout's validation split,
   which the model never trained on): per-feature Pearson r of log-normalised observed vs predicted
   counts, over the cells that have the target modality;
@@ -18,7 +20,8 @@ import pandas as pd
 from ..data.layout import is_validation, layout_uri, read_info
 from ..store import StoreError, open_store
 from ..store.results import open_results
-from .metrics import cluster_scores, feature_correlations
+from .embedding import embedding_scores
+from .metrics import feature_correlations
 from .report import read_counts, read_obs, sample_rows
 
 
@@ -27,7 +30,7 @@ class Summary:
     n_cells: int
     modalities: dict[str, int]  # cells that have each modality
     version: str
-    clustering: dict[str, Any] | None  # ari, nmi, n_clusters, n_labels (None: the store has no labels)
+    clustering: dict[str, Any] | None  # embedding_scores + n_labels (None: the store has no labels)
     heldout: dict[str, dict[str, float]]  # "ADT_from_RNA" -> mean / median Pearson, cells
     programs: pd.DataFrame = field(default_factory=pd.DataFrame)  # dim, modality, direction, features
 
@@ -36,8 +39,12 @@ class Summary:
                                                                     for m, n in self.modalities.items())]
         if self.clustering:
             c = self.clustering
-            out.append(f"joint embedding vs cell_type labels ({c['n_labels']} labels, {c['n_clusters']} Leiden "
-                       f"clusters): ARI {c['ari']:.3f}, NMI {c['nmi']:.3f}")
+            out.append(f"joint embedding vs cell_type labels ({c['n_labels']} labels): ARI {c['ari']:.3f}, NMI "
+                       f"{c['nmi']:.3f} at the best-NMI resolution ({c['ari_k']:.3f} / {c['nmi_k']:.3f} at the label "
+                       f"count); silhouette {c['silhouette']:.3f}, cLISI {c['clisi']:.3f}, isolated labels "
+                       f"{c['isolated_asw']:.3f} (F1 {c['isolated_f1']:.3f}), 15-NN accuracy {c['knn_acc']:.3f}; "
+                       f"bio-conservation {c['bio']:.3f}"
+                       + (f"; batch mixing {c['batch']:.3f} (iLISI {c['ilisi']:.3f})" if "batch" in c else ""))
         for pair, v in self.heldout.items():
             target, _, source = pair.partition("_from_")
             out.append(f"{source} -> {target} on {v['cells']:,} held-out cells: mean Pearson r {v['mean_pearson']:.3f} "
@@ -71,11 +78,13 @@ def summarise(store_uri: str, *, version: str | None = None, max_cells: int = 20
         modalities = {m: int(has[f"has_{m}"].sum()) for m in store.modalities}
         clustering = None
         rows = sample_rows(n, max_cells, seed)
-        labels = read_obs(store, rows, ["cell_type"])["cell_type"].astype(str).to_numpy()
+        obs = read_obs(store, rows, ["cell_type", "batch"])
+        labels = obs["cell_type"].astype(str).to_numpy()
         known = ~np.isin(labels, ["", "unknown", "nan"])
         if known.sum() > 10 and len(np.unique(labels[known])) > 1:
             emb = reader.embedding("joint", rows[known])
-            scores = cluster_scores(emb, labels[known], seed=seed)
+            scores = embedding_scores(emb, labels[known], batch=obs["batch"].astype(str).to_numpy()[known],
+                                      seed=seed, kbet=False)
             clustering = {**scores, "n_labels": len(np.unique(labels[known]))}
         layout = read_info(layout_uri(store.uri))
         if layout is None:

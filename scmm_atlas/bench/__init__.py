@@ -28,6 +28,7 @@ BENCHES = {
     "faithful": "scmm_atlas.bench.faithful",
     "step": "scmm_atlas.bench.step",
     "quality": "scmm_atlas.bench.quality",
+    "sweep": "scmm_atlas.bench.sweep",
     "loader": "scmm_atlas.bench.loader",
     "train": "scmm_atlas.bench.train",
     "infer": "scmm_atlas.bench.infer",

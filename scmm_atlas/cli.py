@@ -111,7 +111,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", metavar="DIR", help="where generated data and stores go (default: a temp dir)")
     p.add_argument("--no-scaling", action="store_true", help="skip the run at twice the cells (ingest)")
     p.add_argument("--no-full-epoch", action="store_true", help="scale: skip the full epoch over the largest store")
-    p.add_argument("--epochs", type=int, metavar="N", help="cap training epochs (quality, sweep; default: the configs')")
+    p.add_argument("--epochs", type=int, metavar="N",
+                   help="cap training epochs (quality, sweep; default: the configs')")
     p.add_argument("--seeds", type=int, metavar="N",
                    help="initialisations averaged per config (faithful: default 1; quality: default 3)")
     p.add_argument("--grid", metavar="FILE", help="sweep: YAML {cite|rna_atac: {name: [key=value, ...]}}")

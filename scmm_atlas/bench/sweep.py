@@ -44,7 +44,7 @@ def _variant(data: Dataset, name: str, overrides: list[str], epochs: int | None,
     model, train_s, n_epochs = train_ours(data, overrides, epochs=epochs)
     emb, pred = embed_and_predict(model, data, data.val, data.val)
     return {"system": name, "dataset": data.name, "overrides": " ".join(overrides) or "-",
-            **score(data, data.val, embedding=emb, kbet=False),
+            **score(data, data.val, embedding=emb),
             **prediction_scores(data.target, pred, data.counts[data.target][data.val]),
             "train_s": train_s, "epochs": n_epochs}
 

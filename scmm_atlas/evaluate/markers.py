@@ -13,6 +13,7 @@ nonzero count in and outside the group.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import anndata as ad
@@ -52,8 +53,11 @@ def _rank(x: sp.csr_matrix, names: list[str], groups: np.ndarray, top: int) -> p
     adata = ad.AnnData(x[keep], obs=obs,
                        var=pd.DataFrame(index=pd.Index(names).astype(str)))
     adata.var_names_make_unique()
-    sc.tl.rank_genes_groups(adata, "g", method="wilcoxon", pts=True, n_genes=min(top, len(names)),
-                            tie_correct=True)
+    with warnings.catch_warnings():  # scanpy: 0/0 z-scores of features constant in a pair, fragmented frames
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
+        sc.tl.rank_genes_groups(adata, "g", method="wilcoxon", pts=True, n_genes=min(top, len(names)),
+                                tie_correct=True)
     table = sc.get.rank_genes_groups_df(adata, group=None)
     table["rank"] = table.groupby("group", observed=True).cumcount() + 1
     table["n_cells"] = table["group"].map(counts).astype(int)

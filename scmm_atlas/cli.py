@@ -115,6 +115,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="cap training epochs (quality, sweep; default: the configs')")
     p.add_argument("--seeds", type=int, metavar="N",
                    help="initialisations averaged per config (faithful: default 1; quality: default 3)")
+    p.add_argument("--systems", metavar="S,...", help="quality: some of scmm-atlas,scvi,wnn,knn (default: all)")
     p.add_argument("--grid", metavar="FILE", help="sweep: YAML {cite|rna_atac: {name: [key=value, ...]}}")
     p.add_argument("--jobs", type=int, metavar="N", help="sweep: variants trained at once (default 1)")
     p.add_argument("--gpu", action="store_true",

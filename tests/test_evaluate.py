@@ -140,6 +140,11 @@ def test_graph_scores_of_the_embeddings_own_neighbours_match_embedding_scores():
     for key in ("nmi", "ari", "nmi_k", "ari_k", "isolated_f1", "knn_acc", "graph_connectivity"):
         assert graph[key] == pytest.approx(full[key], abs=1e-9), key
     assert np.isnan(graph["silhouette"]) and np.isnan(graph["bio"]) and graph["bio_graph"] > 0.9
+    assert graph["clisi"] == pytest.approx(1.0, abs=1e-3)
+    cut = labels.copy()
+    cut[::2] = "unknown"  # scoring only half the cells leaves ~7 neighbours per row: refused, not -1 LISI
+    with pytest.raises(ValueError, match="need >= 15"):
+        graph_scores(kneighbors_graph(emb, 15, mode="distance"), cut)
 
 
 def test_isolated_labels_follow_batches_when_they_differ():

@@ -164,6 +164,9 @@ def graph_scores(distances, labels: np.ndarray, *, batch: np.ndarray | None = No
     d = sp.csr_matrix(d)
     d.eliminate_zeros()
     k = int(np.diff(d.indptr).min())
+    if k < 15:
+        raise ValueError(f"a graph row has {k} neighbours among the scored cells (need >= 15): build the graph on "
+                         "the labelled cells only")
     idx, dist = np.zeros((d.shape[0], k), dtype=np.int64), np.zeros((d.shape[0], k))
     for i in range(d.shape[0]):
         row = slice(d.indptr[i], d.indptr[i + 1])

@@ -58,8 +58,7 @@ def run_child(system: str, module: str, *args: str, env: dict[str, str] | None =
     return result
 
 
-def machine() -> str:
-    """The CPU model, its widest vector extension, cores and the denormal setting, for the bench's header."""
+def _cpuinfo() -> tuple[str, str]:
     model, flags = "unknown CPU", ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -67,10 +66,22 @@ def machine() -> str:
             if key.strip() == "model name" and model == "unknown CPU":
                 model = value.strip()
             elif key.strip() == "flags" and not flags:
-                flags = value
-    isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
-    return (f"CPU: {model} ({isa}), {os.cpu_count()} logical CPUs; denormals not flushed (torch's default) "
-            "in every system")
+                flags = value + " "
+    return model, flags
+
+
+def vector_isa() -> str:
+    """This CPU's widest vector extension: "AVX-512", "AVX2" or "no AVX2" (CPU speeds compare only within one)."""
+    flags = _cpuinfo()[1]
+    return "AVX-512" if " avx512f " in flags else "AVX2" if " avx2 " in flags else "no AVX2"
+
+
+def machine() -> str:
+    """The CPU model, its vector extensions, cores and the denormal setting, for the bench's header."""
+    model, flags = _cpuinfo()
+    amx = ", AMX" if " amx_tile " in flags else ""
+    return (f"CPU: {model} ({vector_isa()}{amx}), {os.cpu_count()} logical CPUs; denormals not flushed "
+            "(torch's default) in every system")
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:

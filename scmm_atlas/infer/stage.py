@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from ..data.cluster import ensure_ray
+from ..memory import keep_freed_buffers
 from ..store import Store, open_store
 from ..store.errors import StoreError
 from ..store.results import ResultSpec, begin, extend, open_writer, publish
@@ -100,6 +101,7 @@ class BlockInfer:
     def __init__(self, store_uri: str, entry: str, trained: TrainedModel, features: FeatureMap,
                  config: InferConfig) -> None:
         torch.set_num_threads(config.torch_threads)
+        keep_freed_buffers()
         self.model, self.trained, self.features, self.cfg = trained.build(), trained, features, config
         self.store = open_store(store_uri)
         self.writer = open_writer(self.store, entry)

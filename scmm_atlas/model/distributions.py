@@ -15,8 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fused import NBLogitsRows, NBSoftmaxRows
+
 # logit(1 - 1e-8): the original clamps NB probs to [1e-8, 1 - 1e-8]; clamping the logit is the same.
 PROBS_LOGIT_LIMIT = math.log((1 - 1e-8) / 1e-8)
+TOTAL_COUNT_LOG_LIMIT = 12.0  # scMM clamps the log total count to +-12
 
 
 def lgamma1p(x: torch.Tensor) -> torch.Tensor:
@@ -26,38 +29,54 @@ def lgamma1p(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Counts:
-    """A minibatch of counts [N, F] with its nonzeros located once.
+    """A minibatch of counts [N, F], possibly stacked ``times`` times, with its nonzeros located once.
 
     Count likelihoods split into a dense part that is cheap (no lgamma) and a part that is zero
     wherever x = 0; :meth:`log_prob_rows` evaluates the second only at the nonzeros (RNA is ~90 %
-    zeros), which removes most lgamma/digamma work from the step.
+    zeros), which removes most lgamma/digamma work from the step. Stacking (one block per expert
+    and sample) repeats the nonzeros' indices, not the dense counts.
     """
 
-    x: torch.Tensor  # [N, F]
-    nz: torch.Tensor  # [nnz] flat indices into x
+    data: torch.Tensor  # [N, F]: one block of counts
+    nz: torch.Tensor  # [nnz] flat indices into the stacked [times * N, F]
     values: torch.Tensor  # [nnz]
     rows: torch.Tensor  # [nnz] row of each nonzero
     cols: torch.Tensor  # [nnz] column of each nonzero
+    times: int = 1
 
     @classmethod
     def from_dense(cls, x: torch.Tensor) -> Counts:
         nz = torch.flatten(x).nonzero().squeeze(-1)
         n_cols = x.shape[1]
-        return cls(x=x, nz=nz, values=torch.flatten(x)[nz], rows=nz // n_cols, cols=nz % n_cols)
+        return cls(data=x, nz=nz, values=torch.flatten(x)[nz], rows=nz // n_cols, cols=nz % n_cols)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.times * self.data.shape[0], self.data.shape[1]
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The stacked counts, dense (materialised: only for small panels)."""
+        return self.data if self.times == 1 else self.data.repeat(self.times, 1)
+
+    def block(self) -> Counts:
+        """The first block alone (its nonzeros lead the stacked ones)."""
+        k = len(self.nz) // self.times
+        return Counts(data=self.data, nz=self.nz[:k], values=self.values[:k], rows=self.rows[:k], cols=self.cols[:k])
 
     def lgamma_rows(self) -> torch.Tensor:
         """[N] sum over features of lgamma(x + 1) (zeros contribute 0)."""
-        return self.x.new_zeros(self.x.shape[0]).index_add(0, self.rows, torch.lgamma(self.values + 1))
+        return self.values.new_zeros(self.shape[0]).index_add(0, self.rows, torch.lgamma(self.values + 1))
 
     def repeat(self, times: int) -> Counts:
         """The same counts stacked ``times`` times ([times * N, F]), e.g. once per expert and sample."""
         if times == 1:
             return self
-        n, f = self.x.shape
+        n, f = self.shape
         offsets = torch.arange(times, device=self.nz.device).repeat_interleave(len(self.nz))
-        return Counts(x=self.x.repeat(times, 1), nz=self.nz.repeat(times) + offsets * (n * f),
-                      values=self.values.repeat(times), rows=self.rows.repeat(times) + offsets * n,
-                      cols=self.cols.repeat(times))
+        return Counts(data=self.data, nz=self.nz.repeat(times) + offsets * (n * f), values=self.values.repeat(times),
+                      rows=self.rows.repeat(times) + offsets * n, cols=self.cols.repeat(times),
+                      times=self.times * times)
 
 
 def _rows(dense: torch.Tensor, c: Counts, sparse: torch.Tensor) -> torch.Tensor:
@@ -67,18 +86,42 @@ def _rows(dense: torch.Tensor, c: Counts, sparse: torch.Tensor) -> torch.Tensor:
 
 def _at(t: torch.Tensor, c: Counts) -> torch.Tensor:
     """``t`` ([N, F], or [F] per feature) at the nonzeros of ``c``."""
-    return t[c.cols] if t.dim() == 1 else torch.flatten(t.expand_as(c.x))[c.nz]
+    return t.index_select(0, c.cols) if t.dim() == 1 else t.expand(c.shape).reshape(-1).index_select(0, c.nz)
 
 
 class NegativeBinomial:
     """NB in scMM's (torch's) parameterisation: ``total_count`` r and success ``logits``.
 
-    pmf(k) = C(k + r - 1, k) p^k (1 - p)^r, mean r p / (1 - p), p = sigmoid(logits).
+    pmf(k) = C(k + r - 1, k) p^k (1 - p)^r, mean r p / (1 - p), p = sigmoid(logits). Made by
+    :meth:`from_heads` (scMM's decoder heads), :meth:`log_prob_rows` runs the fused kernel of
+    ``fused.NBLogitsRows``; the values are the same.
     """
 
-    def __init__(self, total_count: torch.Tensor, logits: torch.Tensor) -> None:
-        self.total_count = total_count
-        self.logits = logits.clamp(-PROBS_LOGIT_LIMIT, PROBS_LOGIT_LIMIT)
+    def __init__(self, total_count: torch.Tensor | None, logits: torch.Tensor | None) -> None:
+        self._total_count = total_count
+        self._logits = logits.clamp(-PROBS_LOGIT_LIMIT, PROBS_LOGIT_LIMIT) if logits is not None else None
+        self.heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def from_heads(cls, count_head: torch.Tensor, logit_head: torch.Tensor, lib_scaled: torch.Tensor
+                   ) -> NegativeBinomial:
+        """r = exp(clamp(count_head, +-12)) * lib_scaled, logits = logit_head (scMM's decoder)."""
+        nb = cls(None, None)
+        nb.heads = (count_head, logit_head, lib_scaled)
+        return nb
+
+    @property
+    def total_count(self) -> torch.Tensor:
+        if self._total_count is None:
+            a, _, lib_scaled = self.heads
+            self._total_count = torch.exp(a.clamp(-TOTAL_COUNT_LOG_LIMIT, TOTAL_COUNT_LOG_LIMIT)) * lib_scaled
+        return self._total_count
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self.heads[1].clamp(-PROBS_LOGIT_LIMIT, PROBS_LOGIT_LIMIT)
+        return self._logits
 
     @property
     def probs(self) -> torch.Tensor:
@@ -105,7 +148,9 @@ class NegativeBinomial:
 
     def log_prob_rows(self, c: Counts) -> torch.Tensor:
         """[N] sum over features of log_prob without lgamma(x + 1)."""
-        return _rows(self.log_prob_zero(), c, self.log_prob_extra(c))
+        if self.heads is None or self.heads[2].requires_grad:
+            return _rows(self.log_prob_zero(), c, self.log_prob_extra(c))
+        return NBLogitsRows.apply(*self.heads, c.nz, c.values, TOTAL_COUNT_LOG_LIMIT, PROBS_LOGIT_LIMIT)
 
     def sample(self) -> torch.Tensor:
         rate = torch.distributions.Gamma(self.total_count, torch.exp(-self.logits)).sample()
@@ -113,10 +158,29 @@ class NegativeBinomial:
 
 
 class NegativeBinomialMeanDisp:
-    """NB with mean ``mu`` and inverse dispersion ``theta`` (scVI's parameterisation)."""
+    """NB with mean ``mu`` and inverse dispersion ``theta`` (scVI's parameterisation).
 
-    def __init__(self, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8) -> None:
-        self.mu, self.theta, self.eps = mu, theta, eps
+    Made by :meth:`from_logits` (mu = softmax(logits) * library), :meth:`log_prob_rows` runs the
+    fused kernel of ``fused.NBSoftmaxRows``; the values are the same.
+    """
+
+    def __init__(self, mu: torch.Tensor | None, theta: torch.Tensor, eps: float = 1e-8) -> None:
+        self._mu, self.theta, self.eps = mu, theta, eps
+        self.logits: torch.Tensor | None = None
+        self.library: torch.Tensor | None = None
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, library: torch.Tensor, theta: torch.Tensor,
+                    eps: float = 1e-8) -> NegativeBinomialMeanDisp:
+        nb = cls(None, theta, eps)
+        nb.logits, nb.library = logits, library
+        return nb
+
+    @property
+    def mu(self) -> torch.Tensor:
+        if self._mu is None:
+            self._mu = F.softmax(self.logits, dim=-1) * self.library
+        return self._mu
 
     @property
     def mean(self) -> torch.Tensor:
@@ -141,7 +205,18 @@ class NegativeBinomialMeanDisp:
 
     def log_prob_rows(self, c: Counts) -> torch.Tensor:
         """[N] sum over features of log_prob without lgamma(x + 1)."""
-        return _rows(self.log_prob_zero(), c, self.log_prob_extra(c))
+        if self.logits is None or self.library.requires_grad:
+            return _rows(self.log_prob_zero(), c, self.log_prob_extra(c))
+        theta, eps = self.theta, self.eps
+        out = NBSoftmaxRows.apply(self.logits, self.library, theta, c.nz, c.values, eps)
+        const = theta * torch.log(theta + eps)
+        out = out + (const.sum() if theta.dim() == 1 else const.sum(-1))
+        if theta.dim() == 1:  # the lgamma terms do not change between stacked blocks: once per cell
+            b = c.block()
+            lg = torch.lgamma(b.values + theta.index_select(0, b.cols)) - torch.lgamma(theta).index_select(0, b.cols)
+            return out + b.values.new_zeros(b.shape[0]).index_add(0, b.rows, lg).repeat(c.times)
+        t_nz = _at(theta, c)
+        return out.index_add(0, c.rows, torch.lgamma(c.values + t_nz) - torch.lgamma(t_nz))
 
     def sample(self) -> torch.Tensor:
         rate = torch.distributions.Gamma(self.theta, self.theta / (self.mu + self.eps)).sample()

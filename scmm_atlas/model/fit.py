@@ -21,6 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ..memory import keep_freed_buffers
 from .mmvae import MMVAE
 from .objectives import OBJECTIVES
 
@@ -122,6 +123,15 @@ class CellData:
         return x, mask, self.batch[tidx] if self.batch is not None else None
 
 
+def adam(params: list[torch.nn.Parameter], *, lr: float, amsgrad: bool = True, weight_decay: float = 0.0
+         ) -> torch.optim.Adam:
+    """Adam as every trainer here builds it: the fused kernel (one pass over the parameters
+    instead of ~12 per-tensor passes; the same update up to float rounding) where the parameters
+    allow it (float32 on the CPU or a GPU), else the default implementation."""
+    fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, amsgrad=amsgrad, weight_decay=weight_decay, fused=fused or None)
+
+
 def _batches(idx: np.ndarray, batch_size: int, *, drop_last: bool) -> list[np.ndarray]:
     stop = len(idx) - len(idx) % batch_size if drop_last else len(idx)
     return [idx[i : i + batch_size] for i in range(0, stop, batch_size)]
@@ -146,10 +156,11 @@ def evaluate(model: MMVAE, data: CellData, idx: np.ndarray, *, beta: float, batc
 def fit(model: MMVAE, data: CellData, train_idx: np.ndarray, val_idx: np.ndarray | None, cfg: FitConfig, *,
         on_epoch: Callable[[EpochRecord], None] | None = None) -> FitResult:
     """Train ``model`` on ``train_idx``; early-stop on ``val_idx`` (never on test cells)."""
+    keep_freed_buffers()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr, amsgrad=cfg.amsgrad, weight_decay=cfg.weight_decay)
+    opt = adam(params, lr=cfg.lr, amsgrad=cfg.amsgrad, weight_decay=cfg.weight_decay)
     objective = OBJECTIVES[cfg.objective]
     result = FitResult()
     best_state, bad_epochs = None, 0

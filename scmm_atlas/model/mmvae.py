@@ -84,9 +84,8 @@ class MMVAEOutput:
     qc: list[Laplace]  # the joint posterior's components (for moe: the experts, in order)
     present: torch.Tensor  # [C, B] float: 1 where a cell has the component
     zs: list[torch.Tensor]  # per component, [K, B, D] samples
-    # modality -> its reconstruction from every component's samples: either one distribution per
-    # component (over [K * B, F]) or a single one over all components stacked ([C * K * B, F])
-    px: dict[str, list[object]]
+    # modality -> its reconstruction from every component's samples, stacked: rows [C * K * B, F]
+    px: dict[str, object]
     mask: dict[str, torch.Tensor]  # modality -> [B] bool presence
     library: dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> [B, 1]
 
@@ -162,18 +161,19 @@ class MMVAE(nn.Module):
         qc, present = self.joint_components(qz, mask)
         zs = [q.rsample((K,)) for q in qc]
         rep_batch = batch.repeat(K) if batch is not None else None
-        px: dict[str, list[object]] = {}
+        px: dict[str, object] = {}
+        c = len(zs)
+        b_all = rep_batch.repeat(c) if rep_batch is not None else None
         for d in self.names:
-            lib = library[d].repeat(K, 1)
+            lib = library[d].repeat(K * c, 1)
+            dec = self.decoders[d]
             if self.config.norm == "batchnorm":
-                # BatchNorm statistics per component, as the original computes them per expert.
-                px[d] = [self.decode(z.reshape(K * n, -1), d, lib, rep_batch) for z in zs]
-            else:
-                # No cross-cell statistics: one decoder call for all components' samples.
-                z_all = torch.cat([z.reshape(K * n, -1) for z in zs])
-                c = len(zs)
-                b_all = rep_batch.repeat(c) if rep_batch is not None else None
-                px[d] = [self.decode(z_all, d, lib.repeat(c, 1), b_all)]
+                # BatchNorm statistics per component, as the original computes them per expert; the
+                # heads (the widest layers) run once over every component's rows.
+                h = torch.cat([dec.hidden(z.reshape(K * n, -1), rep_batch) for z in zs])
+            else:  # no cross-cell statistics: one body call for all components' samples
+                h = dec.hidden(torch.cat([z.reshape(K * n, -1) for z in zs]), b_all)
+            px[d] = dec.heads(h, lib, b_all)
         return MMVAEOutput(qz=qz, qc=qc, present=present, zs=zs, px=px, mask=dict(mask), library=library)
 
     def joint_components(self, qz: Mapping[str, Laplace], mask: Mapping[str, torch.Tensor]

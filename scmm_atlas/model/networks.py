@@ -88,12 +88,19 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, library: torch.Tensor | None, batch: torch.Tensor | None = None):
         """``z``: [N, D]; ``library``: [N, 1] counts of the target modality; ``batch``: [N] codes."""
+        return self.heads(self.hidden(z, batch), library, batch)
+
+    def hidden(self, z: torch.Tensor, batch: torch.Tensor | None = None) -> torch.Tensor:
+        """The body's output [N, hidden] (the only part with cross-cell statistics, under BatchNorm)."""
+        if self.n_batches:
+            z = torch.cat([z, F.one_hot(batch, self.n_batches).to(z.dtype)], dim=-1)
+        return self.body(z)
+
+    def heads(self, h: torch.Tensor, library: torch.Tensor | None, batch: torch.Tensor | None = None):
+        """The likelihood of the body's output ``h`` (row-wise: rows may come from several body calls)."""
         if library is None:  # decoded means at a fixed library size (per 10k counts by default)
-            library = torch.full((z.shape[0], 1), self.library_scale, dtype=z.dtype, device=z.device)
-        onehot = F.one_hot(batch, self.n_batches).to(z.dtype) if self.n_batches else None
-        if onehot is not None:
-            z = torch.cat([z, onehot], dim=-1)
-        h = self.body(z)
+            library = torch.full((h.shape[0], 1), self.library_scale, dtype=h.dtype, device=h.device)
+        onehot = F.one_hot(batch, self.n_batches).to(h.dtype) if self.n_batches else None
         out = self.head(h)
         if self.likelihood == "bernoulli":
             return BernoulliCounts(out)
@@ -106,10 +113,9 @@ class Decoder(nn.Module):
                             + torch.log(library.clamp(min=1) / self.library_scale))
                 mu_back = torch.exp(log_back.clamp(max=20))
                 return NBBackgroundMixture(mu_back, mu_back * (1 + F.softplus(out)), theta, self.head_gate(h))
-            nb = NegativeBinomialMeanDisp(F.softmax(out, dim=-1) * library, theta)
+            nb = NegativeBinomialMeanDisp.from_logits(out, library, theta)
         else:
-            r = torch.exp(out.clamp(-12, 12)) * (library / self.library_scale)
-            nb = NegativeBinomial(r, self.head_p(h))
+            nb = NegativeBinomial.from_heads(out, self.head_p(h), library / self.library_scale)
         return ZeroInflatedNB(nb, self.head_gate(h)) if self.likelihood.startswith("zinb") else nb
 
     @staticmethod

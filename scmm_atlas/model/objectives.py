@@ -45,12 +45,7 @@ def log_likelihoods(model: MMVAE, out: MMVAEOutput, x: Mapping[str, torch.Tensor
     for d in model.names:
         counts = Counts.from_dense(x[d])
         n = counts.x.shape[0]
-        dists = out.px[d]
-        if len(dists) == m:  # one distribution per component
-            rep = counts.repeat(k)
-            lp = torch.stack([dist.log_prob_rows(rep) for dist in dists]).view(m, k, n)
-        else:  # one distribution over all components' samples, stacked
-            lp = dists[0].log_prob_rows(counts.repeat(m * k)).view(m, k, n)
+        lp = out.px[d].log_prob_rows(counts.repeat(m * k)).view(m, k, n)
         if model.config.modalities[d].likelihood != "bernoulli":
             lp = lp - counts.lgamma_rows()
         out_lp[d] = lp

@@ -25,7 +25,9 @@ import torch.distributed as dist
 from ..config import RunConfig
 from ..data.feeder import Feeders
 from ..data.loader import Batch, LoaderConfig, ShardLoader
+from ..memory import keep_freed_buffers
 from ..model import MMVAE
+from ..model.fit import adam
 from ..model.objectives import OBJECTIVES
 from . import state as ckpt
 from .state import TrainState
@@ -97,6 +99,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, dist_cfg.torch_threads or int(dist_cfg.cpus_per_worker)))
+    keep_freed_buffers()
     loader_cfg = LoaderConfig(**{"batch_size": tr.batch_size, "seed": tr.seed, "drop_last": True, **dist_cfg.loader})
     feeders = Feeders(readers=loader_cfg.readers, cpus=loader_cfg.read_cpus)  # shared by both loaders
     train_data = ShardLoader.for_train_worker(cfg["store"], loader_cfg, feeders=feeders)
@@ -114,7 +117,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     loss_module = LossModule(model, tr.objective, tr.K)
     wrapped = ray.train.torch.prepare_model(loss_module)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=tr.lr, amsgrad=tr.amsgrad, weight_decay=tr.weight_decay)
+    opt = adam(params, lr=tr.lr, amsgrad=tr.amsgrad, weight_decay=tr.weight_decay)
     st, best_model = TrainState(), None
     # this run's last checkpoint after a worker failure, else the one a resumed run starts from
     restored = ray.train.get_checkpoint() or (ray.train.Checkpoint(cfg["resume_from"]) if cfg.get("resume_from")

@@ -22,7 +22,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "else sqlite:///runs/mlflow.db)")
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
     p.add_argument("--pairs", metavar="S:T,...", help="predictions to write, e.g. RNA:ADT,ATAC:RNA "
-                   "(default: every modality from every other)")
+                   "(default: every modality from every other, into targets of <= 1,000 features)")
     p.add_argument("--library-size", default="1e4", metavar="N|model",
                    help="predictions per N counts (default 1e4); 'model': the model's library scale")
     p.add_argument("--traversal", choices=("atlas", "faithful"), default="atlas", help="program traversal")

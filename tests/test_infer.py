@@ -51,6 +51,10 @@ def test_predictions_ignore_the_target_and_use_the_stated_library() -> None:
 def test_pairs_are_checked() -> None:
     assert default_pairs(["RNA", "ADT", "ATAC"]) == [("ADT", "RNA"), ("ATAC", "RNA"), ("RNA", "ADT"),
                                                      ("ATAC", "ADT"), ("RNA", "ATAC"), ("ADT", "ATAC")]
+    # by default no wide target: proteins from RNA and ATAC, not 4,000 genes or 50,000 peaks
+    widths = {"RNA": 4000, "ADT": 100, "ATAC": 50_000}
+    assert default_pairs(["RNA", "ADT", "ATAC"], widths) == [("RNA", "ADT"), ("ATAC", "ADT")]
+    assert default_pairs(["RNA", "ADT"], widths, max_target_features=4000) == [("ADT", "RNA"), ("RNA", "ADT")]
     with pytest.raises(ValueError, match="no modality 'ATAC'"):
         check_pairs([("RNA", "ATAC")], ["RNA", "ADT"])
     with pytest.raises(ValueError, match="not predicted from itself"):

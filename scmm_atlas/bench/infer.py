@@ -4,9 +4,11 @@ Data: the CITE-like set of ``bench train`` (50,000 cells x 4,000 genes + 100 pro
 store. The model has ``bench train``'s widths (weights at their initialisation: the work per cell
 does not depend on their values). Each system runs in its own process, 2 torch threads in all.
 
-- ``scmm-atlas``: ``scmm-atlas infer`` (Ray Data actor pool, embeddings + both cross-modal
-  predictions written to the store and published); ``programs_s``: the pseudocell programs of a
-  model with 20 latent dims and ``PROGRAM_FEATURES`` RNA features (traversals, Spearman, ranking).
+- ``scmm-atlas``: ``scmm-atlas infer`` with its default outputs (Ray Data actor pool, embeddings
+  and the proteins predicted from RNA written to the store and published); ``programs_s``: the
+  pseudocell programs of a model with 20 latent dims and ``PROGRAM_FEATURES`` RNA features
+  (traversals, Spearman, ranking).
+- ``scmm-atlas +RNA``: the same with RNA predicted from the proteins as well (4,000 genes per cell).
 - ``totalVI``: scvi-tools' ``get_latent_representation`` on the counts in memory (no writes).
 """
 
@@ -53,8 +55,11 @@ def _ours(spec: dict) -> dict:
     ray.init(address="local", num_cpus=2, object_store_memory=512 << 20, include_dashboard=False,
              log_to_driver=False, configure_logging=False, runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}},
              _system_config=LOCAL_SYSTEM_CONFIG)
-    result = infer(spec["store"], _model(features), config=InferConfig(programs=False), progress=False)
+    pairs = (("RNA", "ADT"), ("ADT", "RNA")) if spec["system"] == "scmm-atlas +RNA" else None
+    result = infer(spec["store"], _model(features), config=InferConfig(programs=False, pairs=pairs), progress=False)
     ray.shutdown()
+    if pairs is not None:
+        return {"cells_per_s": result.cells_per_s, "programs_s": None}
     big = _model({"RNA": [f"g{i}" for i in range(PROGRAM_FEATURES)], "ADT": features["ADT"]}).build()
     t0 = time.perf_counter()
     table = programs(big, {"RNA": [f"g{i}" for i in range(PROGRAM_FEATURES)], "ADT": features["ADT"]}).table
@@ -97,7 +102,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         print(f"generated and ingested {cells:,} cells x {genes:,} genes ({time.perf_counter() - t0:.0f} s)",
               flush=True)
         spec = {k: str(v) for k, v in data.items()}
-        for system in ("scmm-atlas", "totalVI"):
+        for system in ("scmm-atlas", "scmm-atlas +RNA", "totalVI"):
             row = {"system": system, "cells": cells,
                    **run_child(system, "scmm_atlas.bench.infer", json.dumps({**spec, "system": system}))}
             rows.append(row)
@@ -105,9 +110,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     print()
     print(format_table(rows, ["system", "cells", "cells_per_s", "programs_s", "peak_pss_mib", "monitor_cpu_frac"]))
     ours = rows[0]
-    print(f"\ntarget >= {TARGET_CELLS_PER_S:,} cells/s including writes: {ours['cells_per_s']:,.0f} "
-          f"({'met' if ours['cells_per_s'] >= TARGET_CELLS_PER_S else 'MISSED'}); totalVI's latent (no writes): "
-          f"{rows[1]['cells_per_s']:,.0f}")
+    print(f"\ntarget >= {TARGET_CELLS_PER_S:,} cells/s including writes (default outputs): "
+          f"{ours['cells_per_s']:,.0f} ({'met' if ours['cells_per_s'] >= TARGET_CELLS_PER_S else 'MISSED'}); "
+          f"with RNA from ADT: {rows[1]['cells_per_s']:,.0f}; totalVI's latent (no writes): "
+          f"{rows[2]['cells_per_s']:,.0f}")
     print(f"target programs (20 dims x {PROGRAM_FEATURES:,} features) <= {TARGET_PROGRAMS_S:.0f} s: "
           f"{ours['programs_s']:.1f} s ({'met' if ours['programs_s'] <= TARGET_PROGRAMS_S else 'MISSED'})")
     return rows

@@ -43,7 +43,7 @@ class InferConfig:
     actors: int = 0  # 0: one per CPU, at most 4
     cpus_per_actor: float = 1.0
     torch_threads: int = 1
-    pairs: tuple[tuple[str, str], ...] | None = None  # None: every modality from every other
+    pairs: tuple[tuple[str, str], ...] | None = None  # None: predict.default_pairs (targets <= 1,000 features)
     library_size: float | None = 1e4  # predictions per this many counts; None: the model's library scale
     programs: bool = True
     programs_mode: str = "atlas"  # or "faithful"
@@ -160,8 +160,9 @@ def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None =
     with open_store(store_uri) as store:
         features = FeatureMap(store, trained)
         if extend_record is None:
-            pairs = check_pairs(list(cfg.pairs) if cfg.pairs is not None else default_pairs(list(trained.features)),
-                                list(trained.features))
+            widths = {m: len(f) for m, f in trained.features.items()}
+            asked = list(cfg.pairs) if cfg.pairs is not None else default_pairs(list(trained.features), widths)
+            pairs = check_pairs(asked, list(trained.features))
             spec = ResultSpec(version=trained.version, model_uri=trained.uri, latent_dim=trained.config.latent_dim,
                               joint_dim=trained.config.embedding_dim,
                               modalities=list(trained.features), pairs=pairs,

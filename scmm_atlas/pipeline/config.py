@@ -61,7 +61,7 @@ class TrainSection:
 
 @dataclass
 class InferSection:
-    pairs: list[str] | None = None  # "SOURCE:TARGET"; None: every modality from every other
+    pairs: list[str] | None = None  # "SOURCE:TARGET"; None: predict.default_pairs (targets <= 1,000 features)
     library_size: float | None = 1e4
     traversal: str = "atlas"
     top_n: int = 50

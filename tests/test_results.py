@@ -15,7 +15,7 @@ from scmm_atlas.model import MMVAE, MMVAEConfig
 from scmm_atlas.store import open_store
 from scmm_atlas.store.results import index, open_results
 
-SMALL = InferConfig(block_cells=256, batch_size=100, actors=2, cpus_per_actor=0.5, top_n=3)
+SMALL = InferConfig(block_cells=256, batch_size=100, actors=2, cpus_per_actor=0.5, top_n=3, executor="ray")
 
 
 def _trained(store_uri, version: str = "1", seed: int = 0, **options) -> TrainedModel:
@@ -43,11 +43,12 @@ def _expected(store_uri, trained: TrainedModel):
                        pairs=default_pairs(list(trained.features)), library_size=1e4)
 
 
-@pytest.mark.parametrize(("backend", "options"), [("zarr", {"joint": "mopoe", "embedding": "concat"}), ("soma", {})])
-def test_infer_writes_and_publishes_readable_results(ray_session, planted_stores, backend, options) -> None:
+@pytest.mark.parametrize(("backend", "options", "executor"),
+                         [("zarr", {"joint": "mopoe", "embedding": "concat"}, "local"), ("soma", {}, "ray")])
+def test_infer_writes_and_publishes_readable_results(ray_session, planted_stores, backend, options, executor) -> None:
     uri = str(planted_stores[backend])
     trained = _trained(uri, **options)
-    out = infer(uri, trained, config=SMALL, progress=False)
+    out = infer(uri, trained, config=InferConfig(**{**SMALL.__dict__, "executor": executor}), progress=False)
     assert out.cells == 1000 and out.record["version"] == "1"
     want = _expected(uri, trained)
     with open_store(uri) as store:
@@ -107,8 +108,10 @@ def test_killed_inference_keeps_the_previous_version_and_rerun_completes(ray_ses
     with open_store(uri) as store:
         before = open_results(store).embedding("joint")
     v2 = _trained(uri, "2", seed=1)
-    with pytest.raises(Exception, match="injected inference fault"):
-        infer(uri, v2, config=InferConfig(**{**SMALL.__dict__, "fault_at_block": 2}), progress=False)
+    for executor in ("ray", "local"):
+        with pytest.raises(Exception, match="injected inference fault"):
+            infer(uri, v2, config=InferConfig(**{**SMALL.__dict__, "fault_at_block": 2, "executor": executor}),
+                  progress=False)
     with open_store(uri) as store:
         assert [e["version"] for e in index(store)] == ["1"]  # the half-written v2 is not visible
         reader = open_results(store)

@@ -1,11 +1,16 @@
-"""The batch inference stage: Ray Data over the store's cell blocks, an actor pool, results published.
+"""The batch inference stage: the store's cell blocks over a pool of workers, results published.
 
 Blocks of ``block_cells`` cells (aligned with the results' storage chunks, so that writers never
-share a chunk) go to a pool of actors; each actor builds the model once, reads its blocks from the
+share a chunk) go to a pool of workers; each builds the model once, reads its blocks from the
 store (the model's features, matched by name), computes embeddings and predictions, and writes
 them into the results entry being written (a new one, or a published one extended with appended
 cells). The driver then computes the pseudocell programs and
 publishes the entry (one metadata write). Memory is bounded by the block size, not the store.
+
+Workers (``executor``): on a Ray cluster (a ``ray_address``, or ``RAY_ADDRESS`` as under ``ray job
+submit``) a Ray Data actor pool; on one machine, threads of this process (torch and the stores'
+codecs release the GIL). Starting actors costs ~5 s of process start, imports and Ray Data set-up
+before the first block, more than the whole work on a store of 50,000 cells.
 """
 
 from __future__ import annotations
@@ -13,13 +18,17 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
+import queue
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from ..data.cluster import ensure_ray
@@ -34,15 +43,17 @@ from .source import TrainedModel
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 4096  # rows per results chunk (a block's rows start at a multiple of it)
+EXECUTORS = ("auto", "ray", "local")
 
 
 @dataclass(frozen=True)
 class InferConfig:
     block_cells: int = 16384  # cells per actor call
     batch_size: int = 4096  # cells per forward pass inside a block
-    actors: int = 0  # 0: one per CPU, at most 4
+    actors: int = 0  # workers; 0: one per CPU, at most 4
     cpus_per_actor: float = 1.0
     torch_threads: int = 1
+    executor: str = "auto"  # ray | local | auto: ray on a cluster (module doc), else local
     pairs: tuple[tuple[str, str], ...] | None = None  # None: predict.default_pairs (targets <= 1,000 features)
     library_size: float | None = 1e4  # predictions per this many counts; None: the model's library scale
     programs: bool = True
@@ -54,6 +65,13 @@ class InferConfig:
         for name in ("block_cells", "batch_size", "top_n"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"InferConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"InferConfig.executor must be one of {EXECUTORS}, got {self.executor!r}")
+
+    def uses_ray(self, ray_address: str | None) -> bool:
+        if self.executor == "auto":
+            return bool(ray_address or os.environ.get("RAY_ADDRESS"))
+        return self.executor == "ray"
 
 
 @dataclass
@@ -128,24 +146,30 @@ class BlockInfer:
         # each minibatch is written as soon as it is made, its rows chunk-aligned
         edges = block_edges(start, stop, self.writer.spec.chunk_rows, self.cfg.batch_size)
         for lo, hi in zip(edges[:-1] - start, edges[1:] - start, strict=True):
-            out = infer_batch(self.model, {m: v[lo:hi] for m, v in x.items()},
+            out = infer_batch(self.model, {m: _torch_csr(v[lo:hi]) for m, v in x.items()},
                               mask={m: v[lo:hi] for m, v in mask.items()},
                               batch=codes[lo:hi] if self.model.config.n_batches else None,
                               pairs=self.pairs, library_size=self.cfg.library_size)
             self.writer.write_cells(start + lo, out.joint, out.per_modality, out.predictions)
 
-    def _counts(self, mod: str, start: int, stop: int) -> tuple[torch.Tensor, np.ndarray]:
-        """Dense float32 counts in the model's feature order, and which rows have any count."""
+    def _counts(self, mod: str, start: int, stop: int) -> tuple[sp.csr_matrix, np.ndarray]:
+        """float32 CSR counts in the model's feature order, and which rows have any count."""
         cols, pos, width = self.features.columns[mod], self.features.positions[mod], self.features.n_features[mod]
         if not len(cols):
-            return torch.zeros(stop - start, width), np.zeros(stop - start, bool)
-        mat = self.store.read(mod, start, stop, cols).astype(np.float32)
-        nonzero = np.diff(mat.indptr) > 0
-        if len(pos) == width:  # every feature found, in order: densify directly
-            return torch.from_numpy(mat.toarray()), nonzero
-        dense = np.zeros((stop - start, width), dtype=np.float32)
-        dense[:, pos] = mat.toarray()
-        return torch.from_numpy(dense), nonzero
+            return sp.csr_matrix((stop - start, width), dtype=np.float32), np.zeros(stop - start, bool)
+        mat = sp.csr_matrix(self.store.read(mod, start, stop, cols), dtype=np.float32)
+        if len(pos) != width:  # some features missing: the found ones to their places in the model's order
+            mat = sp.csr_matrix((mat.data, pos[mat.indices], mat.indptr), shape=(stop - start, width))
+        mat.sort_indices()
+        return mat, np.diff(mat.indptr) > 0
+
+
+def _torch_csr(mat: sp.csr_matrix) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(torch.from_numpy(mat.indptr.astype(np.int64)),
+                                       torch.from_numpy(mat.indices.astype(np.int64)), torch.from_numpy(mat.data),
+                                       size=mat.shape, check_invariants=False)  # scipy's CSR, indices sorted
 
 
 def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None = None, ray_address: str | None = None,
@@ -180,7 +204,8 @@ def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None =
         blocks = [{"block": i, "start": int(a), "stop": int(b)}
                   for i, (a, b) in enumerate(itertools.pairwise(edges)) if b > a]
         t_cells = time.perf_counter()
-        done = _run_blocks(store, spec.entry, blocks, trained, features, cfg, ray_address, progress) if blocks else 0
+        run_blocks = _run_blocks if cfg.uses_ray(ray_address) else _run_local
+        done = run_blocks(store, spec.entry, blocks, trained, features, cfg, ray_address, progress) if blocks else 0
         cells_s = time.perf_counter() - t_cells
         t_prog = time.perf_counter()
         if cfg.programs and extend_record is None:
@@ -209,6 +234,41 @@ def _run_blocks(store: Store, entry: str, blocks: list[dict[str, int]], trained:
         for row in ds.iter_rows():
             done += int(row["cells"])
             bar.update(int(row["cells"]))
+    return done
+
+
+def _run_local(store: Store, entry: str, blocks: list[dict[str, int]], trained: TrainedModel, features: FeatureMap,
+               cfg: InferConfig, ray_address: str | None, progress: bool) -> int:
+    """The blocks on threads of this process, each with its own :class:`BlockInfer`; the first
+    failure stops the rest (the entry stays unpublished, as with actors)."""
+    del ray_address
+    n_workers = min(cfg.actors or max(1, min(4, int((os.cpu_count() or 1) // cfg.cpus_per_actor))), len(blocks))
+    threads = torch.get_num_threads()
+    idle: queue.SimpleQueue[BlockInfer] = queue.SimpleQueue()
+    for _ in range(n_workers):
+        idle.put(BlockInfer(store.uri.uri, entry, trained, features, cfg))
+
+    def run(block: dict[str, int]) -> int:
+        worker = idle.get()
+        try:
+            return int(worker({k: np.array([v]) for k, v in block.items()})["cells"].sum())
+        finally:
+            idle.put(worker)
+
+    done = 0
+    try:
+        with ThreadPoolExecutor(n_workers) as pool, _progress(sum(b["stop"] - b["start"] for b in blocks),
+                                                              progress) as bar:
+            futures = [pool.submit(run, b) for b in blocks]
+            try:
+                for future in futures:
+                    done += future.result()
+                    bar.update(future.result())
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+    finally:
+        torch.set_num_threads(threads)  # the workers set this process's torch threads
     return done
 
 

@@ -122,20 +122,30 @@ class MMVAE(nn.Module):
         return Laplace(torch.zeros_like(scale), scale)
 
     def encoder_input(self, x: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
+        """Library-normalised counts (log1p in atlas mode); a sparse CSR ``x`` stays sparse (both maps keep 0 at 0)."""
+        if x.layout == torch.sparse_csr:
+            values = x.values() * (self.config.library_scale / library.clamp(min=1.0)).squeeze(-1)[_csr_rows(x)]
+            values = values if self.config.faithful else torch.log1p(values)
+            return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, x.shape, check_invariants=False)
         normed = x / library.clamp(min=1.0) * self.config.library_scale
         return normed if self.config.faithful else torch.log1p(normed)
 
     def encode(self, x: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor],
                batch: torch.Tensor | None = None, library: Mapping[str, torch.Tensor] | None = None
                ) -> dict[str, Laplace]:
-        """Each expert's posterior. Encoders see only the cells that have their modality."""
+        """Each expert's posterior. Encoders see only the cells that have their modality.
+
+        ``x`` may hold sparse CSR counts (inference): the encoders' first layers multiply them as
+        they are, without a dense copy."""
         qz = {}
         for m in self.names:
-            lib = library[m] if library is not None else x[m].sum(-1, keepdim=True)
+            lib = library[m] if library is not None else row_sums(x[m])
             inp = self.encoder_input(x[m], lib)
+            present = mask[m]
+            if inp.layout == torch.sparse_csr and (self.config.batch_in_encoder or not bool(present.all())):
+                inp = inp.to_dense()
             if self.config.batch_in_encoder and self.config.n_batches:
                 inp = torch.cat([inp, F.one_hot(batch, self.config.n_batches).to(inp.dtype)], dim=-1)
-            present = mask[m]
             if bool(present.all()):
                 qz[m] = self.encoders[m](inp)
                 continue
@@ -204,6 +214,19 @@ class MMVAE(nn.Module):
         if self.config.embedding == "mean":
             return mean
         return torch.cat([torch.where(mask[m].unsqueeze(-1), qz[m].loc, mean) for m in self.names], dim=-1)
+
+
+def _csr_rows(x: torch.Tensor) -> torch.Tensor:
+    """The row of each stored value of a sparse CSR tensor."""
+    crow = x.crow_indices()
+    return torch.repeat_interleave(torch.arange(len(crow) - 1, device=crow.device), crow.diff())
+
+
+def row_sums(x: torch.Tensor) -> torch.Tensor:
+    """[N, 1] per-cell totals of dense or sparse CSR counts."""
+    if x.layout == torch.sparse_csr:
+        return x.values().new_zeros(x.shape[0]).index_add_(0, _csr_rows(x), x.values()).unsqueeze(-1)
+    return x.sum(-1, keepdim=True)
 
 
 def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,7 @@ class InferSection:
     traversal: str = "atlas"
     top_n: int = 50
     actors: int = 0
+    executor: str = "auto"  # ray | local | auto (infer.stage module doc)
 
     def pair_tuples(self) -> tuple[tuple[str, str], ...] | None:
         if self.pairs is None:
@@ -79,7 +80,7 @@ class InferSection:
         if self.traversal not in ("atlas", "faithful"):
             raise ValueError(f"traversal must be 'atlas' or 'faithful', got {self.traversal!r}")
         return InferConfig(pairs=self.pair_tuples(), library_size=self.library_size, programs_mode=self.traversal,
-                           top_n=self.top_n, actors=self.actors)
+                           top_n=self.top_n, actors=self.actors, executor=self.executor)
 
 
 @dataclass

@@ -38,17 +38,25 @@ class Counts:
     """
 
     data: torch.Tensor  # [N, F]: one block of counts
-    nz: torch.Tensor  # [nnz] flat indices into the stacked [times * N, F]
+    nz: torch.Tensor  # [nnz] flat indices into the stacked [times * N, F], ascending
     values: torch.Tensor  # [nnz]
-    rows: torch.Tensor  # [nnz] row of each nonzero
-    cols: torch.Tensor  # [nnz] column of each nonzero
     times: int = 1
 
     @classmethod
     def from_dense(cls, x: torch.Tensor) -> Counts:
-        nz = torch.flatten(x).nonzero().squeeze(-1)
-        n_cols = x.shape[1]
-        return cls(data=x, nz=nz, values=torch.flatten(x)[nz], rows=nz // n_cols, cols=nz % n_cols)
+        flat = torch.flatten(x)
+        nz = flat.nonzero().squeeze(-1)
+        return cls(data=x, nz=nz, values=flat[nz])
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """[nnz] row of each nonzero (in the stacked counts)."""
+        return torch.div(self.nz, self.data.shape[1], rounding_mode="floor")
+
+    @property
+    def cols(self) -> torch.Tensor:
+        """[nnz] column of each nonzero."""
+        return self.nz % self.data.shape[1]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -62,7 +70,7 @@ class Counts:
     def block(self) -> Counts:
         """The first block alone (its nonzeros lead the stacked ones)."""
         k = len(self.nz) // self.times
-        return Counts(data=self.data, nz=self.nz[:k], values=self.values[:k], rows=self.rows[:k], cols=self.cols[:k])
+        return Counts(data=self.data, nz=self.nz[:k], values=self.values[:k])
 
     def lgamma_rows(self) -> torch.Tensor:
         """[N] sum over features of lgamma(x + 1) (zeros contribute 0)."""
@@ -73,9 +81,8 @@ class Counts:
         if times == 1:
             return self
         n, f = self.shape
-        offsets = torch.arange(times, device=self.nz.device).repeat_interleave(len(self.nz))
-        return Counts(data=self.data, nz=self.nz.repeat(times) + offsets * (n * f), values=self.values.repeat(times),
-                      rows=self.rows.repeat(times) + offsets * n, cols=self.cols.repeat(times),
+        offsets = torch.arange(times, device=self.nz.device).unsqueeze(-1) * (n * f)
+        return Counts(data=self.data, nz=(self.nz + offsets).reshape(-1), values=self.values.repeat(times),
                       times=self.times * times)
 
 
@@ -213,7 +220,8 @@ class NegativeBinomialMeanDisp:
         out = out + (const.sum() if theta.dim() == 1 else const.sum(-1))
         if theta.dim() == 1:  # the lgamma terms do not change between stacked blocks: once per cell
             b = c.block()
-            lg = torch.lgamma(b.values + theta.index_select(0, b.cols)) - torch.lgamma(theta).index_select(0, b.cols)
+            cols = b.cols
+            lg = torch.lgamma(b.values + theta.index_select(0, cols)) - torch.lgamma(theta).index_select(0, cols)
             return out + b.values.new_zeros(b.shape[0]).index_add(0, b.rows, lg).repeat(c.times)
         t_nz = _at(theta, c)
         return out.index_add(0, c.rows, torch.lgamma(c.values + t_nz) - torch.lgamma(t_nz))

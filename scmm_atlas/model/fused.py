@@ -138,12 +138,13 @@ class NBLogitsRows(torch.autograd.Function):
             idx, x = nz[i0:i1] - r0 * n_cols, values[i0:i1]
             ac, bc = a[r0:r1], b[r0:r1]
             r = ac.clamp(-r_limit, r_limit).exp_().mul_(lib_scaled[r0:r1])
-            sig = bc.clamp(-l_limit, l_limit).sigmoid_()  # sigmoid(l)
+            lb = bc.clamp(-l_limit, l_limit)
+            sig = torch.sigmoid(lb)
             r_nz, sig_nz = r.view(-1)[idx], sig.view(-1)[idx]
-            da = torch.nn.functional.logsigmoid(bc.clamp(-l_limit, l_limit).neg_()).mul_(r)
+            da = torch.nn.functional.softplus(lb).mul_(r).neg_()  # r log sigmoid(-l) = -r softplus(l)
             da.view(-1).index_add_(0, idx, r_nz * (torch.digamma(x + r_nz) - torch.digamma(r_nz)))
             db = sig.mul_(r).neg_()
             db.view(-1).index_add_(0, idx, x * (1 - sig_nz))
-            grad_a[r0:r1] = da.mul_(g).mul_(ac.abs() <= r_limit)
-            grad_b[r0:r1] = db.mul_(g).mul_(bc.abs() <= l_limit)
+            grad_a[r0:r1] = da.mul_(g).masked_fill_(ac.abs() > r_limit, 0)
+            grad_b[r0:r1] = db.mul_(g).masked_fill_(bc.abs() > l_limit, 0)
         return grad_a, grad_b, None, None, None, None, None

@@ -93,7 +93,7 @@ class NBSoftmaxRows(torch.autograd.Function):
             # G = -theta mu / t, plus the nonzeros' x mu (1 / (mu + eps) - 1 / t)
             big_g = mu.mul_(q).neg_()
             big_g.view(-1).index_add_(0, idx, x * mu_nz * (1 / (mu_nz + eps) - 1 / t_nz))
-            grad_h[r0:r1] = big_g.addcmul_(s, big_g.sum(-1, keepdim=True), value=-1).mul_(g)
+            torch.mul(big_g.addcmul_(s, big_g.sum(-1, keepdim=True), value=-1), g, out=grad_h[r0:r1])
         return grad_h, None, grad_theta, None, None, None
 
 
@@ -145,6 +145,6 @@ class NBLogitsRows(torch.autograd.Function):
             da.view(-1).index_add_(0, idx, r_nz * (torch.digamma(x + r_nz) - torch.digamma(r_nz)))
             db = sig.mul_(r).neg_()
             db.view(-1).index_add_(0, idx, x * (1 - sig_nz))
-            grad_a[r0:r1] = da.mul_(g).masked_fill_(ac.abs() > r_limit, 0)
-            grad_b[r0:r1] = db.mul_(g).masked_fill_(bc.abs() > l_limit, 0)
+            torch.mul(da, g, out=grad_a[r0:r1]).masked_fill_(ac.abs() > r_limit, 0)
+            torch.mul(db, g, out=grad_b[r0:r1]).masked_fill_(bc.abs() > l_limit, 0)
         return grad_a, grad_b, None, None, None, None, None

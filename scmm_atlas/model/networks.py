@@ -121,5 +121,6 @@ class Decoder(nn.Module):
     @staticmethod
     def _per_batch(param: torch.Tensor, onehot: torch.Tensor | None) -> torch.Tensor:
         """A [batches, F] parameter for each cell; as a matmul: indexing (param[batch]) backpropagates
-        through a serial index_put on CPU, which made steps ~2.5x slower with 10 batches."""
-        return onehot @ param if onehot is not None else param[0]
+        through a serial index_put on CPU, which made steps ~2.5x slower with 10 batches. With one
+        batch, the [F] row itself (every cell has it): no [cells, F] copy."""
+        return onehot @ param if onehot is not None and param.shape[0] > 1 else param[0]

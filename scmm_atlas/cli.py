@@ -43,7 +43,9 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
                    "of one-file-per-modality inputs)")
     p.add_argument("--batch-key", metavar="COL", help="input obs column copied to obs 'batch' (default: dataset)")
     p.add_argument("--label-key", metavar="COL", help="input obs column copied to obs 'cell_type' (default: none)")
-    p.add_argument("--layer", metavar="NAME", help="read counts from layers/NAME instead of X (h5ad/h5mu)")
+    p.add_argument("--layer", action="append", default=[], metavar="NAME|MOD=NAME",
+                   help="read counts from layers/NAME instead of X (h5ad/h5mu): NAME for every input, MOD=NAME "
+                   "for one modality (repeatable; the others read X), e.g. --layer RNA=counts")
     p.add_argument("--modalities", metavar="MOD,...", help="only these modalities of the inputs (e.g. RNA,ADT)")
     p.add_argument("--feature-map", action="append", default=[], metavar="MOD=intersect|MOD=FILE.tsv",
                    help="with --append, map a differing feature space onto the store's: 'intersect' keeps "
@@ -146,13 +148,24 @@ def _split_pairs(items: Sequence[str], flag: str) -> dict[str, str]:
     return out
 
 
+def _layers(items: Sequence[str]) -> str | dict[str, str] | None:
+    """``--layer NAME`` (every input) or ``--layer MOD=NAME ...`` (per modality)."""
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0]:
+        return items[0]
+    if any("=" not in item for item in items):
+        raise InputError(" ".join(items), "--layer", "give one NAME for every input, or MOD=NAME per modality")
+    return _split_pairs(items, "--layer")
+
+
 def _run_ingest(args: argparse.Namespace) -> None:
     from .store import open_store
     from .store.ingest import IngestOptions, ingest
 
     opts = IngestOptions(
         backend=args.backend, append=args.append, dataset=args.dataset, batch_key=args.batch_key,
-        label_key=args.label_key, layer=args.layer,
+        label_key=args.label_key, layer=_layers(args.layer),
         modalities=args.modalities.split(",") if args.modalities else None,
         feature_maps=_split_pairs(args.feature_map, "--feature-map"), prefix_barcodes=args.prefix_barcodes,
         chunk_cells=args.chunk_cells, chunk_nnz=args.chunk_nnz,

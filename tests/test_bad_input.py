@@ -8,11 +8,13 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from conftest import random_counts, tree_digest, write_h5ad
 
 from scmm_atlas.cli import main
+from scmm_atlas.store import open_store
 
 Case = Callable[[Path], tuple[list[str], str, str]]  # tmp -> (inputs, file named, field named)
 
@@ -239,3 +241,44 @@ def test_zero_count_cells_dropped_with_counted_warning(tmp_path: Path, caplog) -
             present = obs[f"has_{mod}"].to_numpy()
             totals = np.asarray(store.read(mod, 0, store.n_obs).sum(axis=1)).ravel()
             assert (totals[present] > 0).all() and (totals[~present] == 0).all()
+
+
+def test_gzipped_input_and_wording_say_what_to_do(tmp_path: Path, capsys) -> None:
+    import gzip
+
+    gz = tmp_path / "rna.h5ad"
+    gz.write_bytes(gzip.compress(_rna(tmp_path).read_bytes()))
+    adt = _adt(tmp_path)
+    assert main(["ingest", "--store", str(tmp_path / "a.zarr"), "--no-progress", f"RNA={gz}", f"ADT={adt}"]) == 2
+    line = _error_line(capsys)
+    _check_message(line, "rna.h5ad", "format")
+    assert "gzip-compressed: decompress it (gunzip)" in line
+    inputs, _, _ = text_as_h5ad(tmp_path)
+    assert main(["ingest", "--store", str(tmp_path / "b.zarr"), "--no-progress", *inputs]) == 2
+    assert "so not an AnnData .h5ad file" in _error_line(capsys)
+
+
+def test_layer_per_modality(tmp_path: Path, capsys) -> None:
+    """RNA counts in a layer (X holds normalised values), protein counts in X: --layer RNA=counts."""
+    import anndata as ad
+
+    counts = random_counts(40, 30, 7)
+    rna = ad.AnnData(np.log1p(counts.toarray()).astype(np.float32),
+                     obs=pd.DataFrame(index=[f"c{i}" for i in range(40)]),
+                     var=pd.DataFrame(index=[f"g{j}" for j in range(30)]), layers={"counts": counts.astype(np.float32)})
+    rna.write_h5ad(tmp_path / "rna.h5ad")
+    adt = _adt(tmp_path)
+    inputs = [f"RNA={tmp_path / 'rna.h5ad'}", f"ADT={adt}"]
+    assert main(["ingest", "--store", str(tmp_path / "x.zarr"), "--no-progress", *inputs]) == 2  # X is not counts
+    assert "rna.h5ad: X: contains non-integer values" in _error_line(capsys)
+    assert main(["ingest", "--store", str(tmp_path / "y.zarr"), "--no-progress", "--layer", "counts", *inputs]) == 2
+    assert "bad_adt.h5ad: layers/counts: missing: this input has no layer 'counts'" in _error_line(capsys)
+    assert main(["ingest", "--store", str(tmp_path / "z.zarr"), "--no-progress", "--layer", "RNA=counts",
+                 "--layer", "ATAC=counts", *inputs]) == 2
+    assert "--layer: no input modality ATAC" in _error_line(capsys)
+    assert main(["ingest", "--store", str(tmp_path / "ok.zarr"), "--no-progress", "--layer", "RNA=counts",
+                 *inputs]) == 0
+    with open_store(tmp_path / "ok.zarr") as store:
+        np.testing.assert_array_equal(store.read("RNA", 0, 40).toarray(), counts.toarray())
+        np.testing.assert_array_equal(store.read("ADT", 0, 40).toarray(),
+                                      ad.read_h5ad(adt).X.toarray())

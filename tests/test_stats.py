@@ -51,3 +51,26 @@ def test_library_sizes_recorded(pbmc_store: Path, data_dir: Path) -> None:
         obs = store.obs()
     np.testing.assert_array_equal(obs["total_counts_RNA"], np.asarray(rna.X.sum(axis=1)).ravel())
     np.testing.assert_array_equal(obs["n_features_RNA"], np.diff(rna.X.indptr))
+
+
+def test_small_valid_data_selects_genes_with_a_wider_trend(data_dir: Path, tmp_path: Path) -> None:
+    """100 cells with the full gene list: Seurat's loess (span 0.3) is singular there; ingest must not fail."""
+    src = data_dir / "eccite_pbmc500"
+    for name in ("rna", "protein"):
+        ad.read_h5ad(src / f"{name}.h5ad")[:100].copy().write_h5ad(tmp_path / f"{name}.h5ad")
+    uri = tmp_path / "small.zarr"
+    ingest(str(uri), [f"RNA={tmp_path / 'rna.h5ad'}", f"ADT={tmp_path / 'protein.h5ad'}"],
+           IngestOptions(progress=False))
+    with open_store(uri) as store:
+        selection = store.info.selection["RNA"]
+        assert selection["n_selected"] == 5000
+        assert "loess span 0.6" in selection["method"] or "loess span 1.0" in selection["method"]
+        assert np.isfinite(store.var("RNA")["variances_norm"]).all()
+
+
+def test_variance_trend_falls_back_to_a_quadratic() -> None:
+    log_mean = np.repeat([-2.0, -1.5], 50)  # two distinct means: every loess span is singular
+    log_var = log_mean * 1.1 + np.tile([0.0, 0.01], 50)
+    fitted, how = stats.variance_trend(log_mean, log_var)
+    assert how.startswith("quadratic trend (loess failed")
+    np.testing.assert_allclose(fitted, log_mean * 1.1 + 0.005, atol=1e-6)

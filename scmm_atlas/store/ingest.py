@@ -38,7 +38,7 @@ class IngestOptions:
     dataset: str | None = None
     batch_key: str | None = None
     label_key: str | None = None
-    layer: str | None = None
+    layer: str | dict[str, str] | None = None  # layers/NAME for every input, or per modality
     modalities: Sequence[str] | None = None
     feature_maps: Mapping[str, str] = field(default_factory=dict)
     prefix_barcodes: bool = False

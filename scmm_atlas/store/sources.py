@@ -8,7 +8,7 @@ names, ``indptr`` and the few obs columns asked for are held whole (a few bytes 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,18 +184,26 @@ def _require(cond: bool, where: str, field_: str, problem: str) -> None:
 def _open_h5(path: Path, stack: ExitStack, claimed: str) -> h5py.File:
     if not path.exists():
         raise InputError(path, "path", "file not found")
+    a = "an" if claimed[:1] in "AEIOUaeiou" else "a"
     if path.is_dir():
-        raise InputError(path, "path", f"is a directory, not a {claimed} file")
+        raise InputError(path, "path", f"is a directory, not {a} {claimed} file")
     if not os.access(path, os.R_OK):
         raise InputError(path, "path", "file is not readable (permission denied)")
+    with path.open("rb") as fh:
+        if fh.read(2) == b"\x1f\x8b":
+            raise InputError(path, "format", f"gzip-compressed: decompress it (gunzip) and pass the {claimed} file")
     try:
         return stack.enter_context(h5py.File(path, "r"))
     except OSError as exc:
         reason = str(exc).split(";")[0].split("(")[0].strip() or "unreadable"
-        raise InputError(path, "format", f"not a readable HDF5 file, so not a {claimed} file ({reason})") from None
+        raise InputError(path, "format", f"not a readable HDF5 file, so not {a} {claimed} file ({reason})") from None
 
 
 def _matrix_group(f: h5py.File | h5py.Group, key: str, where: str) -> h5py.Group | h5py.Dataset:
+    if key.startswith("layers/") and key not in f:
+        have = sorted(f["layers"]) if "layers" in f else []
+        raise InputError(where, key, f"missing: this input has no layer {key.split('/', 1)[1]!r} (its layers: "
+                         f"{have}); name layers per modality with --layer MOD=NAME")
     _require(key in f, where, key, "missing: not an AnnData file (no counts matrix)")
     node = f[key]
     if isinstance(node, h5py.Dataset):
@@ -293,9 +301,17 @@ class SourceSpec:
         raise InputError(self.path, "path", "unknown format: expected .h5ad, .h5mu or a 10x .h5 file")
 
 
-def open_sources(specs: Sequence[SourceSpec], stack: ExitStack, *, layer: str | None = None,
+def open_sources(specs: Sequence[SourceSpec], stack: ExitStack, *, layer: str | Mapping[str, str] | None = None,
                  modalities: Sequence[str] | None = None) -> list[MatrixSource]:
-    """Open every source file (kept open on ``stack``) and return one source per modality."""
+    """Open every source file (kept open on ``stack``) and return one source per modality.
+
+    ``layer``: read counts from ``layers/NAME`` instead of X: one NAME for every input, or a
+    modality -> NAME mapping (modalities not in it read X)."""
+    layers = {canonical_modality(k): v for k, v in layer.items()} if isinstance(layer, Mapping) else None
+
+    def layer_of(mod: str) -> str | None:
+        return layers.get(mod) if layers is not None else layer
+
     out: list[MatrixSource] = []
     for spec in specs:
         fmt = spec.format
@@ -306,7 +322,7 @@ def open_sources(specs: Sequence[SourceSpec], stack: ExitStack, *, layer: str | 
                 raise InputError(spec.path, "modality", "name the modality of an .h5ad: MOD=path.h5ad")
             if "mod" in f and "X" not in f:
                 raise InputError(spec.path, "format", "this is a MuData file, not an .h5ad")
-            out.append(_anndata_source(spec.path, f, spec.modality, layer))
+            out.append(_anndata_source(spec.path, f, spec.modality, layer_of(spec.modality)))
         elif fmt == "h5mu":
             _require("mod" in f and len(f["mod"]), str(spec.path), "mod",
                      "missing: not a MuData .h5mu file")
@@ -314,7 +330,7 @@ def open_sources(specs: Sequence[SourceSpec], stack: ExitStack, *, layer: str | 
                 mod = canonical_modality(name)
                 if spec.modality and mod != spec.modality:
                     continue
-                out.append(_anndata_source(spec.path, f["mod"][name], mod, layer, prefix=f"mod/{name}/"))
+                out.append(_anndata_source(spec.path, f["mod"][name], mod, layer_of(mod), prefix=f"mod/{name}/"))
         else:
             out.extend(_tenx_sources(spec.path, f))
     if modalities:
@@ -330,4 +346,7 @@ def open_sources(specs: Sequence[SourceSpec], stack: ExitStack, *, layer: str | 
             raise InputError(src.path, "modality", f"{src.modality} given twice "
                              f"(also in {seen[src.modality].path})")
         seen[src.modality] = src
+    if layers is not None and (unknown := sorted(set(layers) - set(seen))):
+        raise InputError(", ".join(str(s.path) for s in specs), "--layer",
+                         f"no input modality {unknown[0]} (the inputs have {sorted(seen)})")
     return out

@@ -11,6 +11,7 @@ modality. Selection, recorded in ``var['selected']`` so that training reads only
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,6 +23,8 @@ import pandas as pd
 from dask.diagnostics import ProgressBar
 
 from .base import Store
+
+log = logging.getLogger(__name__)
 
 BLOCK_NNZ = 1 << 22
 
@@ -89,20 +92,48 @@ def _moments(n_var: int, clip: np.ndarray | None = None) -> Callable:
     return fn
 
 
-def seurat_v3_norm_var(mean: np.ndarray, var: np.ndarray, n: float, clipped: Callable[[np.ndarray], Moments],
-                       span: float = 0.3) -> np.ndarray:
-    """Seurat v3 standardised variance per gene (``clipped(clip)`` gives moments of clipped counts)."""
+LOESS_SPANS = (0.3, 0.6, 1.0)  # Seurat's span first; wider ones when the local fits are singular
+
+
+def variance_trend(log_mean: np.ndarray, log_var: np.ndarray) -> tuple[np.ndarray, str]:
+    """Fitted log10 variance at each gene's log10 mean, and how it was fitted.
+
+    Seurat v3's loess (span 0.3, degree 2) fails on valid but small data, where many genes share
+    the same (mean, variance) (e.g. seen once in 300 cells) and its local fits are singular. Then
+    wider spans are tried, and last a global quadratic (Seurat's trend, without the locality).
+    """
     from skmisc.loess import loess
 
+    errors = []
+    if len(log_mean) >= 10:
+        for span in LOESS_SPANS:
+            try:
+                model = loess(log_mean, log_var, span=span, degree=2)
+                model.fit()
+            except ValueError as exc:
+                errors.append(f"span {span}: {exc}")
+                continue
+            fitted = np.asarray(model.outputs.fitted_values)
+            if np.isfinite(fitted).all():
+                return fitted, f"loess span {span}"
+    coef = np.polyfit(log_mean, log_var, deg=min(2, max(len(np.unique(log_mean)) - 1, 0)))
+    reason = "; ".join(errors) if errors else f"{len(log_mean)} variable genes"
+    return np.polyval(coef, log_mean), f"quadratic trend (loess failed: {reason})"
+
+
+def seurat_v3_norm_var(mean: np.ndarray, var: np.ndarray, n: float, clipped: Callable[[np.ndarray], Moments]
+                       ) -> tuple[np.ndarray, str]:
+    """Seurat v3 standardised variance per gene (``clipped(clip)`` gives moments of clipped counts), and
+    how the mean-variance trend was fitted (:func:`variance_trend`)."""
     not_const = var > 0
     estimate = np.zeros(len(mean))
-    model = loess(np.log10(mean[not_const]), np.log10(var[not_const]), span=span, degree=2)
-    model.fit()
-    estimate[not_const] = model.outputs.fitted_values
+    trend = "no variable genes"
+    if not_const.any():
+        estimate[not_const], trend = variance_trend(np.log10(mean[not_const]), np.log10(var[not_const]))
     reg_std = np.sqrt(10**estimate)
     clip = reg_std * np.sqrt(n) + mean
     m = clipped(clip)
-    return (n * mean**2 + m.sumsq - 2 * m.sums * mean) / ((n - 1) * reg_std**2)
+    return (n * mean**2 + m.sumsq - 2 * m.sums * mean) / ((n - 1) * reg_std**2), trend
 
 
 def compute_stats(store: Store, *, n_top_genes: int = 5000, atac_quantile: float = 0.75,
@@ -122,7 +153,7 @@ def compute_stats(store: Store, *, n_top_genes: int = 5000, atac_quantile: float
                               "variance": var, "variances_norm": np.nan, "hvg_rank": np.nan})
         kind = store.kind(mod)
         if kind == "rna" and n_top_genes < n_var:
-            norm = seurat_v3_norm_var(
+            norm, trend = seurat_v3_norm_var(
                 mean, var, n, lambda clip, mod=mod, present=present, blocks=blocks, n_var=n_var: _reduce_blocks(
                     store, mod, present, blocks, _moments(n_var, clip), progress))
             rank = np.empty(n_var)
@@ -130,6 +161,9 @@ def compute_stats(store: Store, *, n_top_genes: int = 5000, atac_quantile: float
             stats["variances_norm"], stats["hvg_rank"] = norm, rank
             selected = rank < n_top_genes
             method = f"seurat_v3 top {n_top_genes}"
+            if not trend.startswith(f"loess span {LOESS_SPANS[0]}"):
+                method += f", {trend}"
+                log.warning("%s: %s highly variable genes: %s", store.uri, mod, trend)
         elif kind == "atac":
             selected = m.sums >= np.quantile(m.sums, atac_quantile)
             method = f"total counts >= {atac_quantile:.0%} quantile"

@@ -213,8 +213,36 @@ def test_create_over_existing_path_refused(tmp_path: Path, pair, capsys) -> None
     (uri / "keep.txt").write_text("precious")
     rna, adt = pair
     assert main(["ingest", "--store", str(uri), "--no-progress", f"RNA={rna}", f"ADT={adt}"]) == 2
-    _check_message(_error_line(capsys), "taken", "uri")
+    line = _error_line(capsys)
+    _check_message(line, "taken", "uri")
+    assert "not a store" in line and "--append" not in line  # appending to it would fail too
     assert (uri / "keep.txt").read_text() == "precious"
+    store = tmp_path / "store.zarr"
+    assert main(["ingest", "--store", str(store), "--no-progress", "--no-stats", f"RNA={rna}", f"ADT={adt}"]) == 0
+    assert main(["ingest", "--store", str(store), "--no-progress", f"RNA={rna}", f"ADT={adt}"]) == 2
+    assert "a store already exists here: use --append" in _error_line(capsys)
+
+
+def test_failed_statistics_leave_no_store_in_place(tmp_path: Path, pair, monkeypatch) -> None:
+    """A new store is moved into place only when complete, statistics included: a failure there
+    leaves nothing behind, and the same command then succeeds."""
+    from scmm_atlas.store import stats
+    from scmm_atlas.store.ingest import IngestOptions, ingest
+
+    rna, adt = pair
+    uri = tmp_path / "new.zarr"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("statistics failed")
+
+    monkeypatch.setattr(stats, "compute_stats", broken)
+    with pytest.raises(RuntimeError, match="statistics failed"):
+        ingest(str(uri), [f"RNA={rna}", f"ADT={adt}"], IngestOptions(progress=False))
+    assert not uri.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".new.zarr")]
+    monkeypatch.undo()
+    ingest(str(uri), [f"RNA={rna}", f"ADT={adt}"], IngestOptions(progress=False))
+    with open_store(uri) as store:
+        assert store.info.selection  # statistics recorded
 
 
 def test_zero_count_cells_dropped_with_counted_warning(tmp_path: Path, caplog) -> None:

@@ -347,7 +347,8 @@ def ingest(uri: str, specs: Sequence[SourceSpec | str], opts: IngestOptions | No
         backend = store.backend
     else:
         if store_exists(loc):
-            raise StoreError(loc, "uri", "a file or store already exists here: use --append to add cells")
+            raise StoreError(loc, "uri", "a store already exists here: use --append to add cells" if _is_store(loc)
+                             else "a file or folder that is not a store is here: choose another --store path")
         if not loc.is_s3 and not loc.path.parent.is_dir():
             raise StoreError(loc, "uri", "the parent folder does not exist")
         backend = backend_for(loc, opts.backend)
@@ -381,14 +382,34 @@ def ingest(uri: str, specs: Sequence[SourceSpec | str], opts: IngestOptions | No
             if store is None:
                 _remove(target)
             raise
-    if target != loc:
+    run_stats = opts.stats if opts.stats is not None else not opts.append
+    if target != loc:  # a new local store: complete, statistics included, before it is in place
+        try:
+            if run_stats:
+                with open_store(target, writable=True) as staged:
+                    _stats(staged, opts)
+        except BaseException:
+            _remove(target)
+            raise
         target.path.rename(loc.path)
+        run_stats = False
     report.n_new = n_new
     with open_store(loc, writable=True) as done:
         report.n_total = done.n_obs
-        run_stats = opts.stats if opts.stats is not None else not opts.append
         if run_stats:
-            from .stats import compute_stats
-
-            compute_stats(done, n_top_genes=opts.n_top_genes, progress=opts.progress)
+            _stats(done, opts)
     return report
+
+
+def _stats(store: Store, opts: IngestOptions) -> None:
+    from .stats import compute_stats
+
+    compute_stats(store, n_top_genes=opts.n_top_genes, progress=opts.progress)
+
+
+def _is_store(loc: StoreURI) -> bool:
+    try:
+        open_store(loc).close()
+    except StoreError:
+        return False
+    return True

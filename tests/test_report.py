@@ -87,3 +87,17 @@ def test_report_figures(published, tmp_path) -> None:
     assert "markers of each cluster" in page and len(pd.read_csv(tmp_path / "rep" / "markers.csv")) > 0
     assert done["numbers"]["cells_shown"] == 600 and done["numbers"]["leiden_clusters"] >= 2
     assert done["mlflow_run"] is None  # a model folder: nothing to log to
+
+
+@pytest.mark.slow
+def test_report_umap_at_atlas_like_sizes(tmp_path) -> None:
+    """More cells than scanpy's exact-neighbour cut-off (~10,000 cells, where its approximate path
+    failed with scipy 1.17): the report's UMAP and clusters still come out."""
+    from scmm_atlas.evaluate.report import _umap
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 3_000)
+    emb = rng.normal(size=(12_000, 8)) + labels[:, None] * 4.0
+    clusters = _umap(emb, pd.Series(labels.astype(str), name="cell_type"), tmp_path / "umap.png", seed=0)
+    assert clusters.shape == (12_000,) and len(np.unique(clusters)) >= 4
+    assert (tmp_path / "umap.png").stat().st_size > 10_000

@@ -110,3 +110,25 @@ def test_loss_and_gradients_equal_the_plain_objective(setting: str) -> None:
             assert a is None and b is None
             continue
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8, msg=lambda m, p=p: f"{tuple(p.shape)}: {m}")
+
+
+@pytest.mark.parametrize("faithful", [True, False])
+def test_kernels_under_bf16_autocast(faithful: bool) -> None:
+    """Under bf16 autocast (the GPU option) decoder outputs arrive in bf16: the kernels compute in
+    float32 and the loss and gradients stay close to float32's."""
+    torch.manual_seed(0)
+    lik = "nb" if faithful else "nb_disp"
+    mods = {"RNA": {"n_features": 60, "likelihood": lik, "hidden": 16}, "ADT": {"n_features": 7, "likelihood": lik,
+                                                                               "hidden": 8}}
+    model = MMVAE(MMVAEConfig(modalities=mods, latent_dim=4, faithful=faithful, norm="layernorm"))
+    x = {"RNA": _counts(24, 60, 3, empty_cell=False).float(), "ADT": _counts(24, 7, 4, empty_cell=False).float() * 10}
+    torch.manual_seed(1)
+    ref = moe_elbo(model, x).loss
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = moe_elbo(model, x).loss
+    low.backward()
+    assert low.dtype == torch.float32 and torch.isfinite(low)
+    assert abs(float(low) - float(ref)) < 0.02 * abs(float(ref))
+    assert all(p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all())
+               for p in model.parameters())

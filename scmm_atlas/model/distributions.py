@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .fused import NBLogitsRows, NBSoftmaxRows
+from .fused import NBLogitsRows, NBSoftmaxRows, float32, wide
 
 # logit(1 - 1e-8): the original clamps NB probs to [1e-8, 1 - 1e-8]; clamping the logit is the same.
 PROBS_LOGIT_LIMIT = math.log((1 - 1e-8) / 1e-8)
@@ -157,7 +157,10 @@ class NegativeBinomial:
         """[N] sum over features of log_prob without lgamma(x + 1)."""
         if self.heads is None or self.heads[2].requires_grad:
             return _rows(self.log_prob_zero(), c, self.log_prob_extra(c))
-        return NBLogitsRows.apply(*self.heads, c.nz, c.values, TOTAL_COUNT_LOG_LIMIT, PROBS_LOGIT_LIMIT)
+        a, b, lib_scaled = self.heads
+        with float32(a.device):
+            return NBLogitsRows.apply(wide(a), wide(b), wide(lib_scaled), c.nz, wide(c.values),
+                                      TOTAL_COUNT_LOG_LIMIT, PROBS_LOGIT_LIMIT)
 
     def sample(self) -> torch.Tensor:
         rate = torch.distributions.Gamma(self.total_count, torch.exp(-self.logits)).sample()
@@ -214,8 +217,9 @@ class NegativeBinomialMeanDisp:
         """[N] sum over features of log_prob without lgamma(x + 1)."""
         if self.logits is None or self.library.requires_grad:
             return _rows(self.log_prob_zero(), c, self.log_prob_extra(c))
-        theta, eps = self.theta, self.eps
-        out = NBSoftmaxRows.apply(self.logits, self.library, theta, c.nz, c.values, eps)
+        theta, eps = wide(self.theta), self.eps
+        with float32(theta.device):
+            out = NBSoftmaxRows.apply(wide(self.logits), wide(self.library), theta, c.nz, wide(c.values), eps)
         const = theta * torch.log(theta + eps)
         out = out + (const.sum() if theta.dim() == 1 else const.sum(-1))
         if theta.dim() == 1:  # the lgamma terms do not change between stacked blocks: once per cell

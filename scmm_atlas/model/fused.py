@@ -11,17 +11,34 @@ gradients with the unfused distributions.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 CHUNK_ELEMENTS = 1 << 17  # 512 KiB of float32 per intermediate: stays in a core's L2 cache
 
 
 def _chunks(n_rows: int, n_cols: int, nz: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    """(first row, end row, first nonzero, end nonzero) of each chunk; ``nz`` flat and ascending."""
+    """(first row, end row, first nonzero, end nonzero) of each chunk; ``nz`` flat and ascending.
+    One chunk off the CPU: a GPU has no such cache to fit, and locating the chunks would wait for it."""
+    if nz.device.type != "cpu":
+        return [(0, n_rows, 0, len(nz))]
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
     starts = list(range(0, n_rows, step))
     bounds = torch.searchsorted(nz, torch.tensor([*starts, n_rows], device=nz.device) * n_cols).tolist()
     return [(r0, min(r0 + step, n_rows), bounds[i], bounds[i + 1]) for i, r0 in enumerate(starts)]
+
+
+def float32(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off around a kernel, whose inputs the caller casts to float32 (under bf16 autocast a
+    decoder's output arrives in bf16; autograd casts the gradients back)."""
+    return torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type) \
+        else contextlib.nullcontext()
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 as float32; other dtypes as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class NBSoftmaxRows(torch.autograd.Function):

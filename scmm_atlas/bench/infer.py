@@ -4,8 +4,8 @@ Data: the CITE-like set of ``bench train`` (50,000 cells x 4,000 genes + 100 pro
 store. The model has ``bench train``'s widths (weights at their initialisation: the work per cell
 does not depend on their values). Each system runs in its own process, 2 torch threads in all.
 
-- ``scmm-atlas``: ``scmm-atlas infer`` with its default outputs (Ray Data actor pool, embeddings
-  and the proteins predicted from RNA written to the store and published); ``programs_s``: the
+- ``scmm-atlas``: ``scmm-atlas infer`` with its default outputs on one machine (worker threads,
+  embeddings and the proteins predicted from RNA written to the store and published); ``programs_s``: the
   pseudocell programs of a model with 20 latent dims and ``PROGRAM_FEATURES`` RNA features
   (traversals, Spearman, ranking).
 - ``scmm-atlas +RNA``: the same with RNA predicted from the proteins as well (4,000 genes per cell).
@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..data.cluster import LOCAL_SYSTEM_CONFIG
 from . import format_table, run_child
 from .train import CELLS, GENES
 
@@ -44,20 +43,14 @@ def _model(features: dict[str, list[str]]):
 
 
 def _ours(spec: dict) -> dict:
-    import ray
-
     from ..infer.programs import programs
     from ..infer.stage import InferConfig, infer
     from ..store import open_store
 
     with open_store(spec["store"]) as store:
         features = {m: [str(f) for f in store.feature_names(m, "selected")] for m in store.modalities}
-    ray.init(address="local", num_cpus=2, object_store_memory=512 << 20, include_dashboard=False,
-             log_to_driver=False, configure_logging=False, runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2"}},
-             _system_config=LOCAL_SYSTEM_CONFIG)
     pairs = (("RNA", "ADT"), ("ADT", "RNA")) if spec["system"] == "scmm-atlas +RNA" else None
     result = infer(spec["store"], _model(features), config=InferConfig(programs=False, pairs=pairs), progress=False)
-    ray.shutdown()
     if pairs is not None:
         return {"cells_per_s": result.cells_per_s, "programs_s": None}
     big = _model({"RNA": [f"g{i}" for i in range(PROGRAM_FEATURES)], "ADT": features["ADT"]}).build()

@@ -224,7 +224,7 @@ def _run_blocks(store: Store, entry: str, blocks: list[dict[str, int]], trained:
     import ray
 
     ensure_ray(ray_address, object_store_bytes=1 << 29)
-    actors = cfg.actors or max(1, min(4, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_actor)))
+    actors = _workers(cfg, ray.cluster_resources().get("CPU", 1))
     with warnings.catch_warnings():  # ray_remote_args_fn: deprecated in 2.60, the only way to set max_restarts
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = _pool(ray, blocks, store, entry, trained, features, cfg, actors)
@@ -237,12 +237,17 @@ def _run_blocks(store: Store, entry: str, blocks: list[dict[str, int]], trained:
     return done
 
 
+def _workers(cfg: InferConfig, cpus: float) -> int:
+    """``cfg.actors``, or one worker per ``cpus_per_actor`` of the CPUs, at most 4."""
+    return cfg.actors or max(1, min(4, int(cpus // cfg.cpus_per_actor)))
+
+
 def _run_local(store: Store, entry: str, blocks: list[dict[str, int]], trained: TrainedModel, features: FeatureMap,
                cfg: InferConfig, ray_address: str | None, progress: bool) -> int:
     """The blocks on threads of this process, each with its own :class:`BlockInfer`; the first
     failure stops the rest (the entry stays unpublished, as with actors)."""
     del ray_address
-    n_workers = min(cfg.actors or max(1, min(4, int((os.cpu_count() or 1) // cfg.cpus_per_actor))), len(blocks))
+    n_workers = min(_workers(cfg, os.cpu_count() or 1), len(blocks))
     threads = torch.get_num_threads()
     idle: queue.SimpleQueue[BlockInfer] = queue.SimpleQueue()
     for _ in range(n_workers):
@@ -262,8 +267,9 @@ def _run_local(store: Store, entry: str, blocks: list[dict[str, int]], trained: 
             futures = [pool.submit(run, b) for b in blocks]
             try:
                 for future in futures:
-                    done += future.result()
-                    bar.update(future.result())
+                    cells = future.result()
+                    done += cells
+                    bar.update(cells)
             except BaseException:
                 pool.shutdown(cancel_futures=True)
                 raise

@@ -9,6 +9,7 @@ expert and sample.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -48,12 +49,12 @@ class Counts:
         nz = flat.nonzero().squeeze(-1)
         return cls(data=x, nz=nz, values=flat[nz])
 
-    @property
+    @functools.cached_property
     def rows(self) -> torch.Tensor:
-        """[nnz] row of each nonzero (in the stacked counts)."""
+        """[nnz] row of each nonzero (in the stacked counts), derived once when first asked for."""
         return torch.div(self.nz, self.data.shape[1], rounding_mode="floor")
 
-    @property
+    @functools.cached_property
     def cols(self) -> torch.Tensor:
         """[nnz] column of each nonzero."""
         return self.nz % self.data.shape[1]

@@ -44,7 +44,7 @@ def log_likelihoods(model: MMVAE, out: MMVAEOutput, x: Mapping[str, torch.Tensor
     out_lp = {}
     for d in model.names:
         counts = Counts.from_dense(x[d])
-        n = counts.x.shape[0]
+        n = counts.shape[0]
         lp = out.px[d].log_prob_rows(counts.repeat(m * k)).view(m, k, n)
         if model.config.modalities[d].likelihood != "bernoulli":
             lp = lp - counts.lgamma_rows()

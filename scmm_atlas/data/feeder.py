@@ -39,6 +39,7 @@ class SourceSpec:
     split: str  # "train" | "val" of the layout ("store" mode: "train", every cell)
     n_features: dict[str, int]
     batches: tuple[str, ...] = ()  # batch categories ("store" mode: fixed by the driver)
+    shards: tuple[tuple[str, int], ...] | None = None  # "layout" mode: the split's shards the run pinned
 
 
 class BlockFeeder:
@@ -48,10 +49,10 @@ class BlockFeeder:
         self._readers: dict[tuple, object] = {}
 
     def _reader(self, spec: SourceSpec):
-        key = (spec.store_uri, spec.mode, spec.split, spec.n_cells, spec.batches)
+        key = (spec.store_uri, spec.mode, spec.split, spec.n_cells, spec.batches, spec.shards)
         if key not in self._readers:
             if spec.mode == "layout":
-                self._readers[key] = Layout(layout_uri(StoreURI(spec.store_uri)), spec.split)
+                self._readers[key] = Layout(layout_uri(StoreURI(spec.store_uri)), spec.split, spec.shards)
             else:  # the store's own order: the store layer (and its backend) is only needed here
                 from ..store import open_store
                 from .reading import StoreBlockReader

@@ -13,13 +13,16 @@ backends): ``shards/<name>/`` holds per modality ``<MOD>/indptr|indices|data`` (
 dtypes) and per-cell ``cell`` (store index), ``batch``, ``has_<MOD>``, ``library_<MOD>``. The root
 attribute ``scmm_atlas_layout`` (:class:`LayoutInfo`) lists each split's shards in row order and is
 written last: it is the commit point. Shards are never modified; appended cells get their own shards.
+A training run pins the layout it started with (:attr:`LayoutInfo.splits` travels to its workers)
+and holds a lease naming its shards (:data:`READER_LEASE`), so a rebuild meanwhile removes only
+shards that no live run reads.
 
 Only zarr and numpy here: this runs inside Ray read workers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -29,6 +32,7 @@ from ..store.errors import StoreError
 from ..store.uri import StoreURI, zarr_store
 
 LAYOUT_NAME = "train_layout"
+READER_LEASE = "layout-reader-"  # + a run's token; payload {"shards": [names]}
 META_KEY = "scmm_atlas_layout"
 FORMAT_VERSION = 2
 ROW_CHUNK = 1 << 14
@@ -96,16 +100,18 @@ def commit(root: zarr.Group, info: LayoutInfo) -> None:
 
 
 class Layout:
-    """Reads contiguous rows ``[start, stop)`` of one split (which may span shards) as compact arrays."""
+    """Reads contiguous rows ``[start, stop)`` of one split (which may span shards) as compact arrays.
 
-    def __init__(self, uri: StoreURI, split: str = "train") -> None:
+    ``shards``: the split's ``[[name, rows], ...]`` a run pinned (default: the committed layout's)."""
+
+    def __init__(self, uri: StoreURI, split: str = "train", shards: Sequence[Sequence] | None = None) -> None:
         info = read_info(uri)
         if info is None:
             raise StoreError(uri, META_KEY, "no training layout here: run `scmm-atlas prepare --store STORE`")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.uri, self.info, self.split = uri, info, split
-        self._shards = info.splits.get(split, [])
+        self._shards = [list(s) for s in shards] if shards is not None else info.splits.get(split, [])
         self._root = open_root(uri, mode="r")
         rows = np.array([r for _, r in self._shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(rows)])

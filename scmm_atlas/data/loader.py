@@ -18,9 +18,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from ..store.uri import StoreURI, parse_uri
 from .batches import minibatches, to_dense
 from .blocks import CompactBlock, SparseBlock
 from .feeder import Feeders, SourceSpec
-from .layout import layout_uri, read_info
+from .layout import LayoutInfo, layout_uri, read_info
 from .plan import BlockShufflePlan
 
 log = logging.getLogger(__name__)
@@ -87,16 +87,18 @@ class ShardLoader:
     """One rank's view of the epochs of a store.
 
     ``feeders``: the feeder actors to read through, e.g. shared by a worker's training and validation
-    loaders (their owner closes them); by default the loader starts its own and :meth:`close` ends them."""
+    loaders (their owner closes them); by default the loader starts its own and :meth:`close` ends them.
+    ``layout``: the layout (:class:`~.layout.LayoutInfo` as a dict) the run pinned, so that every
+    worker reads the same shards whatever ``prepare`` commits meanwhile (default: the committed one)."""
 
     def __init__(self, store_uri: str | StoreURI, *, split: str = "train", rank: int = 0, world_size: int = 1,
                  config: LoaderConfig | None = None, device: torch.device | str = "cpu",
-                 feeders: Feeders | None = None) -> None:
+                 feeders: Feeders | None = None, layout: Mapping[str, Any] | None = None) -> None:
         self.config = config or LoaderConfig()
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.spec = _source_spec(parse_uri(store_uri) if not isinstance(store_uri, StoreURI) else store_uri,
-                                 self.config.mode, split)
+                                 self.config.mode, split, layout)
         self.n_cells = self.spec.n_cells
         self.plan = BlockShufflePlan(self.n_cells, block_size=self.config.block_cells, seed=self.config.seed)
         self.plan.check_rank(rank, world_size)
@@ -107,14 +109,14 @@ class ShardLoader:
 
     @classmethod
     def for_train_worker(cls, store_uri: str, config: LoaderConfig | None = None, *, split: str = "train",
-                         feeders: Feeders | None = None) -> ShardLoader:
+                         feeders: Feeders | None = None, layout: Mapping[str, Any] | None = None) -> ShardLoader:
         """Inside a Ray Train worker: rank, world size and device from the train context."""
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         return cls(store_uri, split=split, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                   config=config, device=ray.train.torch.get_device(), feeders=feeders)
+                   config=config, device=ray.train.torch.get_device(), feeders=feeders, layout=layout)
 
     @property
     def n_features(self) -> dict[str, int]:
@@ -278,9 +280,10 @@ class Prefetcher:
         self._thread.join(timeout=0.5)  # a producer blocked on its source exits by itself (daemon)
 
 
-def _source_spec(uri: StoreURI, mode: str, split: str) -> SourceSpec:
-    info = read_info(layout_uri(uri)) if mode != "store" else None
-    if info is not None and mode == "auto":
+def _source_spec(uri: StoreURI, mode: str, split: str, layout: Mapping[str, Any] | None = None) -> SourceSpec:
+    pinned = LayoutInfo(**layout) if layout is not None else None
+    info = None if mode == "store" else pinned or read_info(layout_uri(uri))
+    if info is not None and mode == "auto" and layout is None:
         from ..store import open_store
 
         with open_store(uri) as store:
@@ -293,7 +296,7 @@ def _source_spec(uri: StoreURI, mode: str, split: str) -> SourceSpec:
                          "(or read in store order with mode='store')")
     if info is not None:
         return SourceSpec(uri.uri, "layout", info.n_cells(split), split, dict(info.n_features),
-                          tuple(info.batches))
+                          tuple(info.batches), tuple((str(n), int(r)) for n, r in info.splits.get(split, [])))
     from ..store import open_store
     from .reading import StoreBlockReader
 

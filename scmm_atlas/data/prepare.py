@@ -9,7 +9,7 @@ An out-of-core shuffle, memory bounded by ``chunk_cells`` + ``shard_cells`` cell
 2. per shard, gather its pieces, shuffle them and write the shard.
 Cells appended to the store later get shards of their own (their rows follow the existing ones);
 a changed feature selection or validation fraction rebuilds the layout, committed before the old
-shards are removed.
+shards are removed; shards that a live training run pinned (:func:`pin`) stay until it ends.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,9 @@ from tqdm.auto import tqdm
 
 from ..store import Store
 from ..store.base import HASH_CHUNK, hash_strings
+from ..store.errors import StoreError
+from ..store.lease import Lease, held
+from . import layout as lay
 from .blocks import SparseBlock, compact_arrays
 from .layout import SPLITS, LayoutInfo, commit, is_validation, layout_uri, open_root, read_info, write_shard
 from .reading import StoreBlockReader, batch_categories
@@ -58,6 +62,7 @@ def prepare_layout(store: Store, *, seed: int = 0, val_fraction: float = VAL_FRA
         log.warning("%s: feature selection or validation fraction changed: rebuilding the training layout", uri)
         old = None
     if old is not None and old.store_n_obs == store.n_obs:
+        _remove_stale(store, old)  # left by a rebuild while a run read them
         return old, f"layout up to date ({old.n_cells('train'):,} training + {old.n_cells('val'):,} held-out cells)"
     lo = old.store_n_obs if old is not None else 0
     reader = StoreBlockReader(store, batches=batch_categories(store))
@@ -68,15 +73,38 @@ def prepare_layout(store: Store, *, seed: int = 0, val_fraction: float = VAL_FRA
     info = LayoutInfo(store_n_obs=store.n_obs, modalities=store.modalities, n_features=reader.n_features,
                       selection=fingerprint, batches=reader.batches, seed=seed, val_fraction=val_fraction,
                       splits=splits)
-    live = {name for shards in splits.values() for name, _ in shards}
-    stale = [name for name in _shard_names(root) if name not in live]
     commit(root, info)
-    for name in stale:  # after the commit: readers of the previous layout never see a hole
-        del root["shards"][name]
+    _remove_stale(store, info, root)
     n_new = {s: sum(r for _, r in new[s]) for s in SPLITS}
     what = "added" if old is not None else "wrote"
     return info, (f"layout {uri}: {what} {n_new['train']:,} training + {n_new['val']:,} held-out cells "
                   f"({len(new['train']) + len(new['val'])} shards)")
+
+
+def pin(store: Store, info: LayoutInfo) -> Lease:
+    """Hold ``info``'s shards for a training run (release the lease when it ends): a ``prepare``
+    rebuilding the layout meanwhile leaves them in place."""
+    shards = [name for split in info.splits.values() for name, _ in split]
+    lease = Lease(store.uri.uri, f"{lay.READER_LEASE}{uuid.uuid4().hex[:12]}", data={"shards": shards}).acquire()
+    missing = set(shards) - set(_shard_names(open_root(layout_uri(store.uri), mode="r")))
+    if missing:  # rebuilt between our prepare and the lease
+        lease.release()
+        raise StoreError(store.uri, "train_layout", "the training layout was rebuilt by another process while "
+                         "this run started: run the command again")
+    return lease
+
+
+def _remove_stale(store: Store, info: LayoutInfo, root=None) -> None:
+    """Drop shards of earlier layouts: after the commit, and none that a live run pinned, so that
+    readers never see a hole."""
+    keep = {name for split in info.splits.values() for name, _ in split}
+    keep |= {name for lease in held(store.uri.uri, lay.READER_LEASE).values() for name in lease.get("shards", [])}
+    root = root if root is not None else open_root(layout_uri(store.uri), mode="r")
+    stale = [name for name in _shard_names(root) if name not in keep]
+    if stale and root.read_only:
+        root = open_root(layout_uri(store.uri), mode="a")
+    for name in stale:
+        del root["shards"][name]
 
 
 def _shard_names(root) -> list[str]:

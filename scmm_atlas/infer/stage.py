@@ -200,20 +200,23 @@ def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None =
             writer = extend(store, extend_record)
             spec = writer.spec
             cfg = replace(cfg, library_size=spec.library_size)  # the entry's own setting, whatever was asked
-        edges = block_edges(spec.row_start, store.n_obs, spec.chunk_rows, cfg.block_cells)
-        blocks = [{"block": i, "start": int(a), "stop": int(b)}
-                  for i, (a, b) in enumerate(itertools.pairwise(edges)) if b > a]
-        t_cells = time.perf_counter()
-        run_blocks = _run_blocks if cfg.uses_ray(ray_address) else _run_local
-        done = run_blocks(store, spec.entry, blocks, trained, features, cfg, ray_address, progress) if blocks else 0
-        cells_s = time.perf_counter() - t_cells
-        t_prog = time.perf_counter()
-        if cfg.programs and extend_record is None:
-            found = programs(trained.build(), trained.features, mode=cfg.programs_mode, top_n=cfg.top_n)
-            writer.write_table("programs", found.table.assign(model_version=trained.version))
-            writer.write_table("traversals", found.traversals)
-        programs_s = time.perf_counter() - t_prog
-        record = publish(store, writer)
+        try:
+            edges = block_edges(spec.row_start, store.n_obs, spec.chunk_rows, cfg.block_cells)
+            blocks = [{"block": i, "start": int(a), "stop": int(b)}
+                      for i, (a, b) in enumerate(itertools.pairwise(edges)) if b > a]
+            t_cells = time.perf_counter()
+            run_blocks = _run_blocks if cfg.uses_ray(ray_address) else _run_local
+            done = run_blocks(store, spec.entry, blocks, trained, features, cfg, ray_address, progress) if blocks else 0
+            cells_s = time.perf_counter() - t_cells
+            t_prog = time.perf_counter()
+            if cfg.programs and extend_record is None:
+                found = programs(trained.build(), trained.features, mode=cfg.programs_mode, top_n=cfg.top_n)
+                writer.write_table("programs", found.table.assign(model_version=trained.version))
+                writer.write_table("traversals", found.traversals)
+            programs_s = time.perf_counter() - t_prog
+            record = publish(store, writer)
+        finally:  # a failed attempt lets go of its entry: the next publish removes it
+            writer.close()
     return InferResult(record=record, cells=done, cells_per_s=done / max(cells_s, 1e-9), programs_s=programs_s,
                        wall_s=time.perf_counter() - t0)
 

@@ -5,10 +5,16 @@ location holds: per-cell embeddings (joint and per modality), cross-modal predic
 target modality's feature space, and the pseudocell programs (and their traversals) as tables.
 Attempts are written in place (row blocks by many writers, in any order) and are invisible until
 :func:`publish` adds them to the *index*, a single metadata write; readers resolve versions through
-the index, so they see the previous version until the new one is complete. An attempt that died
-is never in the index and is removed by the next publish (so one writer per store at a time: a
-publish also removes another process's unfinished entry). Cells appended to the store later are
-added to a published entry by :func:`extend`; readers through the index see them once republished.
+the index, so they see the previous version until the new one is complete. Cells appended to the
+store later are added to a published entry by :func:`extend`; readers through the index see them
+once republished.
+
+Several writers may work on one store at once (two ``infer`` runs, ``infer`` beside ``reprocess``):
+each holds a lease (:mod:`.lease`) on the entry it writes (exclusive: two extensions of one entry
+cannot interleave), and :func:`publish` updates the index under the store's index lock. Publish
+removes only entries that nobody holds and nobody can still be reading: an attempt that died (its
+lease dead) at once, a superseded version after :data:`RETAIN_S` seconds (``retired`` in the
+index), so a reader that resolved it just before keeps its arrays.
 
 Both backends use layouts that plain readers open without this project: on Zarr each entry's
 ``cells`` and ``pred_<T>_from_<S>`` groups are AnnData groups (``anndata.read_zarr``), ``programs``
@@ -21,7 +27,9 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import os
 import re
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -32,8 +40,12 @@ import pandas as pd
 
 from .base import Store
 from .errors import StoreError
+from .lease import Lease, held, lock
 
 INDEX_KEY = "scmm_results"
+# How long a superseded entry stays for readers that resolved it before it was superseded.
+RETAIN_S = float(os.environ.get("SCMM_ATLAS_RESULTS_RETAIN_S", 3600))
+ENTRY_LEASE = "entry-"
 JOINT = "joint"
 
 
@@ -93,6 +105,12 @@ class ResultsWriter(abc.ABC):
 
     def __init__(self, store: Store, spec: ResultSpec) -> None:
         self.store, self.spec = store, spec
+        self.lease: Lease | None = None  # held by the process that begins and publishes the entry
+
+    def close(self) -> None:
+        """Let go of the entry (after publishing, or giving up: then the next publish removes it)."""
+        if self.lease is not None:
+            self.lease.release()
 
     @abc.abstractmethod
     def write_cells(self, start: int, joint: np.ndarray, per_modality: Mapping[str, np.ndarray],
@@ -128,7 +146,14 @@ def begin(store: Store, spec: ResultSpec) -> ResultsWriter:
     spec.n_obs = store.n_obs
     spec.entry = f"v{spec.version}-{uuid.uuid4().hex[:8]}"
     spec.created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    return _backend(store).create_entry(store, spec)
+    lease = Lease(store.uri.uri, ENTRY_LEASE + spec.entry).acquire()  # before it exists: no publish removes it
+    try:
+        writer = _backend(store).create_entry(store, spec)
+    except BaseException:
+        lease.release()
+        raise
+    writer.lease = lease
+    return writer
 
 
 def open_writer(store: Store, entry: str) -> ResultsWriter:
@@ -148,7 +173,14 @@ def extend(store: Store, record: Mapping[str, Any]) -> ResultsWriter:
         raise StoreError(store.uri, INDEX_KEY, f"the store has {store.n_obs} cells, fewer than the {old} of "
                          f"published version {record['version']}: it was rebuilt, recompute the results")
     check_name(store, f"{INDEX_KEY}/entry", record["entry"], _ENTRY)
-    return _backend(store).extend_entry(store, record["entry"], old, store.n_obs)
+    lease = Lease(store.uri.uri, ENTRY_LEASE + record["entry"]).acquire()  # one extension at a time
+    try:
+        writer = _backend(store).extend_entry(store, record["entry"], old, store.n_obs)
+    except BaseException:
+        lease.release()
+        raise
+    writer.lease = lease
+    return writer
 
 
 def index(store: Store) -> list[dict[str, Any]]:
@@ -157,26 +189,34 @@ def index(store: Store) -> list[dict[str, Any]]:
 
 
 def publish(store: Store, writer: ResultsWriter) -> dict[str, Any]:
-    """Make the writer's entry the current results of its version (one metadata write), then remove
-    entries that are published no more or were never finished."""
+    """Make the writer's entry the current results of its version (one metadata write, under the
+    index lock), then remove entries that nobody holds and that are not published or retained."""
     spec = writer.spec
-    writer._link()
     mod = _backend(store)
-    current = list(mod.read_index(store).get("published", []))
-    published = [e for e in current if e["version"] != spec.version]
-    record = {"entry": spec.entry, "version": spec.version, "model_uri": spec.model_uri,
-              "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "n_cells": spec.n_obs,
-              "pairs": [list(p) for p in spec.pairs], "library_size": spec.library_size}
-    same = [i for i, e in enumerate(current) if e["entry"] == spec.entry]
-    if same:  # an extended entry keeps its place: which version is the latest does not change
-        current[same[0]] = record
-        mod.write_index(store, {"published": current})
-    else:
-        mod.write_index(store, {"published": [*published, record]})
-    keep = {e["entry"] for e in published} | {spec.entry}
-    for entry in mod.list_entries(store):
-        if entry not in keep:
-            mod.remove_entry(store, entry)
+    with lock(store.uri.uri, "results-index"):
+        writer._link()
+        current = mod.read_index(store)
+        published = list(current.get("published", []))
+        now = time.time()
+        retired = [r for r in current.get("retired", []) if r["entry"] != spec.entry]
+        retired += [{"entry": e["entry"], "since": now} for e in published
+                    if e["version"] == spec.version and e["entry"] != spec.entry]
+        record = {"entry": spec.entry, "version": spec.version, "model_uri": spec.model_uri,
+                  "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "n_cells": spec.n_obs,
+                  "pairs": [list(p) for p in spec.pairs], "library_size": spec.library_size}
+        same = [i for i, e in enumerate(published) if e["entry"] == spec.entry]
+        if same:  # an extended entry keeps its place: which version is the latest does not change
+            published[same[0]] = record
+        else:
+            published = [*(e for e in published if e["version"] != spec.version), record]
+        retained = [r for r in retired if now - float(r["since"]) < RETAIN_S]
+        mod.write_index(store, {"published": published, "retired": retained})
+        keep = {e["entry"] for e in published} | {r["entry"] for r in retained}
+        busy = {name[len(ENTRY_LEASE):] for name in held(store.uri.uri, ENTRY_LEASE)} - {spec.entry}
+        for entry in mod.list_entries(store):
+            if entry not in keep and entry not in busy:
+                mod.remove_entry(store, entry)
+    writer.close()
     return record
 
 

@@ -10,9 +10,11 @@ X_layer_name="scmm_v3_from_RNA")`` returns predicted proteins). The index is the
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping
-from typing import Any
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -26,6 +28,8 @@ from .soma_backend import context
 from .uri import filesystem
 
 SPEC_KEY = "scmm_result_spec"
+T = TypeVar("T")
+_READ_TRIES = 10
 
 
 def array_name(key: str) -> str:
@@ -79,6 +83,25 @@ def extend_entry(store: Store, entry: str, old: int, n: int) -> SomaResultsWrite
     return writer
 
 
+def _settled(read: Callable[..., T]) -> Callable[..., T]:
+    """Retry a read of group metadata that met a fragment another process is still writing (on a
+    local filesystem TileDB lists a group's new fragment file before its bytes are there)."""
+
+    @functools.wraps(read)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        for attempt in range(_READ_TRIES):
+            try:
+                return read(*args, **kwargs)
+            except soma.SOMAError as exc:
+                if "exceeds file size" not in str(exc) or attempt == _READ_TRIES - 1:
+                    raise
+                time.sleep(0.02 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+@_settled
 def read_index(store: Store) -> dict[str, Any]:
     with _open(store) as exp:
         raw = exp["results"].metadata.get(INDEX_KEY)
@@ -90,6 +113,7 @@ def write_index(store: Store, index: Mapping[str, Any]) -> None:
         exp["results"].metadata[INDEX_KEY] = json.dumps(index)
 
 
+@_settled
 def list_entries(store: Store) -> list[str]:
     with _open(store) as exp:
         return sorted(exp["results"].keys())
@@ -143,27 +167,41 @@ class SomaResultsWriter(ResultsWriter):
             out.write(arrow.cast(schema))
 
     def _link(self) -> None:
+        """Point obsm / X at this entry's arrays. Keys linked to another entry (an earlier attempt of
+        this version) are dropped first, in a write of their own: TileDB-SOMA refuses to set a key
+        deleted in the same open."""
         spec = self.spec
         with _open(self.store, "w") as exp:
             g = exp["results"][spec.entry]
+            links = []
             for mod in exp.ms:
-                meas = exp.ms[mod]
-                if "obsm" not in meas:
-                    meas.add_new_collection("obsm")
-                for key in [JOINT, *spec.modalities]:
-                    _relink(meas["obsm"], obsm_name(spec.version, key), g[array_name(key)])
-            for source, target in spec.pairs:
-                _relink(exp.ms[target]["X"], layer_name(spec.version, source), g[f"pred_{pair_name(source, target)}"])
+                if "obsm" not in exp.ms[mod]:
+                    exp.ms[mod].add_new_collection("obsm")
+                links += [(("ms", mod, "obsm"), obsm_name(spec.version, key), g[array_name(key)].uri)
+                          for key in [JOINT, *spec.modalities]]
+            links += [(("ms", t, "X"), layer_name(spec.version, s), g[f"pred_{pair_name(s, t)}"].uri)
+                      for s, t in spec.pairs]
+            todo = []
+            for path, key, uri in links:
+                coll = _member(exp, path)
+                if key in coll and coll[key].uri != uri:
+                    del coll[key]
+                if key not in coll or coll[key].uri != uri:  # already linked (an extended entry): no gap for readers
+                    todo.append((path, key, uri))
+        if todo:
+            with _open(self.store, "w") as exp:
+                for path, key, uri in todo:
+                    _member(exp, path).set(key, soma.DenseNDArray.open(uri, context=context()), use_relative_uri=False)
 
 
-def _relink(coll: soma.Collection, key: str, target: soma.DenseNDArray) -> None:
-    if key in coll:
-        if coll[key].uri == target.uri:
-            return  # already linked (an extended entry): no gap for plain readers
-        del coll[key]
-    coll.set(key, target, use_relative_uri=False)
+def _member(exp: soma.Experiment, path: tuple[str, ...]) -> soma.Collection:
+    node = exp
+    for name in path:
+        node = node[name]
+    return node
 
 
+@_settled
 def open_reader(store: Store, record: Mapping[str, Any]) -> SomaReader:
     with _open(store) as exp:
         results = exp["results"]

@@ -102,11 +102,12 @@ def train_loop(cfg: dict[str, Any]) -> None:
     keep_freed_buffers()
     loader_cfg = LoaderConfig(**{"batch_size": tr.batch_size, "seed": tr.seed, "drop_last": True, **dist_cfg.loader})
     feeders = Feeders(readers=loader_cfg.readers, cpus=loader_cfg.read_cpus)  # shared by both loaders
-    train_data = ShardLoader.for_train_worker(cfg["store"], loader_cfg, feeders=feeders)
+    layout = cfg.get("layout")  # the layout the driver pinned (None: reading in store order)
+    train_data = ShardLoader.for_train_worker(cfg["store"], loader_cfg, feeders=feeders, layout=layout)
     # validation reads its cells once per epoch in any order: small blocks, one read in flight
     val_cfg = replace(loader_cfg, drop_last=False, block_cells=min(loader_cfg.block_cells, VAL_BLOCK_CELLS),
                       read_ahead=1)
-    val_data = ShardLoader.for_train_worker(cfg["store"], val_cfg, split="val", feeders=feeders)
+    val_data = ShardLoader.for_train_worker(cfg["store"], val_cfg, split="val", feeders=feeders, layout=layout)
     device = train_data.device
     torch.manual_seed(tr.seed)
     model = MMVAE(run.model.build(train_data.n_features, len(train_data.batches)))

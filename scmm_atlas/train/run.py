@@ -12,7 +12,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import ray
@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 from ..config import DistributedSection, RunConfig
 from ..data.cluster import ensure_ray
 from ..data.loader import LoaderConfig
-from ..data.prepare import prepare_layout
+from ..data.prepare import pin, prepare_layout
 from ..store import StoreError, open_store
 from ..store.uri import aws_settings
 from . import state as ckpt
@@ -104,6 +104,7 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
     with open_store(store_uri) as store:
         info, what = prepare_layout(store, val_fraction=config.distributed.val_fraction, progress=progress)
         log.info(what)
+        pinned = pin(store, info)  # its shards stay while this run reads them
         features = {m: [str(f) for f in store.feature_names(m, "selected")] for m in store.modalities}
         uri = store.uri.uri
     try:  # a config that cannot fit this store fails here, not in every worker
@@ -150,7 +151,8 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
         train_loop,
         train_loop_config={"config": config.to_dict(), "store": uri, "run_id": run_id, "tracking_uri": mlflow_uri,
                            "fault_marker": f"{run_dir.path}/fault_injected", "resume_from": latest,
-                           "warm_start": warm_start, "progress": progress, "log_level": level},
+                           "warm_start": warm_start, "progress": progress, "log_level": level,
+                           "layout": asdict(info)},
         scaling_config=ScalingConfig(num_workers=dist_cfg.num_workers, use_gpu=dist_cfg.use_gpu,
                                      resources_per_worker={"CPU": dist_cfg.cpus_per_worker}),
         run_config=RayRunConfig(name=name, storage_path=run_dir.storage, logging_config=LoggingConfig(level),
@@ -158,7 +160,10 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
                                 worker_runtime_env={"env_vars": aws_settings()} if uri.startswith("s3://") else None,
                                 failure_config=FailureConfig(max_failures=dist_cfg.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        pinned.release()
     with result.checkpoint.as_directory() as d:
         payload, st, best = ckpt.load(Path(d))
     version, champion = None, False

@@ -1,0 +1,183 @@
+"""Leases: which live process holds what in a store, so that concurrent writers never remove each
+other's work and a killed one never blocks the rest.
+
+A lease ``name`` is a small JSON file ``<store>/_leases/<name>.<generation>.json`` (local or S3,
+through fsspec) saying who holds it (host, pid, a random token), until when, and a payload. The
+holder rewrites it every ``ttl / 3`` seconds from a daemon thread. A lease is *live* while it has
+not expired and, on the holder's own host, its process still exists: a SIGKILLed holder's lease is
+dead at once on its machine, and after ``ttl`` seconds on any other.
+
+Taking a lease only ever *creates* a file, with create-if-absent (``O_EXCL`` locally, S3's
+``If-None-Match: *``): the taker lists the name's generations, and when the newest is absent or
+dead creates the next one; of several takers exactly one succeeds, the others retry. The winner then
+deletes the older generations. So one primitive serves both uses: short exclusive sections (the
+results index's read-modify-write) and long-lived claims (an entry being written; the layout shards
+a training run reads), which others query with :func:`held`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from .errors import StoreError
+from .uri import filesystem
+
+log = logging.getLogger(__name__)
+LEASE_DIR = "_leases"
+TTL_S = float(os.environ.get("SCMM_ATLAS_LEASE_TTL_S", 120))
+_FILE = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)\.(?P<gen>\d+)\.json")
+_HOST = socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def is_live(record: Mapping[str, Any], now: float | None = None) -> bool:
+    """Whether the holder of ``record`` still holds it (not expired; its process exists if on this host)."""
+    if float(record.get("expires", 0)) <= (time.time() if now is None else now):
+        return False
+    return record.get("host") != _HOST or _pid_alive(int(record.get("pid", -1)))
+
+
+class Lease:
+    """Hold ``name`` in the store at ``store_uri`` (``with`` block, or :meth:`acquire` / :meth:`release`)."""
+
+    def __init__(self, store_uri: str, name: str, *, data: Mapping[str, Any] | None = None, ttl: float = TTL_S,
+                 wait_s: float = 0.0) -> None:
+        if not _FILE.fullmatch(f"{name}.0.json"):
+            raise ValueError(f"lease name {name!r}: letters, digits and _.- only")
+        self.store_uri, self.name, self.data, self.ttl, self.wait_s = store_uri, name, dict(data or {}), ttl, wait_s
+        self.fs, root = filesystem(store_uri)
+        self.dir = f"{root.rstrip('/')}/{LEASE_DIR}"
+        self.token = uuid.uuid4().hex
+        self.path: str | None = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def _record(self) -> dict[str, Any]:
+        return {"host": _HOST, "pid": os.getpid(), "token": self.token, "expires": time.time() + self.ttl,
+                "data": self.data}
+
+    def acquire(self) -> Lease:
+        """Take the lease, waiting up to ``wait_s`` for a live holder to let go; else a :class:`StoreError`."""
+        deadline, pause = time.monotonic() + self.wait_s, 0.05
+        self.fs.makedirs(self.dir, exist_ok=True)
+        while True:
+            gens = _generations(self.fs, self.dir).get(self.name, [])
+            holder = _read(self.fs, f"{self.dir}/{self.name}.{gens[-1]}.json") if gens else None
+            if holder is None or not is_live(holder):
+                path = f"{self.dir}/{self.name}.{gens[-1] + 1 if gens else 0}.json"
+                if _create(self.fs, path, self._record()):
+                    self.path = path
+                    for gen in gens:  # dead or released holders before us
+                        _remove(self.fs, f"{self.dir}/{self.name}.{gen}.json")
+                    break
+                continue  # another taker won this generation: look again
+            if time.monotonic() >= deadline:
+                raise StoreError(self.store_uri, f"{LEASE_DIR}/{self.name}", f"held by process {holder['pid']} on "
+                                 f"{holder['host']} (another writer of this store): retry when it has finished")
+            time.sleep(pause)
+            pause = min(1.0, pause * 2)
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._renew, name=f"lease-{self.name}", daemon=True)
+        self._beat.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                with self.fs.open(self.path, "w") as f:
+                    json.dump(self._record(), f)
+            except OSError as exc:  # a flaky store: the next beat tries again, well within ttl
+                log.warning("%s: could not renew lease %s: %s", self.store_uri, self.name, exc)
+
+    def release(self) -> None:
+        if self.path is None:
+            return
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+        _remove(self.fs, self.path)
+        self.path = None
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def held(store_uri: str, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Live leases whose names start with ``prefix``: name -> the holder's payload."""
+    fs, root = filesystem(store_uri)
+    folder = f"{root.rstrip('/')}/{LEASE_DIR}"
+    out = {}
+    for name, gens in _generations(fs, folder).items():
+        if name.startswith(prefix):
+            record = _read(fs, f"{folder}/{name}.{gens[-1]}.json")
+            if record is not None and is_live(record):
+                out[name] = dict(record.get("data") or {})
+    return out
+
+
+@contextlib.contextmanager
+def lock(store_uri: str, name: str, *, wait_s: float = 300.0) -> Iterator[Lease]:
+    """A short exclusive section (e.g. the results index's read-modify-write)."""
+    with Lease(store_uri, f"lock-{name}", wait_s=wait_s) as lease:
+        yield lease
+
+
+def _generations(fs, folder: str) -> dict[str, list[int]]:
+    try:
+        paths = fs.ls(folder, detail=False, refresh=True) if fs.exists(folder) else []
+    except FileNotFoundError:
+        paths = []
+    out: dict[str, list[int]] = {}
+    for path in paths:
+        m = _FILE.fullmatch(path.rstrip("/").rsplit("/", 1)[-1])
+        if m:
+            out.setdefault(m["name"], []).append(int(m["gen"]))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _read(fs, path: str) -> dict[str, Any] | None:
+    """A lease file, or None when it is gone. One caught mid-write reads as held for a second more."""
+    try:
+        with fs.open(path, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"host": "?", "pid": -1, "expires": time.time() + 1.0}  # being written: look again shortly
+
+
+def _create(fs, path: str, record: Mapping[str, Any]) -> bool:
+    """Create ``path`` only if absent; False when it exists."""
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(json.dumps(record).encode())
+    except FileExistsError:
+        return False
+    return True
+
+
+def _remove(fs, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path)

@@ -1,0 +1,148 @@
+"""Several writers on one store, in real processes: leases, the results index under a lock, layout
+shards kept while a run reads them, and readers that only ever see complete versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import make_planted_stores
+
+from scmm_atlas.store import StoreError, open_store
+from scmm_atlas.store.lease import LEASE_DIR, Lease, held
+from scmm_atlas.store.results import index, open_results
+
+HOLD = textwrap.dedent("""
+    import sys, time
+    from scmm_atlas.store.lease import Lease
+    Lease(sys.argv[1], sys.argv[2], data={"who": "child"}).acquire()
+    print("held", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_lease_is_exclusive_and_a_killed_holder_lets_go_at_once(tmp_path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path), "entry-x"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        assert held(str(tmp_path), "entry-") == {"entry-x": {"who": "child"}}
+        with pytest.raises(StoreError, match=f"held by process {child.pid}"):
+            Lease(str(tmp_path), "entry-x", wait_s=0.3).acquire()
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        assert held(str(tmp_path)) == {}  # its process is gone: dead before its expiry
+        with Lease(str(tmp_path), "entry-x", data={"who": "me"}):
+            assert held(str(tmp_path)) == {"entry-x": {"who": "me"}}
+            assert sorted(os.listdir(tmp_path / LEASE_DIR)) == ["entry-x.1.json"]  # the dead one's file removed
+        assert held(str(tmp_path)) == {} and os.listdir(tmp_path / LEASE_DIR) == []
+    finally:
+        child.kill()
+
+
+def test_a_lease_held_on_another_host_counts_until_it_expires(tmp_path) -> None:
+    (tmp_path / LEASE_DIR).mkdir()
+    record = {"host": "another-node", "pid": 1, "token": "t", "expires": time.time() + 1.5, "data": {}}
+    (tmp_path / LEASE_DIR / "lock-results-index.0.json").write_text(json.dumps(record))
+    assert list(held(str(tmp_path))) == ["lock-results-index"]
+    with pytest.raises(StoreError, match="on another-node"):
+        Lease(str(tmp_path), "lock-results-index", wait_s=0.2).acquire()
+    t0 = time.monotonic()
+    with Lease(str(tmp_path), "lock-results-index", wait_s=10):  # waits for the expiry, then takes over
+        assert 0.5 < time.monotonic() - t0 < 5
+
+
+PUBLISHER = textwrap.dedent("""
+    import random, sys, time
+    import numpy as np
+    from scmm_atlas.store import open_store
+    from scmm_atlas.store.results import ResultSpec, begin, publish
+    uri, who, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    rng = random.Random(who)
+    with open_store(uri) as store:
+        for r in range(rounds):
+            spec = ResultSpec(version=f"p{who}", model_uri="m", latent_dim=2, modalities=["RNA"], pairs=[],
+                              target_features={}, library_size=None)
+            writer = begin(store, spec)
+            value = np.float32(100 * (who + 1) + r + 1)  # which writer and round, in every cell
+            time.sleep(rng.uniform(0, 0.3))  # interleave with the others' publishes
+            full = np.full((store.n_obs, 2), value, dtype=np.float32)
+            writer.write_cells(0, full, {"RNA": full}, {})
+            time.sleep(rng.uniform(0, 0.3))
+            publish(store, writer)
+    print("done", flush=True)
+""")
+
+
+@pytest.mark.parametrize("backend", ["zarr", "soma"])
+def test_concurrent_publishers_lose_nothing_and_readers_see_complete_versions(tmp_path, backend, monkeypatch) -> None:
+    """Three processes publish four rounds each of their own version while this one reads the latest
+    throughout: every version ends published with its last round, no writer's entry was removed
+    under it, and every read returned one writer's complete round (no zeros, no mixture)."""
+    uri = str(make_planted_stores(tmp_path, n=300, backends=(backend,))[backend])
+    procs = [subprocess.Popen([sys.executable, "-c", PUBLISHER, uri, str(who), "4"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for who in range(3)]
+    seen, problems, stop = [], [], threading.Event()
+
+    def read_throughout() -> None:
+        with open_store(uri) as store:
+            while not stop.is_set():
+                try:
+                    reader = open_results(store)
+                    emb = reader.embedding("joint")
+                except StoreError:  # nothing published yet
+                    continue
+                except Exception as exc:  # any failure of a reader is what this test looks for
+                    problems.append(repr(exc)[:500])
+                    continue
+                if emb.shape != (300, 2) or not np.all(emb == emb[0, 0]) or emb[0, 0] == 0:
+                    problems.append((reader.record["entry"], np.unique(emb)[:5]))
+                seen.append(float(emb[0, 0]))
+
+    reader = threading.Thread(target=read_throughout)
+    reader.start()
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        stop.set()
+        reader.join()
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0 and out.strip() == "done", err[-2000:]
+    assert not problems, problems
+    assert len(seen) > 0
+    with open_store(uri) as store:
+        assert sorted(e["version"] for e in index(store)) == ["p0", "p1", "p2"]
+        for who in range(3):
+            assert open_results(store, f"p{who}").embedding("joint")[0, 0] == 100 * (who + 1) + 4
+
+
+def test_a_layout_rebuild_keeps_the_shards_a_running_training_reads(tmp_path) -> None:
+    from scmm_atlas.data.layout import Layout, layout_uri, open_root
+    from scmm_atlas.data.prepare import pin, prepare_layout
+
+    uri = str(make_planted_stores(tmp_path, n=400, backends=("zarr",))["zarr"])
+    with open_store(uri) as store:
+        info, _ = prepare_layout(store, val_fraction=0.1, shard_cells=100)
+        run = pin(store, info)  # what `scmm-atlas train` holds while it runs
+        before = Layout(layout_uri(store.uri), "train", info.splits["train"]).read(0, info.n_cells("train"))
+    cli = [sys.executable, "-m", "scmm_atlas.cli", "prepare", "--store", uri, "--val-fraction", "0.3", "--no-progress"]
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    shards = set(open_root(layout_uri(store.uri), mode="r")["shards"].group_keys())
+    old = {name for split in info.splits.values() for name, _ in split}
+    assert old <= shards and len(shards) > len(old)  # the new layout committed beside the pinned one
+    again = Layout(layout_uri(store.uri), "train", info.splits["train"]).read(0, info.n_cells("train"))
+    for key, arr in before.items():
+        np.testing.assert_array_equal(again[key], arr)
+    run.release()
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "up to date" in done.stdout, done.stderr
+    left = set(open_root(layout_uri(store.uri), mode="r")["shards"].group_keys())
+    assert not (left & old) and left == shards - old  # no run reads them any more: removed

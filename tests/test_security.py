@@ -117,3 +117,56 @@ def test_names_that_become_paths_cannot_escape(tmp_path) -> None:
         assert os.listdir(Path(store) / "results") == ["zarr.json"]  # no entry folder was made
     with pytest.raises(StoreError, match=re.escape("'..' segments are not allowed")):
         StageRecords(str(tmp_path / "work" / ".." / ".." / "etc"))
+
+
+LISTENERS = textwrap.dedent("""
+    import json, os, time
+    import grpc, psutil, ray
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    from scmm_atlas.data.cluster import ensure_ray
+    ensure_ray(None, object_store_bytes=128 << 20)
+    time.sleep(3)  # agents and exporters come up after init returns
+    procs = {p.pid: p for p in psutil.Process().children(recursive=True)} | {os.getpid(): psutil.Process()}
+    found = []
+    for c in psutil.net_connections("inet"):
+        if c.status == "LISTEN" and c.pid in procs:
+            p = procs[c.pid]
+            what = "driver" if c.pid == os.getpid() else p.name()
+            if what == "python":  # the dashboard head or the autoscaler monitor
+                what = "monitor" if any("monitor.py" in a for a in p.cmdline()) else "dashboard"
+            found.append([what, c.laddr.ip, c.laddr.port])
+    gcs_port = int(ray._private.worker.global_worker.node.gcs_address.rsplit(":", 1)[1])
+    off_loopback = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                    if a.family == 2 and not a.address.startswith("127.")]
+    code = None
+    if off_loopback:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(grpc.insecure_channel(f"{off_loopback[0]}:{gcs_port}"))
+        try:
+            stub.GetAllNodeInfo(gcs_service_pb2.GetAllNodeInfoRequest(), timeout=10)
+            code = "OK"
+        except grpc.RpcError as exc:
+            code = exc.code().name
+    print(json.dumps({"listening": found, "anonymous_gcs": code}))
+    ray.shutdown()
+""")
+# What the README's "Network exposure" table lists off loopback (process -> fixed port, or None: random)
+DOCUMENTED = {"gcs_server": None, "raylet": None, "driver": None, "ray::IDLE": None, "ray::DashboardAgent": None,
+              "ray::RuntimeEnvAgent": None, "monitor": 44217, "dashboard": 44227}
+
+
+def test_a_local_ray_listens_off_loopback_only_where_the_readme_says() -> None:
+    done = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    exposed = [(what, ip, port) for what, ip, port in found["listening"] if not ip.startswith("127.")]
+    for what, ip, port in exposed:
+        assert what in DOCUMENTED, f"{what} listens on {ip}:{port}: not in the README's table"
+        assert DOCUMENTED[what] in (None, port), (what, ip, port)
+    assert ("dashboard", "127.0.0.1", 8265) in [tuple(x) for x in found["listening"]]
+    assert not any(what == "ray::DashboardAgent" and port not in (52365,) and ip == "0.0.0.0"
+                   for what, ip, port in exposed), exposed  # the metrics agent's exporter is off
+    readme = (REPO / "README.md").read_text()
+    for what in ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "44217", "44227"):
+        assert what in readme
+    if found["anonymous_gcs"] is not None:  # a machine with a non-loopback address: the token is required
+        assert found["anonymous_gcs"] == "UNAUTHENTICATED", found

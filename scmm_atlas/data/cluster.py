@@ -14,7 +14,10 @@ DASHBOARD_ENV = "SCMM_ATLAS_RAY_DASHBOARD"
 # - The raylet frees objects whose references are gone in batches, once a second by default: a
 #   loader handing over 14 blocks a second kept ~300 MB of dead blocks in the object store (and so
 #   in its processes' memory). Every 100 ms keeps that to a few blocks.
-LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0, "free_objects_period_milliseconds": 100}
+# - No metrics collection: nothing here reads Ray's Prometheus metrics, and the node's metrics agent
+#   served them, unauthenticated, on all interfaces (README, "Network exposure").
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0, "free_objects_period_milliseconds": 100,
+                       "enable_metrics_collection": False}
 
 
 def ensure_ray(address: str | None, *, object_store_bytes: int = 1 << 30) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -237,6 +238,33 @@ HANDLERS = {"ingest": _run_ingest, "stats": _run_stats, "prepare": _run_prepare,
             "demo": cli_pipeline.run_demo, "bench": _run_bench}
 
 
+# A write that failed for want of room (a full disk, a file-size limit, a quota) or of a working disk.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO)
+# Commands that put the store back as it was when a write fails (ingest: the new store or the append;
+# prepare: the training layout).
+RESTORED_ON_WRITE_FAILURE = ("ingest", "prepare")
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, if ``exc`` or an exception it was raised from is a failed write: an
+    OSError with one of :data:`WRITE_ERRNOS`, or TileDB's error, which gives the reason in words."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in WRITE_ERRNOS:
+            return seen.strerror
+        if type(seen).__module__.startswith("tiledb"):
+            words = [os.strerror(e) for e in WRITE_ERRNOS if os.strerror(e) in str(seen)]
+            if words:
+                return words[0]
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _one_line(text: str) -> str:
+    """Control characters escaped (a newline in a file or cell name), so that an error stays one line."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -247,7 +275,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         HANDLERS[args.command](args)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # only a failed write is handled here: anything else is re-raised as it is
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        kept = "; the store was left as it was" if args.command in RESTORED_ON_WRITE_FAILURE else ""
+        print(f"error: {_one_line(str(getattr(args, 'store', 'output')))}: write failed: {reason} (a full disk, "
+              f"a quota or a file-size limit){kept}", file=sys.stderr)
         return 2
     return 0
 

@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import zarr
 
+from ..store.base import LAYOUT_NAME
 from ..store.errors import StoreError
 from ..store.uri import StoreURI, zarr_store
 
-LAYOUT_NAME = "train_layout"
 READER_LEASE = "layout-reader-"  # + a run's token; payload {"shards": [names]}
 META_KEY = "scmm_atlas_layout"
 FORMAT_VERSION = 2

@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 from ..store import Store
 from ..store.base import HASH_CHUNK, hash_strings
 from ..store.errors import StoreError
-from ..store.lease import Lease, held
+from ..store.ingest import restored_on_failure
+from ..store.lease import Lease, held, lock
+from ..store.uri import StoreURI
 from . import layout as lay
 from .blocks import SparseBlock, compact_arrays
 from .layout import SPLITS, LayoutInfo, commit, is_validation, layout_uri, open_root, read_info, write_shard
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 SHARD_CELLS = 1 << 16
 CHUNK_CELLS = 1 << 16
 VAL_FRACTION = 0.1
+LOCK_WAIT_S = 6 * 3600.0  # another prepare of the same store writing a large layout
 
 
 def selection_fingerprint(store: Store, features: str = "selected") -> str:
@@ -49,12 +52,22 @@ def selection_fingerprint(store: Store, features: str = "selected") -> str:
 def prepare_layout(store: Store, *, seed: int = 0, val_fraction: float = VAL_FRACTION, shard_cells: int = SHARD_CELLS,
                    chunk_cells: int = CHUNK_CELLS, rebuild: bool = False, tmp_dir: str | None = None,
                    progress: bool = False) -> tuple[LayoutInfo, str]:
-    """Bring the layout of ``store`` up to date; returns it and what was done, in words."""
+    """Bring the layout of ``store`` up to date; returns it and what was done, in words.
+
+    One ``prepare`` per store at a time (a lease: another waits, then finds the layout up to date);
+    a write that fails part-way (a full disk) leaves a local layout file for file as it was."""
     if shard_cells <= 0 or chunk_cells <= 0:
         raise ValueError(f"shard_cells and chunk_cells must be positive, got {shard_cells} and {chunk_cells}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     uri = layout_uri(store.uri)
+    with lock(store.uri.uri, "layout", wait_s=LOCK_WAIT_S), restored_on_failure(uri):
+        return _update(store, uri, seed=seed, val_fraction=val_fraction, shard_cells=shard_cells,
+                       chunk_cells=chunk_cells, rebuild=rebuild, tmp_dir=tmp_dir, progress=progress)
+
+
+def _update(store: Store, uri: StoreURI, *, seed: int, val_fraction: float, shard_cells: int, chunk_cells: int,
+            rebuild: bool, tmp_dir: str | None, progress: bool) -> tuple[LayoutInfo, str]:
     fingerprint = selection_fingerprint(store)
     old = None if rebuild else read_info(uri)
     if old is not None and (old.selection != fingerprint or old.val_fraction != val_fraction

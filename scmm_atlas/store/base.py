@@ -40,6 +40,7 @@ MODALITY_KINDS = {"RNA": "rna", "ADT": "protein", "ATAC": "atac"}
 
 Features = Literal["all", "selected"] | np.ndarray
 HASH_CHUNK = 1 << 17
+LAYOUT_NAME = "train_layout"  # the training layout's folder inside a store (written by ``data.prepare``)
 
 
 def hash_strings(values: np.ndarray) -> np.ndarray:

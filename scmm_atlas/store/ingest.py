@@ -3,16 +3,18 @@
 Two passes over the inputs. The first only reads (names, obs columns, a scan of every count) and
 raises :class:`InputError` on anything wrong, so bad input never touches a store. The second
 writes chunks of cells. A new local store is built beside its final path and renamed into place
-when complete; an append becomes visible when the store's cell count is committed.
+when complete; an append becomes visible when the store's cell count is committed, and a failed
+append to a local store (a full disk, say) puts every file back as it was (:func:`restored_on_failure`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +24,9 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from . import backend_for, create_store, open_store, parse_uri, store_exists
-from .base import HASH_CHUNK, Store, StoreInfo, StoreWriter, empty_var, hash_strings, modality_kind
+from .base import HASH_CHUNK, LAYOUT_NAME, Store, StoreInfo, StoreWriter, empty_var, hash_strings, modality_kind
 from .errors import InputError, StoreError
+from .lease import LEASE_DIR
 from .sources import MatrixSource, SourceSpec, open_sources
 from .uri import StoreURI
 from .validate import CellCounts, check_features_match, check_names, scan_counts
@@ -315,6 +318,73 @@ def _write(writer: StoreWriter, sources: Sequence[MatrixSource], plan: _Plan, al
     bar.close()
 
 
+def _write_all(open_writer: Callable[[], StoreWriter], sources: Sequence[MatrixSource], plan: _Plan,
+               all_mods: Sequence[str], opts: IngestOptions) -> None:
+    """Write and commit every new cell; a writer that fails is aborted (its cells stay invisible)."""
+    writer = open_writer()
+    try:
+        _write(writer, sources, plan, all_mods, opts)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+@contextmanager
+def restored_on_failure(loc: StoreURI, *, untouched: Collection[str] = ()) -> Iterator[None]:
+    """Run the body; if it raises, put the local folder ``loc`` back file for file as it was (removed,
+    if it did not exist), so that a write that fails part-way (a full disk) leaves no trace. Entries
+    of ``loc`` named in ``untouched`` are left alone: the body does not write them, others may.
+
+    TileDB only ever adds files, and Zarr replaces a file whole (written aside, then renamed over
+    it), so hard links to the files as they were keep the old versions at no copying cost: files
+    added are deleted, files replaced or deleted are linked back. An S3 store is left to the
+    backend's own commit point."""
+    if loc.is_s3:
+        yield
+        return
+    root = loc.path
+    backup = root.parent / f".{root.name}.backup-{uuid.uuid4().hex[:8]}"
+    existed = root.exists()
+    before = set(_entries(root, untouched)) if existed else set()
+    try:
+        for rel in before:
+            if (root / rel).is_file() and not (root / rel).is_symlink():
+                (backup / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.link(root / rel, backup / rel)
+        try:
+            yield
+        except BaseException:
+            _restore(root, backup, before, existed, untouched)
+            raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _entries(root: Path, untouched: Collection[str]) -> list[Path]:
+    """Paths under ``root``, relative to it, but for those under an ``untouched`` entry."""
+    return [rel for p in root.rglob("*") if (rel := p.relative_to(root)).parts[0] not in untouched]
+
+
+def _restore(root: Path, backup: Path, before: set[Path], existed: bool, untouched: Collection[str]) -> None:
+    if not existed:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for rel in sorted(_entries(root, untouched), reverse=True):  # children before their folder
+        path = root / rel
+        if rel in before:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    for saved in backup.rglob("*"):
+        path = root / saved.relative_to(backup)
+        if saved.is_file() and not (path.exists() and os.path.samefile(path, saved)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(saved, path)
+
+
 def _staging(loc: StoreURI) -> StoreURI:
     if loc.is_s3:
         return loc
@@ -366,22 +436,21 @@ def ingest(uri: str, specs: Sequence[SourceSpec | str], opts: IngestOptions | No
             all_mods = store.modalities
             for mod in all_mods:
                 plan.n_var.setdefault(mod, len(store.var(mod)))
-            writer = store.appender(n_new)
             target = loc
+            # Other processes may meanwhile take leases, publish results or prepare a layout there.
+            others = (LEASE_DIR, LAYOUT_NAME, store.results_uri.rstrip("/").rsplit("/", 1)[-1])
+            with restored_on_failure(loc, untouched=others):
+                _write_all(lambda: store.appender(n_new), sources, plan, all_mods, opts)
         else:
             all_mods = [s.modality for s in sources]
             info = StoreInfo(modalities=all_mods, kinds={m: modality_kind(m) for m in all_mods})
             vars_ = {s.modality: empty_var(s.var) for s in sources}
             target = _staging(loc)
-            writer = create_store(target, backend, info, vars_, n_new)
-        try:
-            _write(writer, sources, plan, all_mods, opts)
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            if store is None:
+            try:
+                _write_all(lambda: create_store(target, backend, info, vars_, n_new), sources, plan, all_mods, opts)
+            except BaseException:
                 _remove(target)
-            raise
+                raise
     run_stats = opts.stats if opts.stats is not None else not opts.append
     if target != loc:  # a new local store: complete, statistics included, before it is in place
         try:

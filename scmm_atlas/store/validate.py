@@ -10,7 +10,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .errors import InputError
-from .sources import MatrixSource
+from .sources import INT32_MAX, MatrixSource
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,10 @@ def scan_counts(src: MatrixSource, *, max_cells: int, max_nnz: int, progress: bo
             if neg.any():
                 raise InputError(*where, f"contains negative values (cell {_first_row(src, start, ptr, neg)!r}):"
                                  " raw counts are needed")
+        big = data > INT32_MAX
+        if big.any():
+            raise InputError(*where, f"contains counts above {INT32_MAX:,}, e.g. {data[big][0]:g} (cell "
+                             f"{_first_row(src, start, ptr, big)!r}): the store keeps counts as 32-bit integers")
         if kind == "f":
             frac = data != np.floor(data)
             if frac.any():

@@ -146,3 +146,65 @@ def test_a_layout_rebuild_keeps_the_shards_a_running_training_reads(tmp_path) ->
     assert done.returncode == 0 and "up to date" in done.stdout, done.stderr
     left = set(open_root(layout_uri(store.uri), mode="r")["shards"].group_keys())
     assert not (left & old) and left == shards - old  # no run reads them any more: removed
+
+
+@pytest.mark.parametrize("backend", ["zarr", "soma"])
+def test_an_append_while_training_and_inference_read_changes_nothing_they_see(tmp_path, backend) -> None:
+    """`ingest --append` in another process while this one reads what training reads (the pinned
+    layout), what inference reads (store rows up to the count it started with) and the published
+    results: every read succeeds and returns what it returned before the append."""
+    from conftest import random_counts, write_h5ad
+
+    from scmm_atlas.data.layout import Layout, layout_uri
+    from scmm_atlas.data.prepare import prepare_layout
+    from scmm_atlas.store.results import ResultSpec, begin, publish
+
+    uri = str(make_planted_stores(tmp_path, n=400, backends=(backend,))[backend])
+    with open_store(uri) as store:
+        info, _ = prepare_layout(store, shard_cells=100)
+        writer = begin(store, ResultSpec(version="1", model_uri="m", latent_dim=2, modalities=["RNA"], pairs=[],
+                                         target_features={}, library_size=None))
+        full = np.arange(800, dtype=np.float32).reshape(400, 2) + 1
+        writer.write_cells(0, full, {"RNA": full}, {})
+        publish(store, writer)
+    n_new = 3000
+    new = tmp_path / "new"
+    new.mkdir()
+    names = [f"n{i}" for i in range(n_new)]
+    write_h5ad(new / "rna.h5ad", random_counts(n_new, 20, 7), obs_names=names, obs={"donor": ["b9"] * n_new})
+    write_h5ad(new / "adt.h5ad", random_counts(n_new, 4, 8), obs_names=names, var_names=[f"p{j}" for j in range(4)])
+
+    def read_all() -> list[np.ndarray]:
+        with open_store(uri) as store:
+            layout = Layout(layout_uri(store.uri), "train", info.splits["train"]).read(0, info.n_cells("train"))
+            rows = [store.read(mod, 0, 400).toarray() for mod in ("RNA", "ADT")]
+            emb = open_results(store).embedding("joint")
+        return [layout["RNA/data"], layout["cell"], *rows, emb[:400]]
+
+    before, problems, reads, stop = read_all(), [], [0], threading.Event()
+
+    def read_throughout() -> None:
+        while not stop.is_set():
+            try:
+                got = read_all()
+            except Exception as exc:  # any failure of a reader is what this test looks for
+                problems.append(repr(exc)[:500])
+                continue
+            reads[0] += 1
+            problems.extend(i for i, (a, b) in enumerate(zip(got, before, strict=True)) if not np.array_equal(a, b))
+
+    thread = threading.Thread(target=read_throughout)
+    thread.start()
+    try:
+        cmd = ["ingest", "--store", uri, f"RNA={new / 'rna.h5ad'}", f"ADT={new / 'adt.h5ad'}", "--append",
+               "--batch-key", "donor", "--no-progress"]
+        done = subprocess.run([sys.executable, "-m", "scmm_atlas.cli", *cmd], capture_output=True, text=True,
+                              timeout=300)
+        time.sleep(0.5)  # reads after the append too
+    finally:
+        stop.set()
+        thread.join()
+    assert done.returncode == 0, done.stderr
+    assert not problems and reads[0] >= 2, (problems, reads)
+    with open_store(uri) as store:
+        assert store.n_obs == 400 + n_new

@@ -118,13 +118,19 @@ def differing_features(tmp):
     return [f"RNA={_rna(tmp, var_names=genes)}", f"ADT={_adt(tmp)}"], "bad_rna.h5ad", "var_names"
 
 
+def repeated_entries_past_int32(tmp):
+    """Each entry fits 32 bits; the two entries of one (cell, gene), summed when stored, do not."""
+    x = sp.csr_matrix((np.array([2e9, 2e9, 5.0]), np.array([0, 0, 1]), np.array([0, 2, 3])), shape=(2, 30))
+    return [f"RNA={_rna(tmp, x, obs_names=['a', 'b'])}"], "bad_rna.h5ad", "X"
+
+
 def missing_batch_column(tmp):
     return [f"RNA={_rna(tmp)}", f"ADT={_adt(tmp)}", "--batch-key", "donor"], "bad_rna.h5ad", "obs/donor"
 
 
 CASES = [missing_file, corrupt_file, text_as_h5ad, h5mu_named_h5ad, h5ad_named_10x, nan_counts, inf_counts,
          negative_counts, fractional_counts, duplicate_barcodes, duplicate_features, no_overlap, empty_modality,
-         all_zero_modality, csc_matrix, missing_batch_column]
+         all_zero_modality, csc_matrix, missing_batch_column, repeated_entries_past_int32]
 
 
 def _error_line(capsys) -> str:

@@ -85,6 +85,11 @@ def scan_counts(src: MatrixSource, *, max_cells: int, max_nnz: int, progress: bo
                                  f"{_first_row(src, start, ptr, frac)!r}): the NB/ZINB likelihoods need raw "
                                  "integer counts, not normalised data (use --layer to pick a counts layer)")
         total[start:stop] = row_sums(data, ptr)
+        over = np.flatnonzero(total[start:stop] > INT32_MAX)
+        if len(over):  # repeated (cell, feature) entries are summed when stored: bound every sum
+            row = start + int(over[0])
+            raise InputError(*where, f"cell {str(src.barcodes.read(row, row + 1)[0])!r} has more than {INT32_MAX:,} "
+                             "counts in all: the store keeps counts as 32-bit integers")
         nnz[start:stop] = row_sums(data != 0, ptr)
         bar.update(stop - start)
     bar.close()

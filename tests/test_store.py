@@ -172,3 +172,40 @@ def test_s3_store_both_backends(tmp_path: Path, pair, s3_bucket: str) -> None:
             ingest(uri, [f"RNA={rna}"], IngestOptions(progress=False))
     with pytest.raises(StoreError, match="no store here"):
         open_store(f"s3://{s3_bucket}/nothing")
+
+
+@pytest.mark.parametrize(("where", "ending"), [("local", "abort"), ("s3", "abort"), ("local", "killed")])
+def test_a_failed_soma_append_takes_its_writes_back(tmp_path: Path, pair, where: str, ending: str, request) -> None:
+    """An append that fails after writing cells (a failed disk or object store) leaves no fragment
+    behind, and one killed before it could clean up has its writes dropped by the next append:
+    otherwise its cells, beyond the committed count, would reappear inside the next append's rows."""
+    import pandas as pd
+
+    rna, adt = pair
+    uri = str(tmp_path / "a.soma") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/a.soma"
+    ingest(uri, [f"RNA={rna}", f"ADT={adt}"], IngestOptions(backend="soma", stats=False, progress=False))
+    from scmm_atlas.store.uri import filesystem
+
+    fs, root = filesystem(uri)
+    files = sorted(fs.find(root))
+    with open_store(uri, writable=True) as store:
+        writer = store.appender(40)
+        obs = pd.DataFrame({"obs_id": [f"dead{i}" for i in range(40)], "dataset": "x", "batch": "b", "cell_type": "",
+                            "has_RNA": True, "total_counts_RNA": 1, "n_features_RNA": 1, "has_ADT": True,
+                            "total_counts_ADT": 1, "n_features_ADT": 1})
+        writer.write(0, obs, {"RNA": sp.csr_matrix(random_counts(40, 30, 9), dtype=np.int32),
+                              "ADT": sp.csr_matrix(random_counts(40, 5, 9), dtype=np.int32)})
+        if ending == "abort":
+            writer.abort()
+        else:  # as if SIGKILLed: nothing taken back
+            writer._exp.close()
+    if ending == "abort":
+        assert sorted(fs.find(root)) == files  # every file the attempt added is gone
+    small = write_h5ad(tmp_path / "small.h5ad", random_counts(5, 30, 11), obs_names=[f"s{i}" for i in range(5)])
+    ingest(uri, [f"RNA={small}"], IngestOptions(append=True, stats=False, progress=False))
+    with open_store(uri) as store:
+        assert store.n_obs == 65 and list(store.obs_slice(60, 65, ["obs_id"])["obs_id"]) == [f"s{i}" for i in range(5)]
+        import anndata as ad
+
+        np.testing.assert_array_equal(store.read("RNA", 60, 65).toarray(), ad.read_h5ad(small).X.toarray())
+        assert store.read("ADT", 60, 65).nnz == 0  # none of the dead attempt's proteins in these rows

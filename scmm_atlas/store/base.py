@@ -84,6 +84,7 @@ class StoreInfo:
     stats_n_obs: int = 0  # n_obs when feature statistics were last computed (0: never)
     selection: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    cells_committed_ms: int = 0  # when cells were last committed (ms since the epoch; 0: not recorded)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

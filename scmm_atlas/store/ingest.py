@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 from . import backend_for, create_store, open_store, parse_uri, store_exists
 from .base import HASH_CHUNK, LAYOUT_NAME, Store, StoreInfo, StoreWriter, empty_var, hash_strings, modality_kind
 from .errors import InputError, StoreError
-from .lease import LEASE_DIR
+from .lease import LEASE_DIR, lock
 from .sources import MatrixSource, SourceSpec, open_sources
 from .uri import StoreURI
 from .validate import CellCounts, check_features_match, check_names, scan_counts
 
 log = logging.getLogger(__name__)
+APPEND_WAIT_S = 6 * 3600.0  # another append of the same store still writing
 
 
 @dataclass
@@ -405,9 +406,19 @@ def _remove(loc: StoreURI) -> None:
 
 
 def ingest(uri: str, specs: Sequence[SourceSpec | str], opts: IngestOptions | None = None) -> IngestReport:
-    """Ingest ``specs`` into the store at ``uri`` (created, or appended to with ``opts.append``)."""
+    """Ingest ``specs`` into the store at ``uri`` (created, or appended to with ``opts.append``).
+
+    Appends to one store run one at a time (a lease; another waits): each writes the rows after the
+    store's committed cells."""
     opts = opts or IngestOptions()
     loc = parse_uri(uri)
+    if opts.append and store_exists(loc):
+        with lock(loc.uri, "ingest", wait_s=APPEND_WAIT_S):
+            return _ingest(loc, specs, opts)
+    return _ingest(loc, specs, opts)
+
+
+def _ingest(loc: StoreURI, specs: Sequence[SourceSpec | str], opts: IngestOptions) -> IngestReport:
     specs = [s if isinstance(s, SourceSpec) else SourceSpec.parse(s) for s in specs]
     if not specs:
         raise InputError(loc, "inputs", "no input files given")

@@ -7,7 +7,10 @@ is written without a sort. A plain ``tiledbsoma.Experiment.open`` reads everythi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -19,7 +22,7 @@ import tiledbsoma.io
 
 from .base import Store, StoreInfo, StoreWriter, csr_to_coo_rows, obs_dtypes
 from .errors import StoreError
-from .uri import StoreURI, tiledb_config
+from .uri import StoreURI, filesystem, tiledb_config
 
 META_KEY = "scmm_atlas"
 X_LAYER = "counts"
@@ -135,13 +138,22 @@ class SomaStore(Store):
     def appender(self, n_new: int) -> StoreWriter:
         new_n = self.n_obs + n_new
         nvars = {mod: len(self.var(mod)) for mod in self.modalities}
-        tiledbsoma.io.resize_experiment(self.uri.uri, nobs=new_n, nvars=nvars, context=self._ctx)
-        return _SomaWriter(self.uri, self.info, base=self.n_obs)
+        # An append killed before it could take its writes back (SIGKILL, storage down) left them
+        # after the last commit (the experiment's metadata write): drop them before writing those rows.
+        committed = self.info.cells_committed_ms or _last_commit_ms(self.uri)
+        _drop_writes_since(self.uri, self.modalities, committed + 1, tables=("obs", "X"))
+        since_ms = time.time_ns() // 1_000_000
+        try:
+            tiledbsoma.io.resize_experiment(self.uri.uri, nobs=new_n, nvars=nvars, context=self._ctx)
+            return _SomaWriter(self.uri, self.info, base=self.n_obs, since_ms=since_ms)
+        except BaseException:
+            _drop_writes_since(self.uri, self.modalities, since_ms)
+            raise
 
 
 class _SomaWriter(StoreWriter):
-    def __init__(self, uri: StoreURI, info: StoreInfo, *, base: int) -> None:
-        self.uri, self.info, self.base = uri, info, base
+    def __init__(self, uri: StoreURI, info: StoreInfo, *, base: int, since_ms: int | None = None) -> None:
+        self.uri, self.info, self.base, self.since_ms = uri, info, base, since_ms
         self._ctx = context()
         self._exp = soma.Experiment.open(uri.uri, "w", context=self._ctx)
         self._dtypes = obs_dtypes(info.modalities)
@@ -161,11 +173,47 @@ class _SomaWriter(StoreWriter):
 
     def commit(self) -> None:
         self.info.n_obs = self.base + self._written
+        self.info.cells_committed_ms = time.time_ns() // 1_000_000
         self._exp.metadata[META_KEY] = json.dumps(self.info.to_json())
         self._exp.close()
 
     def abort(self) -> None:
-        self._exp.close()
+        """An append that failed takes its writes back: left in place, its cells (beyond the committed
+        count, so invisible now) would reappear inside the next append's rows."""
+        with contextlib.suppress(Exception):  # the failure that brought us here is what gets reported
+            self._exp.close()
+        if self.since_ms is not None:
+            _drop_writes_since(self.uri, self.info.modalities, self.since_ms)
+
+
+_TIMESTAMPED = re.compile(r"__(\d+)_(\d+)_[0-9a-f]{32}")
+
+
+def _last_commit_ms(uri: StoreURI) -> int:
+    """When the experiment's metadata was last written: at or after the last commit of cells (for
+    stores from before :attr:`StoreInfo.cells_committed_ms`)."""
+    fs, root = filesystem(uri.child("__meta"))
+    stamps = [int(m[2]) for path in fs.ls(root, detail=False, refresh=True)
+              if (m := _TIMESTAMPED.match(path.rstrip("/").rsplit("/", 1)[-1]))]
+    return max(stamps)
+
+
+def _drop_writes_since(uri: StoreURI, modalities: Sequence[str], since_ms: int,
+                       tables: Sequence[str] = ("obs", "var", "X")) -> None:
+    """Delete what writers opened at or after ``since_ms`` added to the obs and var tables and the
+    counts (fragments, their commit markers, metadata and schema changes such as a resize). Appends hold
+    the store's ingest lease, so nobody else wrote there since."""
+    arrays = [uri.child("obs")] if "obs" in tables else []
+    arrays += [uri.child(f"ms/{mod}/{name}") for mod in modalities for name in ("var", f"X/{X_LAYER}")
+               if name.split("/")[0] in tables]
+    for array in arrays:
+        fs, root = filesystem(array)
+        for sub in ("__commits", "__fragments", "__meta", "__schema"):  # the commit marker first
+            with contextlib.suppress(FileNotFoundError):
+                for path in fs.ls(f"{root.rstrip('/')}/{sub}", detail=False, refresh=True):
+                    m = _TIMESTAMPED.match(path.rstrip("/").rsplit("/", 1)[-1])
+                    if m and int(m[1]) >= since_ms:
+                        fs.rm(path, recursive=True)
 
 
 def create(uri: StoreURI, info: StoreInfo, vars_: Mapping[str, pd.DataFrame], n_obs: int) -> StoreWriter:

@@ -7,7 +7,7 @@ import errno
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from . import cli_pipeline, cli_results
 from .store.errors import InputError
@@ -121,6 +121,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--systems", metavar="S,...", help="quality: some of scmm-atlas,scvi,wnn,knn (default: all)")
     p.add_argument("--grid", metavar="FILE", help="sweep: YAML {cite|rna_atac: {name: [key=value, ...]}}")
     p.add_argument("--jobs", type=int, metavar="N", help="sweep: variants trained at once (default 1)")
+    p.add_argument("--runs", type=int, metavar="N", help="chaos: runs with a random kill (default 5)")
+    p.add_argument("--s3", action="store_true", help="chaos: as many runs on S3 behind injected faults")
     p.add_argument("--gpu", action="store_true",
                    help="on a GPU (train: 1 worker with bf16 autocast off and on, totalVI on the same GPU)")
 
@@ -245,18 +247,29 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO)
 RESTORED_ON_WRITE_FAILURE = ("ingest", "prepare")
 
 
-def _write_failure(exc: BaseException) -> str | None:
-    """Why a write failed, if ``exc`` or an exception it was raised from is a failed write: an
-    OSError with one of :data:`WRITE_ERRNOS`, or TileDB's error, which gives the reason in words."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: BaseException | None = exc
     while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def _storage_failure(exc: BaseException) -> str | None:
+    """What failed, if ``exc`` (or one it was raised from) is the object store failing after its
+    retries (botocore / aiohttp under s3fs, TileDB's S3 client), or a local write failing for want of
+    room (an OSError with one of :data:`WRITE_ERRNOS`; TileDB gives the reason in words)."""
+    for seen in _chain(exc):  # object storage first: s3fs reports unknown S3 errors as EIO
+        mod, text = type(seen).__module__, str(seen)
+        if mod.startswith(("botocore", "aiobotocore", "aiohttp")) or (
+                mod.startswith("tiledb") and ("[TileDB::S3]" in text or text.startswith("S3:"))):
+            return f"object storage failed after retries: {(text.splitlines() or [type(seen).__name__])[0]}"
+    for seen in _chain(exc):
         if isinstance(seen, OSError) and seen.errno in WRITE_ERRNOS:
-            return seen.strerror
+            return f"write failed: {seen.strerror} (a full disk, a quota or a file-size limit)"
         if type(seen).__module__.startswith("tiledb"):
             words = [os.strerror(e) for e in WRITE_ERRNOS if os.strerror(e) in str(seen)]
             if words:
-                return words[0]
-        seen = seen.__cause__ or seen.__context__
+                return f"write failed: {words[0]} (a full disk, a quota or a file-size limit)"
     return None
 
 
@@ -277,13 +290,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
-    except Exception as exc:  # only a failed write is handled here: anything else is re-raised as it is
-        reason = _write_failure(exc)
+    except Exception as exc:  # only failed storage is handled here: anything else is re-raised as it is
+        reason = _storage_failure(exc)
         if reason is None:
             raise
-        kept = "; the store was left as it was" if args.command in RESTORED_ON_WRITE_FAILURE else ""
-        print(f"error: {_one_line(str(getattr(args, 'store', 'output')))}: write failed: {reason} (a full disk, "
-              f"a quota or a file-size limit){kept}", file=sys.stderr)
+        where = str(getattr(args, "store", None) or "output")
+        kept = args.command in RESTORED_ON_WRITE_FAILURE and not where.startswith("s3://")
+        print(f"error: {_one_line(where)}: {_one_line(reason)}{'; the store was left as it was' * kept}",
+              file=sys.stderr)
         return 2
     return 0
 

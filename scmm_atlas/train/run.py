@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -26,7 +27,7 @@ from ..data.cluster import ensure_ray
 from ..data.loader import LoaderConfig
 from ..data.prepare import pin, prepare_layout
 from ..store import StoreError, open_store
-from ..store.uri import aws_settings
+from ..store.uri import arrow_s3, aws_settings
 from . import state as ckpt
 from .loop import train_loop
 
@@ -89,6 +90,15 @@ class RunDir:
         if not found:
             return None
         return f"s3://{found[-1]}" if self.storage.startswith("s3://") else found[-1]
+
+
+def _storage(path: str) -> dict[str, Any]:
+    """Ray Train's storage arguments: on S3 pyarrow's filesystem with this project's endpoint and
+    retries (Ray's own would retry 3 times)."""
+    if not path.startswith("s3://"):
+        return {"storage_path": path}
+    fs, inside = arrow_s3(path)
+    return {"storage_path": inside, "storage_filesystem": fs}
 
 
 def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, resume: bool = False,
@@ -155,7 +165,7 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
                            "layout": asdict(info)},
         scaling_config=ScalingConfig(num_workers=dist_cfg.num_workers, use_gpu=dist_cfg.use_gpu,
                                      resources_per_worker={"CPU": dist_cfg.cpus_per_worker}),
-        run_config=RayRunConfig(name=name, storage_path=run_dir.storage, logging_config=LoggingConfig(level),
+        run_config=RayRunConfig(name=name, **_storage(run_dir.storage), logging_config=LoggingConfig(level),
                                 # S3 endpoint / region (never credentials: workers use their own or the node's role)
                                 worker_runtime_env={"env_vars": aws_settings()} if uri.startswith("s3://") else None,
                                 failure_config=FailureConfig(max_failures=dist_cfg.max_failures),

@@ -117,6 +117,27 @@ def s3_bucket(s3_server, monkeypatch):
     return name
 
 
+def write_model_folder(store_uri: str, folder: Path, seed: int = 0) -> Path:
+    """A small untrained model for the store's selected features, as a folder ``infer --model`` loads."""
+    import json
+    from dataclasses import asdict
+
+    from scmm_atlas.model import MMVAE, MMVAEConfig
+    from scmm_atlas.store import open_store
+
+    with open_store(store_uri) as store:
+        features = {m: [str(f) for f in store.feature_names(m, "selected")] for m in store.modalities}
+    config = MMVAEConfig(modalities={m: {"n_features": len(f), "hidden": 8, "n_layers": 1}
+                                     for m, f in features.items()}, latent_dim=3, n_batches=3)
+    model_dir = folder / "artifacts"
+    model_dir.mkdir(parents=True)
+    torch.manual_seed(seed)
+    torch.save(MMVAE(config).state_dict(), model_dir / "best_model.pt")
+    (model_dir / "meta.json").write_text(json.dumps({"model": asdict(config), "features": features,
+                                                     "batches": ["b0", "b1", "b2"]}))
+    return folder
+
+
 PLANTED_N = 1000
 # training overrides that keep a Ray Train run to seconds on tiny stores
 FAST_TRAIN = ["train.epochs=3", "train.warmup_epochs=1", "train.batch_size=64", "train.patience=10",

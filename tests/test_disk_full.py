@@ -11,6 +11,7 @@ checks with an injected fault.
 from __future__ import annotations
 
 import errno
+import os
 import resource
 import signal
 import subprocess
@@ -153,3 +154,34 @@ def test_prepare_failing_between_shards_leaves_no_shard(tmp_path: Path, inputs, 
     assert err.startswith(f"error: {store}: write failed: No space left on device") and err.count("\n") == 1, err
     assert len(written) == 2 and tree_digest(store) == before
     _nothing_beside(store)
+
+
+def test_infer_write_fails_and_the_published_version_stays(tmp_path: Path) -> None:
+    """`infer` on one machine (worker threads, no Ray) under the limit: the new entry's arrays cannot
+    be written, the command says so in one line, version 1 stays the published one unchanged, and a
+    rerun without the limit publishes version 2 and removes the dead attempt's entry."""
+    import zarr
+    from conftest import make_planted_stores, write_model_folder
+
+    from scmm_atlas.store.results import index, open_results
+
+    uri = str(make_planted_stores(tmp_path, n=N_CELLS, backends=("zarr",))["zarr"])
+    model = write_model_folder(uri, tmp_path / "model")
+    infer = ["infer", "--store", uri, "--model", str(model), "--top-n", "3"]
+    assert main([*infer, "--version", "1", "--no-progress"]) == 0
+    with open_store(uri) as store:
+        before, published = open_results(store).embedding("joint"), index(store)
+    proc = subprocess.run([sys.executable, "-m", "scmm_atlas.cli", *infer, "--version", "2", "--no-progress"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=_limited(8_000),
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {uri}: write failed: File too large"), lines
+    with open_store(uri) as store:
+        assert index(store) == published
+        np.testing.assert_array_equal(open_results(store).embedding("joint"), before)
+    assert main([*infer, "--version", "2", "--no-progress"]) == 0
+    with open_store(uri) as store:
+        assert [r["version"] for r in index(store)] == ["1", "2"]
+        entries = sorted(zarr.open_group(f"{uri}/results", mode="r").group_keys())
+        assert entries == sorted(r["entry"] for r in index(store))  # the dead attempt's entry is gone

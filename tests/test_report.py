@@ -6,7 +6,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from scmm_atlas.cli import main
@@ -17,26 +16,11 @@ from scmm_atlas.store.results import open_results
 @pytest.fixture(scope="module")
 def published(ray_session, tmp_path_factory):
     """A planted Zarr store with a model folder (meta.json + weights) inferred and published via the CLI."""
-    import json
-
-    from conftest import make_planted_stores
-
-    from scmm_atlas.model import MMVAE, MMVAEConfig
+    from conftest import make_planted_stores, write_model_folder
 
     tmp = tmp_path_factory.mktemp("report")
     uri = str(make_planted_stores(tmp, backends=("zarr",))["zarr"])
-    with open_store(uri) as store:
-        features = {m: [str(f) for f in store.feature_names(m, "selected")] for m in store.modalities}
-    config = MMVAEConfig(modalities={m: {"n_features": len(f), "hidden": 8, "n_layers": 1}
-                                     for m, f in features.items()}, latent_dim=3, n_batches=3)
-    model_dir = tmp / "model" / "artifacts"
-    model_dir.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(MMVAE(config).state_dict(), model_dir / "best_model.pt")
-    from dataclasses import asdict
-
-    (model_dir / "meta.json").write_text(json.dumps({"model": asdict(config), "features": features,
-                                                     "batches": ["b0", "b1", "b2"]}))
+    write_model_folder(uri, tmp / "model")
     assert main(["infer", "--store", uri, "--model", str(tmp / "model"), "--version", "7", "--top-n", "4",
                  "--no-progress"]) == 0
     return uri, tmp

@@ -33,6 +33,7 @@ BENCHES = {
     "train": "scmm_atlas.bench.train",
     "infer": "scmm_atlas.bench.infer",
     "scale": "scmm_atlas.bench.scale",
+    "chaos": "scmm_atlas.bench.chaos",
 }
 
 

@@ -1,6 +1,7 @@
 """Random SIGKILLs of the pipeline's processes (driver, Ray Train worker, read actor, inference actor),
 then reruns: the outputs equal an uninterrupted run's and a reader never sees a partial version.
-`scmm-atlas bench chaos --runs N` runs more (README); CI runs two."""
+`scmm-atlas bench chaos --runs N` runs more (README); CI runs two: a Ray Train worker and a read
+actor killed (seed 1)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 @pytest.mark.slow
 def test_the_pipeline_survives_random_kills(tmp_path) -> None:
     out = tmp_path / "chaos.json"
-    env = {**os.environ, "SCMM_ATLAS_CHAOS_SEED": "18"}
+    env = {**os.environ, "SCMM_ATLAS_CHAOS_SEED": "1"}
     done = subprocess.run([sys.executable, "-m", "scmm_atlas.cli", "bench", "chaos", "--runs", "2", "--json",
                            str(out), "--workdir", str(tmp_path)], capture_output=True, text=True, env=env,
                           timeout=1500)

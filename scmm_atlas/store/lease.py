@@ -114,7 +114,11 @@ class Lease:
         self._stop.set()
         if self._beat is not None:
             self._beat.join()
-        _remove(self.fs, self.path)
+        try:
+            _remove(self.fs, self.path)
+        except OSError as exc:  # storage failing: the lease expires by itself (nobody renews it now)
+            log.warning("%s: could not release lease %s (it expires in %.0f s): %s", self.store_uri, self.name,
+                        self.ttl, exc)
         self.path = None
 
     def __enter__(self) -> Lease:

@@ -208,3 +208,37 @@ def test_an_append_while_training_and_inference_read_changes_nothing_they_see(tm
     assert not problems and reads[0] >= 2, (problems, reads)
     with open_store(uri) as store:
         assert store.n_obs == 400 + n_new
+
+
+def test_three_infer_commands_at_once_publish_every_version(tmp_path) -> None:
+    """`scmm-atlas infer` three times at once on one store (versions 1, 2 and 1 again, on worker
+    threads): both versions end published with the embeddings a run alone gives, and the store
+    holds no other entry (the superseded attempt of version 1 is removed: no retention here)."""
+    from conftest import write_model_folder
+
+    uri = str(make_planted_stores(tmp_path, n=600, backends=("zarr",))["zarr"])
+    models = {v: write_model_folder(uri, tmp_path / f"model{v}", seed=int(v)) for v in ("1", "2")}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"SCMM_ATLAS_RESULTS_RETAIN_S": "0"}
+    procs = [subprocess.Popen([sys.executable, "-m", "scmm_atlas.cli", "infer", "--store", uri, "--model",
+                               str(models[v]), "--version", v, "--top-n", "3", "--no-progress"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in ("1", "2", "1")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    import zarr
+
+    from scmm_atlas.infer.source import load_trained
+    from scmm_atlas.infer.stage import InferConfig, infer
+
+    (tmp_path / "alone").mkdir()
+    alone = str(make_planted_stores(tmp_path / "alone", n=600, backends=("zarr",))["zarr"])
+    with open_store(uri) as store:
+        published = index(store)
+        assert sorted(r["version"] for r in published) == ["1", "2"]
+        assert sorted(zarr.open_group(f"{uri}/results", mode="r").group_keys()) == sorted(r["entry"] for r in published)
+        for v in ("1", "2"):
+            infer(alone, load_trained(str(models[v]), version=v), config=InferConfig(top_n=3, executor="local"),
+                  progress=False)
+            with open_store(alone) as ref:
+                np.testing.assert_array_equal(open_results(store, v).embedding("joint"),
+                                              open_results(ref, v).embedding("joint"))

@@ -7,8 +7,8 @@ Data: generated CITE-like inputs (``--cells``, default 600 cells x 40 genes + 6 
    on Ray actors; no report) gives the reference outputs and the run's length;
 2. ``--runs N`` chaos runs: the same command, and one process is SIGKILLed: run ``i`` targets the
    kinds in turn (the driver, a Ray Train worker, a loader read actor, an inference actor; starting
-   at ``SCMM_ATLAS_CHAOS_SEED`` mod 4), one of its processes drawn at a moment drawn uniformly over
-   the span that kind lived in the clean run (another kind present then, if timing moved). Then the
+   at ``SCMM_ATLAS_CHAOS_SEED`` mod 4), one of its processes drawn, at a moment after the first one
+   appears drawn uniformly over the first 80 % of the span that kind lived in the clean run. Then the
    command is rerun (at most twice) until it exits 0. A reader thread reads the published results
    throughout;
 3. with ``--s3``, as many runs against a local moto S3 server behind
@@ -130,8 +130,9 @@ class Attempt:
 
 def _pipeline(config: Path, log: Path, env: dict[str, str], kill: tuple[str, float] | None,
               rng: random.Random) -> Attempt:
-    """Run the pipeline once; with ``kill`` = (kind, seconds), SIGKILL a process of that kind then
-    (of a kind present, if that one is not). Records when each kind of process was alive."""
+    """Run the pipeline once; with ``kill`` = (kind, seconds), SIGKILL a process of that kind that
+    many seconds after the first one appeared (nothing, if none lives then). Records when each kind
+    of process was alive."""
     cmd = [sys.executable, "-m", "scmm_atlas.cli", "run", "--config", str(config), "--no-progress"]
     with open(log, "a") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -144,11 +145,10 @@ def _pipeline(config: Path, log: Path, env: dict[str, str], kill: tuple[str, flo
             if (kind := _kind(p, proc.pid)) is not None:
                 present.setdefault(kind, []).append(p)
                 windows.setdefault(kind, [now, now])[1] = now
-        if kill is not None and killed is None and now >= kill[1] and present:
-            kind = kill[0] if kill[0] in present else rng.choice(sorted(present))
+        if kill is not None and killed is None and kill[0] in present and now >= windows[kill[0]][0] + kill[1]:
             with contextlib.suppress(Exception):
-                rng.choice(present[kind]).send_signal(signal.SIGKILL)
-                killed = kind
+                rng.choice(present[kill[0]]).send_signal(signal.SIGKILL)
+                killed = kill[0]
         time.sleep(0.05)
     _end(proc, seen)
     return Attempt(proc.returncode, killed, windows)
@@ -348,16 +348,18 @@ def run(args: argparse.Namespace) -> list[dict]:
         for i in range(runs):
             rng = random.Random(seed0 * 1000 + i + 1)
             kind = KINDS[(seed0 + i) % len(KINDS)]  # every kind in turn, at a moment drawn while it lives
+            first, last = windows.get(kind, [0.0, 0.0])
             folder = Path(tmp, f"kill{i}")
             store = str(folder / "atlas.zarr")
-            got = _one(folder, inputs, store=store, env=env, kill=(kind, rng.uniform(*windows.get(kind, [0, 1]))),
+            got = _one(folder, inputs, store=store, env=env, kill=(kind, rng.uniform(0, 0.8 * (last - first))),
                        rng=rng)
             lost, issues = _judge(got, store, want)
             injected = got["killed"] is not None
             totals["kills_injected"] += injected
             totals["kills_survived"] += injected and not issues
             totals["bytes_lost"] += lost
-            print(f"  run {i + 1}: killed {got['killed'] or 'nothing (finished first)'}; {got['reruns']} rerun(s); "
+            print(f"  run {i + 1}: killed {got['killed'] or f'nothing (no {kind} alive at the drawn moment)'}; "
+                  f"{got['reruns']} rerun(s); "
                   f"{got['reads']} reads; {'survived' if not issues else 'FAILED: ' + '; '.join(issues)[:500]}",
                   flush=True)
         if args.s3:

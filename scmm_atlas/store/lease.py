@@ -64,8 +64,7 @@ class Lease:
         if not _FILE.fullmatch(f"{name}.0.json"):
             raise ValueError(f"lease name {name!r}: letters, digits and _.- only")
         self.store_uri, self.name, self.data, self.ttl, self.wait_s = store_uri, name, dict(data or {}), ttl, wait_s
-        self.fs, root = filesystem(store_uri)
-        self.dir = f"{root.rstrip('/')}/{LEASE_DIR}"
+        self.fs, self.dir = _folder(store_uri)
         self.token = uuid.uuid4().hex
         self.path: str | None = None
         self._stop = threading.Event()
@@ -130,8 +129,7 @@ class Lease:
 
 def held(store_uri: str, prefix: str = "") -> dict[str, dict[str, Any]]:
     """Live leases whose names start with ``prefix``: name -> the holder's payload."""
-    fs, root = filesystem(store_uri)
-    folder = f"{root.rstrip('/')}/{LEASE_DIR}"
+    fs, folder = _folder(store_uri)
     out = {}
     for name, gens in _generations(fs, folder).items():
         if name.startswith(prefix):
@@ -143,9 +141,15 @@ def held(store_uri: str, prefix: str = "") -> dict[str, dict[str, Any]]:
 
 @contextlib.contextmanager
 def lock(store_uri: str, name: str, *, wait_s: float = 300.0) -> Iterator[Lease]:
-    """A short exclusive section (e.g. the results index's read-modify-write)."""
+    """An exclusive section, waiting up to ``wait_s`` for another holder (the results index's
+    read-modify-write; one ``prepare`` or append per store)."""
     with Lease(store_uri, f"lock-{name}", wait_s=wait_s) as lease:
         yield lease
+
+
+def _folder(store_uri: str) -> tuple[Any, str]:
+    fs, root = filesystem(store_uri)
+    return fs, f"{root.rstrip('/')}/{LEASE_DIR}"
 
 
 def _generations(fs, folder: str) -> dict[str, list[int]]:

@@ -184,10 +184,11 @@ class SomaResultsWriter(ResultsWriter):
             todo = []
             for path, key, uri in links:
                 coll = _member(exp, path)
-                if key in coll and coll[key].uri != uri:
+                if key in coll and coll[key].uri == uri:
+                    continue  # already linked (an extended entry): no gap for readers
+                if key in coll:
                     del coll[key]
-                if key not in coll or coll[key].uri != uri:  # already linked (an extended entry): no gap for readers
-                    todo.append((path, key, uri))
+                todo.append((path, key, uri))
         if todo:
             with _open(self.store, "w") as exp:
                 for path, key, uri in todo:

@@ -192,10 +192,18 @@ _TIMESTAMPED = re.compile(r"__(\d+)_(\d+)_[0-9a-f]{32}")
 def _last_commit_ms(uri: StoreURI) -> int:
     """When the experiment's metadata was last written: at or after the last commit of cells (for
     stores from before :attr:`StoreInfo.cells_committed_ms`)."""
-    fs, root = filesystem(uri.child("__meta"))
-    stamps = [int(m[2]) for path in fs.ls(root, detail=False, refresh=True)
-              if (m := _TIMESTAMPED.match(path.rstrip("/").rsplit("/", 1)[-1]))]
-    return max(stamps)
+    return max(end for _, _, end in _stamped(uri.child("__meta")))
+
+
+def _stamped(folder: str) -> list[tuple[str, int, int]]:
+    """(path, first, last timestamp in ms) of the TileDB entries in ``folder`` named ``__<t1>_<t2>_<uuid>...``."""
+    fs, root = filesystem(folder)
+    try:
+        paths = fs.ls(root, detail=False, refresh=True)
+    except FileNotFoundError:
+        return []
+    return [(path, int(m[1]), int(m[2])) for path in paths
+            if (m := _TIMESTAMPED.match(path.rstrip("/").rsplit("/", 1)[-1]))]
 
 
 def _drop_writes_since(uri: StoreURI, modalities: Sequence[str], since_ms: int,
@@ -207,13 +215,11 @@ def _drop_writes_since(uri: StoreURI, modalities: Sequence[str], since_ms: int,
     arrays += [uri.child(f"ms/{mod}/{name}") for mod in modalities for name in ("var", f"X/{X_LAYER}")
                if name.split("/")[0] in tables]
     for array in arrays:
-        fs, root = filesystem(array)
+        fs, _ = filesystem(array)
         for sub in ("__commits", "__fragments", "__meta", "__schema"):  # the commit marker first
-            with contextlib.suppress(FileNotFoundError):
-                for path in fs.ls(f"{root.rstrip('/')}/{sub}", detail=False, refresh=True):
-                    m = _TIMESTAMPED.match(path.rstrip("/").rsplit("/", 1)[-1])
-                    if m and int(m[1]) >= since_ms:
-                        fs.rm(path, recursive=True)
+            for path, first, _ in _stamped(f"{array}/{sub}"):
+                if first >= since_ms:
+                    fs.rm(path, recursive=True)
 
 
 def create(uri: StoreURI, info: StoreInfo, vars_: Mapping[str, pd.DataFrame], n_obs: int) -> StoreWriter:

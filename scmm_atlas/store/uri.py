@@ -131,16 +131,25 @@ def tiledb_config() -> dict[str, str]:
         cfg["vfs.s3.connect_timeout_ms"] = str(max(1, round(connect_s * 1000)))
     if read_s is not None:
         cfg["vfs.s3.request_timeout_ms"] = str(max(1, round(read_s * 1000)))
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
+    if region := _region():
         cfg["vfs.s3.region"] = region
-    endpoint = s3_endpoint()
-    if endpoint:
-        parsed = urlparse(endpoint)
-        cfg["vfs.s3.endpoint_override"] = parsed.netloc or endpoint
-        cfg["vfs.s3.scheme"] = parsed.scheme or "https"
+    if endpoint := _endpoint_parts():
+        cfg["vfs.s3.endpoint_override"], cfg["vfs.s3.scheme"] = endpoint
         cfg["vfs.s3.use_virtual_addressing"] = "false"
     return cfg
+
+
+def _region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
+def _endpoint_parts() -> tuple[str, str] | None:
+    """(host:port, scheme) of the S3 endpoint, for the clients that take them apart (TileDB, pyarrow)."""
+    endpoint = s3_endpoint()
+    if not endpoint:
+        return None
+    parsed = urlparse(endpoint)
+    return parsed.netloc or endpoint, parsed.scheme or "https"
 
 
 def fsspec_options() -> dict[str, object]:
@@ -167,12 +176,9 @@ def arrow_s3(uri: str) -> tuple[Any, str]:
 
     attempts, connect_s, read_s = s3_retry_settings()
     kwargs: dict[str, Any] = {"retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
-    endpoint = s3_endpoint()
-    if endpoint:
-        parsed = urlparse(endpoint)
-        kwargs.update(endpoint_override=parsed.netloc or endpoint, scheme=parsed.scheme or "https")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
+    if endpoint := _endpoint_parts():
+        kwargs["endpoint_override"], kwargs["scheme"] = endpoint
+    if region := _region():
         kwargs["region"] = region
     if connect_s is not None:
         kwargs["connect_timeout"] = connect_s

@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,39 +273,17 @@ def _judge(got: dict[str, Any], store: str, want: dict[str, Any]) -> tuple[int, 
     return lost, issues + got["problems"]
 
 
-@contextlib.contextmanager
-def _moto() -> Iterator[str]:
-    """A local moto S3 server (its own process); this process and the runs talk to it with test keys."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait()
-
-
 def _s3_runs(tmp: Path, inputs: list[str], want: dict[str, Any], runs: int, env: dict[str, str],
              totals: dict[str, int]) -> None:
     """``runs`` pipelines with the store and the workdir (stage records, checkpoints) on S3 behind
     :class:`~.s3faults.FaultyProxy`; the outputs, read from moto directly, must equal the clean run's."""
     import boto3
 
-    from .s3faults import FaultyProxy
+    from .s3faults import FaultyProxy, moto_server
 
     keys = {"AWS_ACCESS_KEY_ID": "chaos", "AWS_SECRET_ACCESS_KEY": "chaos", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in [*keys, "AWS_ENDPOINT_URL", *S3_ENV]}
-    with _moto() as moto:
+    with moto_server() as moto:
         os.environ.update({**keys, **S3_ENV, "AWS_ENDPOINT_URL": moto})  # this process (reader, snapshot): moto
         try:
             for i in range(runs):

@@ -16,12 +16,15 @@ client's Host header, which SigV4 signs, unchanged. ``faults_injected`` and ``op
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import multiprocessing
 import random
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -242,12 +245,15 @@ class _Handler(BaseHTTPRequestHandler):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             yield from self._raw_chunks()
             return
-        left = int(self.headers.get("Content-Length") or 0)
-        while left > 0:
-            piece = self.rfile.read(min(left, BUF))
+        yield from self._exactly(int(self.headers.get("Content-Length") or 0), "mid-body")
+
+    def _exactly(self, n: int, where: str) -> Iterator[bytes]:
+        """``n`` bytes of the request, in pieces as they come."""
+        while n > 0:
+            piece = self.rfile.read(min(n, BUF))
             if not piece:
-                raise ConnectionError("the client closed the connection mid-body")
-            left -= len(piece)
+                raise ConnectionError(f"the client closed the connection {where}")
+            n -= len(piece)
             yield piece
 
     def _raw_chunks(self) -> Iterator[bytes]:
@@ -265,13 +271,7 @@ class _Handler(BaseHTTPRequestHandler):
                     yield line
                     if line in (b"\r\n", b"\n"):
                         return
-            left = size + 2  # the data and its CRLF
-            while left > 0:
-                piece = self.rfile.read(min(left, BUF))
-                if not piece:
-                    raise ConnectionError("the client closed the connection mid-chunk")
-                left -= len(piece)
-                yield piece
+            yield from self._exactly(size + 2, "mid-chunk")  # the data and its CRLF
 
     def _forward(self, faults: _Faults) -> None:
         # one upstream connection per request: a reused one the upstream has closed would fail after the
@@ -325,3 +325,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """A local moto S3 server on 127.0.0.1 in its own process (TileDB's S3 client blocks the GIL);
+    yields its endpoint URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"the moto server on port {port} did not start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -47,7 +47,10 @@ def row_sums(values: np.ndarray, ptr: np.ndarray) -> np.ndarray:
 
 def _first_row(src: MatrixSource, start: int, ptr: np.ndarray, mask: np.ndarray) -> str:
     pos = int(np.flatnonzero(mask)[0])
-    row = start + int(np.searchsorted(ptr, pos, side="right")) - 1
+    return _cell(src, start + int(np.searchsorted(ptr, pos, side="right")) - 1)
+
+
+def _cell(src: MatrixSource, row: int) -> str:
     return str(src.barcodes.read(row, row + 1)[0])
 
 
@@ -87,8 +90,7 @@ def scan_counts(src: MatrixSource, *, max_cells: int, max_nnz: int, progress: bo
         total[start:stop] = row_sums(data, ptr)
         over = np.flatnonzero(total[start:stop] > INT32_MAX)
         if len(over):  # repeated (cell, feature) entries are summed when stored: bound every sum
-            row = start + int(over[0])
-            raise InputError(*where, f"cell {str(src.barcodes.read(row, row + 1)[0])!r} has more than {INT32_MAX:,} "
+            raise InputError(*where, f"cell {_cell(src, start + int(over[0]))!r} has more than {INT32_MAX:,} "
                              "counts in all: the store keeps counts as 32-bit integers")
         nnz[start:stop] = row_sums(data != 0, ptr)
         bar.update(stop - start)

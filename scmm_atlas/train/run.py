@@ -114,7 +114,6 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
     with open_store(store_uri) as store:
         info, what = prepare_layout(store, val_fraction=config.distributed.val_fraction, progress=progress)
         log.info(what)
-        pinned = pin(store, info)  # its shards stay while this run reads them
         features = {m: [str(f) for f in store.feature_names(m, "selected")] for m in store.modalities}
         uri = store.uri.uri
     try:  # a config that cannot fit this store fails here, not in every worker
@@ -170,6 +169,9 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
                                 worker_runtime_env={"env_vars": aws_settings()} if uri.startswith("s3://") else None,
                                 failure_config=FailureConfig(max_failures=dist_cfg.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    # The layout's shards stay while the workers read them. Pinned last, just before the workers
+    # start: a failure in the set-up above cannot leave the lease renewed for the life of this process.
+    pinned = pin(store, info)
     try:
         result = trainer.fit()
     finally:

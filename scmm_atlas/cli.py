@@ -123,6 +123,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, metavar="N", help="sweep: variants trained at once (default 1)")
     p.add_argument("--runs", type=int, metavar="N", help="chaos: runs with a random kill (default 5)")
     p.add_argument("--s3", action="store_true", help="chaos: as many runs on S3 behind injected faults")
+    p.add_argument("--datasets", metavar="D,...", help="unpaired: some of snare,a549 (default: both)")
     p.add_argument("--gpu", action="store_true",
                    help="on a GPU (train: 1 worker with bf16 autocast off and on, totalVI on the same GPU)")
 

@@ -34,6 +34,8 @@ BENCHES = {
     "infer": "scmm_atlas.bench.infer",
     "scale": "scmm_atlas.bench.scale",
     "chaos": "scmm_atlas.bench.chaos",
+    "mapping": "scmm_atlas.bench.mapping",
+    "unpaired": "scmm_atlas.bench.unpaired",
 }
 
 

@@ -103,6 +103,19 @@ def _add_store_cmds(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True, metavar="URI")
 
 
+def _add_gene_activity(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gene-activity", help="ATAC peaks per gene (body + upstream of the TSS) into a new store")
+    p.add_argument("--store", required=True, metavar="URI", help="the store whose ATAC counts are read")
+    p.add_argument("--genes", required=True, metavar="TABLE",
+                   help="gene table: TSV (gene_name chrom start end strand, 0-based) or GTF, optionally gzipped")
+    p.add_argument("--out", required=True, metavar="URI", help="the new store (modality GA; .zarr suffix: Zarr)")
+    p.add_argument("--modality", default="ATAC", help="the modality of peaks (default: ATAC)")
+    p.add_argument("--upstream", type=int, default=2000, metavar="BP", help="bp upstream of the TSS (default: 2000)")
+    p.add_argument("--chunk-cells", type=int, default=20_000, metavar="N", help="cells per chunk (default: 20000)")
+    p.add_argument("--backend", choices=["soma", "zarr"], help="store backend of --out (default: by its suffix)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     from .bench import BENCHES
 
@@ -136,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_cmds(sub)
     cli_results.add_commands(sub)
     cli_pipeline.add_commands(sub)
+    _add_gene_activity(sub)
     _add_bench(sub)
     return parser
 
@@ -229,6 +243,15 @@ def _run_info(args: argparse.Namespace) -> None:
         print(store.summary())
 
 
+def _run_gene_activity(args: argparse.Namespace) -> None:
+    from .store.gene_activity import gene_activity
+
+    r = gene_activity(args.store, args.genes, args.out, modality=args.modality, upstream=args.upstream,
+                      chunk_cells=args.chunk_cells, backend=args.backend, progress=not args.no_progress)
+    print(f"gene activity of {r.n_cells:,} cells x {r.n_genes:,} genes ({r.n_regions_overlapping:,} of "
+          f"{r.n_regions:,} regions in a gene window) written to {r.uri} ({r.backend}) in {r.seconds:.1f} s")
+
+
 def _run_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
 
@@ -238,7 +261,8 @@ def _run_bench(args: argparse.Namespace) -> None:
 HANDLERS = {"ingest": _run_ingest, "stats": _run_stats, "prepare": _run_prepare, "train": _run_train,
             "infer": cli_results.run_infer, "query": cli_results.run_query, "report": cli_results.run_report,
             "info": _run_info, "run": cli_pipeline.run_pipeline_cmd, "reprocess": cli_pipeline.run_reprocess,
-            "demo": cli_pipeline.run_demo, "bench": _run_bench}
+            "demo": cli_pipeline.run_demo, "bench": _run_bench,
+            "gene-activity": _run_gene_activity}
 
 
 # A write that failed for want of room (a full disk, a file-size limit, a quota) or of a working disk.

@@ -27,6 +27,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="predictions per N counts (default 1e4); 'model': the model's library scale")
     p.add_argument("--traversal", choices=("atlas", "faithful"), default="atlas", help="program traversal")
     p.add_argument("--top-n", type=int, default=50, help="features per program direction (default 50)")
+    p.add_argument("--genome", metavar="FASTA", help="the ATAC peaks' genome (e.g. mm10.fa): JASPAR motifs "
+                   "enriched in each ATAC program, against GC-matched peaks (query programs --motifs)")
     p.add_argument("--actors", type=int, default=0, help="inference actors (default: one per CPU, at most 4)")
     p.add_argument("--version", metavar="LABEL", help="publish under this label instead of the model's version")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -52,6 +54,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", metavar="F,...", help="predictions: only these features")
     p.add_argument("--modality", help="programs: one modality")
     p.add_argument("--direction", choices=("up", "down"), help="programs: one direction")
+    p.add_argument("--motifs", action="store_true",
+                   help="programs: the JASPAR motifs enriched in the ATAC programs (infer --genome) instead")
     p.add_argument("--resolution", type=float, default=1.0, help="markers: Leiden resolution of the clusters")
     p.add_argument("--sub-resolution", type=float, default=0.3,
                    help="markers: Leiden resolution of the sub-clusters inside each label (default 0.3)")
@@ -86,11 +90,12 @@ def run_infer(args: argparse.Namespace) -> None:
     tracking = tracking_uri(args.tracking_uri) if args.model.startswith(("models:", "runs:")) else None
     trained = load_trained(args.model, tracking=tracking, version=args.version)
     config = InferConfig(pairs=pairs, library_size=library, programs_mode=args.traversal, top_n=args.top_n,
-                         actors=args.actors)
+                         actors=args.actors, genome=args.genome)
     result = infer(args.store, trained, config=config, ray_address=args.ray_address, progress=not args.no_progress)
     rec = result.record
+    motifs = f" (motifs {result.timings['motifs_s']:.1f} s)" if "motifs_s" in result.timings else ""
     print(f"published version {rec['version']} ({rec['entry']}) of {args.store}: {result.cells:,} cells at "
-          f"{result.cells_per_s:,.0f} cells/s, programs in {result.programs_s:.1f} s; predictions: "
+          f"{result.cells_per_s:,.0f} cells/s, programs in {result.programs_s:.1f} s{motifs}; predictions: "
           f"{', '.join(f'{t} from {s}' for s, t in rec['pairs'])}")
 
 
@@ -104,6 +109,8 @@ def run_query(args: argparse.Namespace) -> None:
                               resolution=args.resolution, sub_resolution=args.sub_resolution, top=args.top)
         _output(table, args.out, args.limit)
         return
+    if args.motifs and args.what != "programs":
+        raise InputError(args.store, "--motifs", "only with `query programs`")
     with results.open(args.store, args.version) as res:
         ids = args.ids.split(",") if args.ids else None
         if args.what == "versions":
@@ -116,7 +123,8 @@ def run_query(args: argparse.Namespace) -> None:
             table = res.predictions(args.target, source=args.source, where=_where(args.where), ids=ids,
                                     features=args.features.split(",") if args.features else None)
         else:
-            table = res.programs(dim=args.dim, modality=args.modality, direction=args.direction)
+            table = (res.motifs if args.motifs else res.programs)(dim=args.dim, modality=args.modality,
+                                                                  direction=args.direction)
     _output(table, args.out, args.limit)
 
 

@@ -10,6 +10,8 @@ in the model's MLflow run.
 - ``markers.csv`` and a table on the page: the top differential features of each Leiden cluster
   and of the sub-clusters inside each labelled type (:mod:`.markers`), over the cells that have
   every modality, on the store's selected features.
+- ``motifs.csv`` and a table on the page, when the version has a motif table (``infer --genome``):
+  the JASPAR motifs enriched in each ATAC program direction's peaks (:mod:`..infer.motifs`).
 
 At most ``max_cells`` cells (a seeded random sample) are drawn; the store is read a slice at a time.
 """
@@ -230,6 +232,27 @@ def _markers_html(table: pd.DataFrame, per_group: int = 4) -> str:
             + "".join(lines) + "</table>")
 
 
+def _motifs_html(table: pd.DataFrame, top: int = 3, q: float = 0.05) -> str:
+    """Per ATAC program direction, its ``top`` motifs of q < ``q``, after a sentence on the test."""
+    found = table[(table["q"] < q) & (table["rank"] <= top)]
+    lines = [f"<tr><td>{html.escape(str(mod))}</td><td>{dim}</td><td>{html.escape(str(d))}</td><td>"
+             + "; ".join(f"{html.escape(str(r.motif_name))} ({html.escape(str(r.motif_id))}, {r.fg_hits}/{r.fg_n} "
+                         f"vs {r.bg_hits}/{r.bg_n} peaks, OR {r.odds_ratio:.1f}, q {r.q:.1e})"
+                         for r in g.itertuples()) + "</td></tr>"
+             for (mod, dim, d), g in found.groupby(["modality", "dim", "direction"], sort=True)]
+    release = ", ".join(sorted(set(table["release"].astype(str)))) or "JASPAR"
+    n_dirs = table.groupby(["modality", "dim", "direction"]).ngroups
+    about = (f"<p>JASPAR motifs ({html.escape(release)} CORE vertebrates) present in each program direction's top "
+             "ATAC peaks (a site on either strand of score p-value below that set at inference, 1e-4 by default) "
+             "against background peaks of the same GC content: one-sided Fisher's exact test, Benjamini-Hochberg "
+             "across the motifs of each direction. "
+             f"The top {top} with q &lt; {q} are shown: {len(lines)} of {n_dirs} program directions have any; "
+             "all motifs in motifs.csv.</p>")
+    rows = "".join(lines) or "<tr><td colspan='4'>none</td></tr>"
+    return (f"<h2>motifs of the ATAC programs</h2>{about}<table border='1' cellpadding='3'><tr><th>modality</th>"
+            f"<th>dim</th><th>direction</th><th>top motifs</th></tr>{rows}</table>")
+
+
 def report(store_uri: str, out_dir: str | Path, *, version: str | None = None, max_cells: int = 20_000,
            top: int = 5, seed: int = 0, tracking: str | None = None) -> dict[str, Any]:
     """Write the figures and ``index.html`` into ``out_dir``; log them to the model's MLflow run when
@@ -248,11 +271,18 @@ def report(store_uri: str, out_dir: str | Path, *, version: str | None = None, m
         figures += protein
         numbers.update({"cells_shown": len(rows), "leiden_clusters": len(np.unique(clusters))})
         table = markers_of(store, reader, rows, seed=seed)
+        motifs = reader.table("motifs")
         record = reader.record
     table.to_csv(out / "markers.csv", index=False)
+    tables = [out / "markers.csv"]
+    extra = _markers_html(table) if len(table) else ""
+    if "motif_id" in motifs:
+        motifs.to_csv(out / "motifs.csv", index=False)
+        tables.append(out / "motifs.csv")
+        extra += _motifs_html(motifs)
     page = out / "index.html"
-    page.write_text(_html(store_uri, record, figures, numbers, _markers_html(table) if len(table) else ""))
-    run_id = _log_to_mlflow(record, [*figures, out / "markers.csv", page], tracking)
+    page.write_text(_html(store_uri, record, figures, numbers, extra))
+    run_id = _log_to_mlflow(record, [*figures, *tables, page], tracking)
     return {"figures": [str(p) for p in figures], "html": str(page), "numbers": numbers, "mlflow_run": run_id}
 
 

@@ -5,6 +5,7 @@
 >>> res.embeddings(where={"cell_type": ["B cell"]})        # DataFrame: obs_id x latent dims
 >>> res.predictions("ADT", source="RNA", ids=["AAAC-1"])   # predicted proteins, per 10k counts
 >>> res.programs(dim=3, modality="ADT")                    # the dim's top features
+>>> res.motifs(dim=3, direction="up")                     # JASPAR motifs enriched in its ATAC peaks
 
 Cells are selected out of core: the filter reads only the obs columns it names, a slice at a time.
 """
@@ -105,11 +106,25 @@ class Results:
 
     def programs(self, *, dim: int | None = None, modality: str | None = None, direction: str | None = None
                  ) -> pd.DataFrame:
-        table = self.reader.programs()
-        for col, value in (("dim", dim), ("modality", modality), ("direction", direction)):
-            if value is not None and not table.empty:
-                table = table[table[col] == value]
-        return table.reset_index(drop=True)
+        return _select(self.reader.programs(), dim=dim, modality=modality, direction=direction)
+
+    def motifs(self, *, dim: int | None = None, modality: str | None = None, direction: str | None = None
+               ) -> pd.DataFrame:
+        """The JASPAR motifs enriched in the ATAC programs' peaks (:mod:`.motifs`), ranked by p within
+        each program direction; written by ``infer`` given a genome FASTA."""
+        table = self.reader.table("motifs")
+        if "motif_id" not in table:
+            raise StoreError(self.store.uri, "motifs", f"version {self.version} has no motif table: run "
+                             "`scmm-atlas infer` with --genome FASTA (the genome of the ATAC peaks)")
+        return _select(table, dim=dim, modality=modality, direction=direction)
+
+
+def _select(table: pd.DataFrame, **values: object) -> pd.DataFrame:
+    """The rows whose columns take the given values (None: any)."""
+    for col, value in values.items():
+        if value is not None and not table.empty:
+            table = table[table[col] == value]
+    return table.reset_index(drop=True)
 
 
 def open(store_uri: str, version: str | None = None) -> Results:

@@ -4,8 +4,9 @@ Blocks of ``block_cells`` cells (aligned with the results' storage chunks, so th
 share a chunk) go to a pool of workers; each builds the model once, reads its blocks from the
 store (the model's features, matched by name), computes embeddings and predictions, and writes
 them into the results entry being written (a new one, or a published one extended with appended
-cells). The driver then computes the pseudocell programs and
-publishes the entry (one metadata write). Memory is bounded by the block size, not the store.
+cells). The driver then computes the pseudocell programs (and, given a genome FASTA, the JASPAR
+motifs enriched in the ATAC programs' peaks: :mod:`.motifs`) and publishes the entry (one
+metadata write). Memory is bounded by the block size, not the store.
 
 Workers (``executor``): on a Ray cluster (a ``ray_address``, or ``RAY_ADDRESS`` as under ``ray job
 submit``) a Ray Data actor pool; on one machine, threads of this process (torch and the stores'
@@ -34,11 +35,14 @@ import torch
 from ..data.cluster import ensure_ray
 from ..memory import keep_freed_buffers
 from ..store import Store, open_store
+from ..store.base import modality_kind
 from ..store.errors import StoreError
+from ..store.regions import parse_regions
 from ..store.results import ResultSpec, begin, extend, open_writer, publish
 from ..store.uri import aws_settings
+from .motifs import annotate, check_genome, load_motifs
 from .predict import check_pairs, default_pairs, infer_batch
-from .programs import programs
+from .programs import Programs, programs
 from .source import TrainedModel
 
 log = logging.getLogger(__name__)
@@ -59,12 +63,17 @@ class InferConfig:
     programs: bool = True
     programs_mode: str = "atlas"  # or "faithful"
     top_n: int = 50
+    genome: str | None = None  # FASTA of the peaks' assembly: motif table of the ATAC programs (infer.motifs)
+    motif_p: float = 1e-4  # p-value of a motif site's score (per position and strand)
+    motif_background: int = 5  # GC-matched background peaks per program peak
     fault_at_block: int = -1  # tests: the actor handling this block raises (the entry stays unpublished)
 
     def __post_init__(self) -> None:
-        for name in ("block_cells", "batch_size", "top_n"):
+        for name in ("block_cells", "batch_size", "top_n", "motif_background"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"InferConfig.{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.motif_p < 1:
+            raise ValueError(f"InferConfig.motif_p must be within (0, 1), got {self.motif_p}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"InferConfig.executor must be one of {EXECUTORS}, got {self.executor!r}")
 
@@ -181,8 +190,10 @@ def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None =
     programs are kept as they are."""
     cfg = config or InferConfig()
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     with open_store(store_uri) as store:
         features = FeatureMap(store, trained)
+        motif_mods = _motif_modalities(store, trained, cfg) if extend_record is None else []
         if extend_record is None:
             widths = {m: len(f) for m, f in trained.features.items()}
             asked = list(cfg.pairs) if cfg.pairs is not None else default_pairs(list(trained.features), widths)
@@ -213,12 +224,40 @@ def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None =
                 found = programs(trained.build(), trained.features, mode=cfg.programs_mode, top_n=cfg.top_n)
                 writer.write_table("programs", found.table.assign(model_version=trained.version))
                 writer.write_table("traversals", found.traversals)
+                if motif_mods:
+                    t_motifs = time.perf_counter()
+                    writer.write_table("motifs", _motifs(found, trained, motif_mods, cfg))
+                    timings["motifs_s"] = time.perf_counter() - t_motifs
             programs_s = time.perf_counter() - t_prog
             record = publish(store, writer)
         finally:  # a failed attempt lets go of its entry: the next publish removes it
             writer.close()
     return InferResult(record=record, cells=done, cells_per_s=done / max(cells_s, 1e-9), programs_s=programs_s,
-                       wall_s=time.perf_counter() - t0)
+                       wall_s=time.perf_counter() - t0, timings=timings)
+
+
+def _motif_modalities(store: Store, trained: TrainedModel, cfg: InferConfig) -> list[str]:
+    """The model's ATAC modalities whose programs get a motif table (none without ``cfg.genome``).
+    The genome and the peak names are checked here, before the cells: a bad path fails in seconds."""
+    if not (cfg.genome and cfg.programs):
+        return []
+    mods = [m for m in trained.features
+            if (store.kind(m) if m in store.modalities else modality_kind(m)) == "atac"]
+    if not mods:
+        log.warning("genome %s given, but model %s has no ATAC modality: no motif table", cfg.genome, trained.uri)
+    for m in mods:
+        check_genome(cfg.genome, parse_regions(trained.features[m], where=trained.uri, field=f"{m} features"))
+    if mods:
+        load_motifs(cfg.motif_p)  # cached for the end; without the motifs extra, fails now
+    return mods
+
+
+def _motifs(found: Programs, trained: TrainedModel, mods: list[str], cfg: InferConfig) -> pd.DataFrame:
+    """The motif table of the ATAC programs in ``found`` (seeded: reruns give the same background)."""
+    motifs = load_motifs(cfg.motif_p)
+    return pd.concat([annotate(found.table, trained.features[m], str(cfg.genome), modality=m, motifs=motifs,
+                               background=cfg.motif_background, rng=np.random.default_rng(0), where=trained.uri)
+                      for m in mods], ignore_index=True)
 
 
 def _run_blocks(store: Store, entry: str, blocks: list[dict[str, int]], trained: TrainedModel, features: FeatureMap,

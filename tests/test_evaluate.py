@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from scmm_atlas.evaluate.metrics import feature_correlations, knn_regression
+from scmm_atlas.evaluate.metrics import feature_correlations, knn_regression, panel_correlations
 
 
 def blobs(n_per: int = 80, n_types: int = 4, dim: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -50,6 +50,28 @@ def test_feature_correlations_match_scipy():
 def test_feature_correlations_rejects_shape_mismatch():
     with pytest.raises(ValueError, match="shape"):
         feature_correlations(np.ones((3, 2)), np.ones((3, 3)))
+
+
+def test_panel_correlations_normalise_each_panel_on_its_own():
+    rng = np.random.default_rng(0)
+    observed = rng.poisson(20, (300, 4)).astype(float)  # query panel: A, B, C, X
+    pred = np.column_stack([observed[:, 1] * 3, observed[:, 0], rng.poisson(50, 300)]).astype(float)  # b, a, Y
+    out = panel_correlations(pred, ["b", "a", "Y"], observed, ["A", "B", "C", "X"],
+                             {"a": "A", "b": "B", "c": "C", "Q": "X"})
+    assert out["n_proteins"] == 2 and set(out["per_protein"]) == {"a", "b"}  # c and Q are not in both panels
+
+    def log_cp10k(x: np.ndarray) -> np.ndarray:
+        return np.log1p(x / x.sum(1, keepdims=True) * 1e4)
+
+    lp, lo = log_cp10k(pred), log_cp10k(observed)  # each over its whole panel, then matched
+    want = {"a": stats.pearsonr(lp[:, 1], lo[:, 0])[0], "b": stats.pearsonr(lp[:, 0], lo[:, 1])[0]}
+    assert out["per_protein"] == pytest.approx(want)
+    assert out["pearson"] == pytest.approx(np.mean(list(want.values())))
+    assert out["sse"] == pytest.approx(np.mean([2 * 300 * (1 - r) for r in want.values()]))  # z-scored SSE
+    assert out["spearman"] == pytest.approx(np.mean([stats.spearmanr(lp[:, 1], lo[:, 0])[0],
+                                                     stats.spearmanr(lp[:, 0], lo[:, 1])[0]]))
+    with pytest.raises(ValueError, match="no protein"):
+        panel_correlations(pred, ["b", "a", "Y"], observed, ["A", "B", "C", "X"], {"Z": "A"})
 
 
 def test_knn_regression_beats_shuffled_baseline():

@@ -107,3 +107,28 @@ def knn_regression(train_rna: np.ndarray | sp.spmatrix, train_target: np.ndarray
     weights = sp.csr_matrix((np.full(n_test * n_k, 1.0 / n_k), neighbours.ravel(),
                              np.arange(0, n_test * n_k + 1, n_k)), shape=(n_test, target.shape[0]))
     return (weights @ target).toarray()
+
+
+def panel_correlations(pred: np.ndarray | sp.spmatrix, pred_names: list[str], observed: np.ndarray | sp.spmatrix,
+                       observed_names: list[str], match: dict[str, str]) -> dict:
+    """Prediction against observation when the two panels differ (a query measured with other antibodies).
+
+    Each side is log1p(CP10k) over its *own* panel (the prediction over the reference's proteins, the
+    observation over the query's), then the ``match`` pairs (predicted name -> observed name) present in
+    both are compared per protein across cells: Pearson, Spearman and the z-scored SSE (both sides
+    z-scored across cells, squared differences summed over cells; equal to 2 n (1 - r)). ``pearson``,
+    ``spearman`` and ``sse`` are means over the proteins that vary on both sides.
+    """
+    pairs = [(p, o) for p, o in match.items() if p in pred_names and o in observed_names]
+    if not pairs:
+        raise ValueError("no protein of the match table is in both panels")
+    p = _log_normalised(pred)[:, [pred_names.index(a) for a, _ in pairs]]
+    o = _log_normalised(observed)[:, [observed_names.index(b) for _, b in pairs]]
+    pearson = _columnwise_pearson(p, o)
+    spearman = _columnwise_pearson(rankdata(p, axis=0), rankdata(o, axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        zp, zo = (p - p.mean(0)) / p.std(0), (o - o.mean(0)) / o.std(0)
+    sse = np.where(np.isfinite(pearson), ((zp - zo) ** 2).sum(axis=0), np.nan)
+    return {"pearson": float(np.nanmean(pearson)), "spearman": float(np.nanmean(spearman)),
+            "sse": float(np.nanmean(sse)), "n_proteins": int(np.isfinite(pearson).sum()),
+            "per_protein": {a: float(r) for (a, _), r in zip(pairs, pearson, strict=True)}}

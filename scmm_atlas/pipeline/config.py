@@ -67,6 +67,7 @@ class InferSection:
     top_n: int = 50
     actors: int = 0
     executor: str = "auto"  # ray | local | auto (infer.stage module doc)
+    genome: str | None = None  # FASTA of the peaks' assembly: JASPAR motifs of the ATAC programs (infer.motifs)
 
     def pair_tuples(self) -> tuple[tuple[str, str], ...] | None:
         if self.pairs is None:
@@ -80,7 +81,7 @@ class InferSection:
         if self.traversal not in ("atlas", "faithful"):
             raise ValueError(f"traversal must be 'atlas' or 'faithful', got {self.traversal!r}")
         return InferConfig(pairs=self.pair_tuples(), library_size=self.library_size, programs_mode=self.traversal,
-                           top_n=self.top_n, actors=self.actors, executor=self.executor)
+                           top_n=self.top_n, actors=self.actors, executor=self.executor, genome=self.genome)
 
 
 @dataclass

@@ -25,9 +25,9 @@ def test_third_is_stable_whatever_the_order_or_subset():
     assert np.array_equal(split_thirds([BARCODES[i] for i in perm]), full[perm])
     subset = perm[:50]
     assert np.array_equal(split_thirds([BARCODES[i] for i in subset]), full[subset])
-    # a fixed value: the hash is blake2b, not Python's per-process salted hash()
-    assert [third(b) for b in BARCODES[:6]] == list(full[:6])
-    assert third("AAACCTGAGAAACCAT-1") == third("AAACCTGAGAAACCAT-1") == split_thirds(["AAACCTGAGAAACCAT-1"])[0]
+    # fixed values (blake2b of the barcode mod 3), the same in every process, unlike Python's salted hash()
+    barcodes = ["09A_CAGCCCCGCCTT", "sci_RNA_A_001_TCTCTCATCC", "AAACCTGAGAAACCAT-1", "a", "b", "c", "d"]
+    assert [third(b) for b in barcodes] == [1, 0, 0, 2, 2, 0, 2]
 
 
 def test_thirds_are_disjoint_covering_and_about_equal():
@@ -126,3 +126,19 @@ def test_harmony_embedding_mixes_a_shifted_copy():
     groups = np.repeat([0, 1], 300)
     assert mixing_entropy(emb, groups, k=30) > 0.5
     assert transfer_accuracy(emb[:300], types, emb[300:], types) > 0.95
+
+
+def test_integration_scores_of_a_mixed_and_a_separated_space():
+    from scmm_atlas.evaluate.integration import integration_scores
+
+    rng = np.random.default_rng(0)
+    types = np.tile(np.repeat(["t0", "t1", "t2"], 50), 2)
+    is_query = np.repeat([False, True], 150)
+    centres = {"t0": (0.0, 0.0), "t1": (20.0, 0.0), "t2": (0.0, 20.0)}
+    mixed = np.array([centres[t] for t in types]) + rng.normal(size=(300, 2))
+    good = integration_scores(mixed, is_query, types)
+    assert good["entropy"] > 0.9 and good["entropy_max"] == pytest.approx(1.0)
+    assert good["transfer_accuracy"] == 1.0 and good["ari"] > 0.9
+    apart = integration_scores(mixed + is_query[:, None] * np.array([1000.0, 0.0]), is_query, types)
+    assert apart["entropy"] == 0.0
+    assert apart["transfer_accuracy"] == pytest.approx(1 / 3)  # every query cell's nearest reference cells are t1

@@ -245,8 +245,8 @@ def compare(rows: list[dict], system: str) -> str | None:
     if ours is None or ga is None:
         return None
     met = all(ours[k] > ga[k] for k in ("entropy", "transfer_accuracy"))
-    return (f"{system} vs {GENE_ACTIVITY} on snare: entropy {ours['entropy']:.3f} > {ga['entropy']:.3f} and "
-            f"transfer accuracy {ours['transfer_accuracy']:.3f} > {ga['transfer_accuracy']:.3f}: "
+    return (f"{system} vs {GENE_ACTIVITY} on snare: entropy {ours['entropy']:.3f} vs {ga['entropy']:.3f}, "
+            f"transfer accuracy {ours['transfer_accuracy']:.3f} vs {ga['transfer_accuracy']:.3f}, both must be higher: "
             f"{'met' if met else 'MISSED'}")
 
 

@@ -123,7 +123,7 @@ def test_proxy_forwards_requests_unchanged_and_injects_the_faults_asked(s3_serve
         assert s3.get_object(Bucket=s3_bucket, Key="big")["Body"].read() == big
         assert s3.get_object(Bucket=s3_bucket, Key="chunked")["Body"].read() == b"abcdefgh"
         # 1 put, 3 multipart calls + 3 parts, 1 chunked put, head, 2 gets, 1 get
-        assert (proxy.ops_completed, proxy.faults_injected) == (11, 0)
+        assert _eventually(lambda: (proxy.ops_completed, proxy.faults_injected), (11, 0)) == (11, 0)
 
     for kind, code in (("500", "InternalError"), ("503", "SlowDown")):
         with FaultyProxy(s3_server, rate=1.0, kinds=[kind]) as proxy:
@@ -154,7 +154,16 @@ def test_proxy_forwards_requests_unchanged_and_injects_the_faults_asked(s3_serve
             s3.put_object(Bucket=s3_bucket, Key="small", Body=b"changed")
         proxy.rate = 0.0
         s3.put_object(Bucket=s3_bucket, Key="other", Body=b"x")
-        assert (proxy.faults_injected, proxy.ops_completed) == (1, 2)
+        assert _eventually(lambda: (proxy.faults_injected, proxy.ops_completed), (1, 2)) == (1, 2)
+
+
+def _eventually(read, want, timeout_s: float = 5.0):
+    """The proxy (its own process) counts a request once the response is sent, which can be just after the
+    client has read it: poll the counters briefly instead of racing them. Returns the last value read."""
+    deadline = time.monotonic() + timeout_s
+    while (got := read()) != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return got
 
 
 def test_retry_settings_come_from_the_environment(monkeypatch) -> None:

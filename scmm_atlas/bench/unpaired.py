@@ -38,7 +38,7 @@ import argparse
 import hashlib
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -143,16 +143,23 @@ def train(data: Mosaic, *, epochs: int | None, seed: int) -> tuple[MMVAE, float,
     return model.eval(), time.perf_counter() - t0, len(res.history)
 
 
+def _chunks(data: Mosaic, cells: np.ndarray) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor],
+                                                                 dict[str, torch.Tensor], torch.Tensor]]:
+    """``cells`` in pieces of at most ``INFER_CHUNK``: (positions in ``cells``, counts, masks, batch codes)."""
+    for part in np.array_split(np.arange(len(cells)), max(1, -(-len(cells) // INFER_CHUNK))):
+        chunk = cells[part]
+        yield (part, {m: torch.from_numpy(c[chunk].toarray()) for m, c in data.counts.items()},
+               {m: torch.from_numpy(v[chunk]) for m, v in data.mask.items()}, torch.from_numpy(data.batch[chunk]))
+
+
 def infer_cells(model: MMVAE, data: Mosaic, cells: np.ndarray, *, pseudo_rna: bool = False
                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The joint embedding of ``cells`` from the modalities they have and, if asked, their RNA inferred
     from ATAC at ``LIBRARY_SIZE`` counts (the RNA decoder's mean at the ATAC expert's location)."""
     pairs = [("ATAC", "RNA")] if pseudo_rna else []
     joint, pred = [], []
-    for chunk in np.array_split(cells, max(1, -(-len(cells) // INFER_CHUNK))):
-        out = infer_batch(model, {m: torch.from_numpy(c[chunk].toarray()) for m, c in data.counts.items()},
-                          mask={m: torch.from_numpy(v[chunk]) for m, v in data.mask.items()},
-                          batch=torch.from_numpy(data.batch[chunk]), pairs=pairs, library_size=LIBRARY_SIZE)
+    for _, x, mask, batch in _chunks(data, cells):
+        out = infer_batch(model, x, mask=mask, batch=batch, pairs=pairs, library_size=LIBRARY_SIZE)
         joint.append(out.joint)
         pred.extend(out.predictions.values())
     return np.concatenate(joint), np.concatenate(pred) if pred else None
@@ -168,11 +175,8 @@ def sample_pseudo_rna(model: MMVAE, data: Mosaic, cells: np.ndarray, *, seed: in
     torch.manual_seed(seed)
     model.eval()
     out = []
-    for part in np.array_split(np.arange(len(cells)), max(1, -(-len(cells) // INFER_CHUNK))):
-        chunk = cells[part]
-        x = {m: torch.from_numpy(c[chunk].toarray()) for m, c in data.counts.items()}
-        batch = torch.from_numpy(data.batch[chunk])
-        qz = model.encode(x, {m: torch.from_numpy(v[chunk]) for m, v in data.mask.items()}, batch)
+    for part, x, mask, batch in _chunks(data, cells):
+        qz = model.encode(x, mask, batch)
         out.append(model.decode(qz["ATAC"].loc, "RNA", torch.from_numpy(library[part]), batch).sample().numpy())
     return np.concatenate(out)
 

@@ -23,10 +23,10 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from . import backend_for, create_store, open_store, parse_uri, store_exists
+from . import backend_for, create_store, open_store, parse_uri
 from .base import Store, StoreInfo, StoreWriter, empty_var, modality_kind
 from .errors import InputError, StoreError
-from .ingest import _is_store, _remove, _staging
+from .ingest import check_new_store, remove_store, staging
 from .regions import parse_regions
 from .sources import INT32_MAX
 from .uri import StoreURI
@@ -244,14 +244,6 @@ def _ga_var(windows: pd.DataFrame, overlap: sp.csr_matrix) -> pd.DataFrame:
     return var
 
 
-def _check_target(loc: StoreURI) -> None:
-    if store_exists(loc):
-        raise StoreError(loc, "uri", "a store already exists here: choose another --out path" if _is_store(loc)
-                         else "a file or folder that is not a store is here: choose another --out path")
-    if not loc.is_s3 and not loc.path.parent.is_dir():
-        raise StoreError(loc, "uri", "the parent folder does not exist")
-
-
 def _chunk(source: Store, mod: str, overlap: sp.csr_matrix, start: int, stop: int) -> tuple[pd.DataFrame,
                                                                                            sp.csr_matrix]:
     """obs and GA counts of cells ``[start, stop)``: ATAC counts times the overlap matrix."""
@@ -298,7 +290,7 @@ def _build(target: StoreURI, backend: str, source: Store, mod: str, windows: pd.
         with open_store(target, writable=True) as staged:
             compute_stats(staged, progress=progress)
     except BaseException:
-        _remove(target)
+        remove_store(target)
         raise
 
 
@@ -311,7 +303,7 @@ def gene_activity(store_uri: str, genes_path: str | Path, out_uri: str, *, modal
     reported, not fatal unless none is left)."""
     t0 = time.perf_counter()
     loc = parse_uri(out_uri)
-    _check_target(loc)
+    check_new_store(loc, option="--out", exists_hint="choose another --out path")
     backend = backend_for(loc, backend)
     if chunk_cells < 1:
         raise InputError("chunk_cells", "--chunk-cells", f"must be >= 1, got {chunk_cells}")
@@ -330,7 +322,7 @@ def gene_activity(store_uri: str, genes_path: str | Path, out_uri: str, *, modal
             raise InputError(genes_path, "chrom", f"no {modality} region overlaps a gene window: chromosome names "
                              f"differ? regions use {regions['chrom'].iloc[0]!r}, the table "
                              f"{table['chrom'].iloc[0]!r}")
-        target = _staging(loc)
+        target = staging(loc)
         _build(target, backend, source, modality, windows, overlap, chunk_cells, progress)
         n_cells = source.n_obs
     if target != loc:

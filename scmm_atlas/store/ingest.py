@@ -386,13 +386,25 @@ def _restore(root: Path, backup: Path, before: set[Path], existed: bool, untouch
             os.replace(saved, path)
 
 
-def _staging(loc: StoreURI) -> StoreURI:
+def check_new_store(loc: StoreURI, *, option: str, exists_hint: str) -> None:
+    """Refuse to create a store where something already is, or in a local folder that does not exist
+    (``option``: the flag that named ``loc``; ``exists_hint``: what to do when a store is there)."""
+    if store_exists(loc):
+        raise StoreError(loc, "uri", f"a store already exists here: {exists_hint}" if is_store(loc)
+                         else f"a file or folder that is not a store is here: choose another {option} path")
+    if not loc.is_s3 and not loc.path.parent.is_dir():
+        raise StoreError(loc, "uri", "the parent folder does not exist")
+
+
+def staging(loc: StoreURI) -> StoreURI:
+    """Where a new local store is built before it is renamed into place (S3: the place itself)."""
     if loc.is_s3:
         return loc
     return StoreURI(str(loc.path.parent / f".{loc.path.name}.ingest-{uuid.uuid4().hex[:8]}"))
 
 
-def _remove(loc: StoreURI) -> None:
+def remove_store(loc: StoreURI) -> None:
+    """Delete whatever is at ``loc`` (a half-built store), local or on S3."""
     if loc.is_s3:
         import s3fs
 
@@ -427,11 +439,7 @@ def _ingest(loc: StoreURI, specs: Sequence[SourceSpec | str], opts: IngestOption
         store = open_store(loc, writable=True)
         backend = store.backend
     else:
-        if store_exists(loc):
-            raise StoreError(loc, "uri", "a store already exists here: use --append to add cells" if _is_store(loc)
-                             else "a file or folder that is not a store is here: choose another --store path")
-        if not loc.is_s3 and not loc.path.parent.is_dir():
-            raise StoreError(loc, "uri", "the parent folder does not exist")
+        check_new_store(loc, option="--store", exists_hint="use --append to add cells")
         backend = backend_for(loc, opts.backend)
     report = IngestReport(uri=str(loc), backend=backend, n_new=0, n_total=0, modalities={}, zero_dropped={},
                           cells_dropped=0)
@@ -456,11 +464,11 @@ def _ingest(loc: StoreURI, specs: Sequence[SourceSpec | str], opts: IngestOption
             all_mods = [s.modality for s in sources]
             info = StoreInfo(modalities=all_mods, kinds={m: modality_kind(m) for m in all_mods})
             vars_ = {s.modality: empty_var(s.var) for s in sources}
-            target = _staging(loc)
+            target = staging(loc)
             try:
                 _write_all(lambda: create_store(target, backend, info, vars_, n_new), sources, plan, all_mods, opts)
             except BaseException:
-                _remove(target)
+                remove_store(target)
                 raise
     run_stats = opts.stats if opts.stats is not None else not opts.append
     if target != loc:  # a new local store: complete, statistics included, before it is in place
@@ -469,7 +477,7 @@ def _ingest(loc: StoreURI, specs: Sequence[SourceSpec | str], opts: IngestOption
                 with open_store(target, writable=True) as staged:
                     _stats(staged, opts)
         except BaseException:
-            _remove(target)
+            remove_store(target)
             raise
         target.path.rename(loc.path)
         run_stats = False
@@ -487,7 +495,7 @@ def _stats(store: Store, opts: IngestOptions) -> None:
     compute_stats(store, n_top_genes=opts.n_top_genes, progress=opts.progress)
 
 
-def _is_store(loc: StoreURI) -> bool:
+def is_store(loc: StoreURI) -> bool:
     try:
         open_store(loc).close()
     except StoreError:

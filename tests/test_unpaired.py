@@ -13,6 +13,7 @@ from scmm_atlas.evaluate.integration import (
     log_normalise,
     max_mixing_entropy,
     mixing_entropy,
+    pair_recall,
     transfer_accuracy,
 )
 
@@ -95,6 +96,19 @@ def test_entropy_rejects_one_group_and_bad_k():
         mixing_entropy(np.zeros((10, 2)), np.zeros(10))
     with pytest.raises(ValueError, match="k must be"):
         mixing_entropy(np.zeros((10, 2)), np.arange(10) % 2, k=10)
+
+
+def test_pair_recall_finds_partners_only_when_aligned_and_mixed():
+    rng = np.random.default_rng(0)
+    cells = rng.normal(scale=10.0, size=(200, 5))
+    aligned = np.vstack([cells, cells + rng.normal(scale=0.01, size=cells.shape)])
+    assert pair_recall(aligned, 200, k=1) == 1.0
+    shuffled = np.vstack([cells, cells[rng.permutation(200)] + 0.01])
+    assert pair_recall(shuffled, 200, k=5) < 0.1  # mixed, but each partner is elsewhere
+    apart = np.vstack([cells, cells + 1e3])
+    assert pair_recall(apart, 200, k=50) == 0.0  # lined up, but the halves never meet
+    with pytest.raises(ValueError, match="2 x 150 rows"):
+        pair_recall(aligned, 150)
 
 
 def test_transfer_accuracy_toy():

@@ -13,6 +13,10 @@ ATAC gene activity and the model's own joint embedding, each scored the same way
   which must also be well below the group sizes or separated groups read as mixed).
 - :func:`transfer_accuracy`: labels carried from reference cells to query cells by a k-NN majority
   vote, scored against the query cells' own labels.
+- :func:`pair_recall`: for cells measured both ways (real RNA and the pseudo-RNA of their own ATAC),
+  how often a cell's two profiles are neighbours in the integrated space. It needs no labels and is
+  high only when the two sets mix *and* line up cell by cell, so the bench uses it on the paired
+  (training) cells to choose which pseudo-RNA to integrate before any labelled cell is scored.
 - :func:`harmony_embedding`: the shared preprocessing and Harmony run (so that two inputs compared
   with each other get identical treatment).
 """
@@ -79,6 +83,19 @@ def transfer_accuracy(reference: np.ndarray, reference_labels: np.ndarray, query
     np.add.at(votes, (np.repeat(np.arange(len(query)), k), codes[idx].ravel()), 1)
     predicted = np.asarray(uniques)[votes.argmax(1)]
     return float((predicted == np.asarray(query_labels).astype(str)).mean())
+
+
+def pair_recall(embedding: np.ndarray, n_pairs: int, *, k: int = ENTROPY_K) -> float:
+    """Rows ``i`` and ``n_pairs + i`` of ``embedding`` are one cell's two profiles: the fraction of
+    profiles whose partner is among their ``k`` nearest rows (self excluded), over both halves."""
+    if embedding.shape[0] != 2 * n_pairs:
+        raise ValueError(f"pair recall needs 2 x {n_pairs} rows (the two profiles of each cell), "
+                         f"got {embedding.shape[0]}")
+    if not 0 < k < embedding.shape[0]:
+        raise ValueError(f"k must be in [1, {embedding.shape[0] - 1}], got {k}")
+    idx = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding, return_distance=False)
+    partner = (np.arange(2 * n_pairs) + n_pairs) % (2 * n_pairs)
+    return float((_drop_self(idx, k) == partner[:, None]).any(axis=1).mean())
 
 
 def log_normalise(x: np.ndarray | sp.spmatrix, *, target: float = 1e4) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from .model import MMVAEConfig, ModalitySpec
-from .model.fit import FitConfig
+from .model.training import FitConfig
 from .store.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

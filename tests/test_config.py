@@ -62,7 +62,7 @@ def test_every_key_of_the_shipped_configs_is_a_field_that_training_reads(tmp_pat
 
     from scmm_atlas.config import CONFIG_DIR, DistributedSection, ModelSection, load_config
     from scmm_atlas.model import ModalitySpec
-    from scmm_atlas.model.fit import FitConfig
+    from scmm_atlas.model.training import FitConfig
 
     sections = {"model": ModelSection, "train": FitConfig, "distributed": DistributedSection}
     for path in sorted(CONFIG_DIR.glob("*.yaml")):

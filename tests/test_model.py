@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from scmm_atlas.model import MMVAE, MMVAEConfig, moe_dreg, moe_elbo, moe_iwae
-from scmm_atlas.model.fit import CellData, FitConfig, fit
+from scmm_atlas.model.fit import CellData, fit
 from scmm_atlas.model.objectives import log_likelihoods
+from scmm_atlas.model.training import FitConfig
 
 
 def _config(**kw) -> MMVAEConfig:

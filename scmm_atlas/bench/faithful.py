@@ -22,7 +22,8 @@ import scipy.sparse as sp
 import torch
 
 from ..model import MMVAE, MMVAEConfig
-from ..model.fit import CellData, FitConfig, evaluate, fit
+from ..model.fit import CellData, evaluate, fit
+from ..model.training import FitConfig, TrainingPlan
 from . import format_table
 
 SHARED = Path(os.environ.get("SCMM_ATLAS_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
@@ -74,7 +75,7 @@ def run_config(name: str, data: dict[str, sp.csr_matrix], *, seed: int, epochs: 
                     seed=seed, drop_last=True)
     test_losses: list[float] = []
     result = fit(model, cells, train, None, cfg, on_epoch=lambda rec: test_losses.append(
-        evaluate(model, cells, test, beta=rec.beta, batch_size=batch)))
+        evaluate(model, cells, test, beta=rec.beta, plan=TrainingPlan(cfg))))
     return {"train_loss": [r.train_loss for r in result.history], "test_loss": test_losses,
             "cells_per_s": float(np.median([r.cells_per_s for r in result.history]))}
 

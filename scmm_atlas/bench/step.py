@@ -17,7 +17,7 @@ from torch import nn
 
 from ..memory import keep_freed_buffers
 from ..model import MMVAE, MMVAEConfig, moe_elbo
-from ..model.fit import adam
+from ..model.training import adam
 from . import format_table, vector_isa
 
 # the original's config A speed per CPU type (shared/reference/faithful/README.md)

@@ -1,7 +1,8 @@
 """Objectives for the MMVAE: the stratified mixture ELBO with beta warm-up (scMM's MoE ELBO; for
 ``poe`` and ``mopoe`` the same average over the joint posterior's components), and, for the MoE
 posterior, the importance-weighted bound (IWAE) and its doubly-reparameterised gradient (DReG)
-with K samples per expert (after Shi et al., 2019).
+with K samples per expert (after Shi et al., 2019). Every objective takes ``beta``, the KL's
+weight; the importance-weighted bounds have no separate KL term and accept only 1.
 
 Missing modalities: a cell's mixture holds only the components it has, it reconstructs only what
 was observed, and its objective is normalised by its own number of components. Every function
@@ -95,6 +96,12 @@ def _log_weights(model: MMVAE, out: MMVAEOutput, x: Mapping[str, torch.Tensor], 
     return torch.where(present.unsqueeze(1) > 0, lw, torch.full_like(lw, -math.inf))
 
 
+def _check_beta(name: str, beta: float) -> None:
+    if beta != 1.0:
+        raise ValueError(f"the {name} objective has no KL term to weigh: beta must be 1, got {beta} "
+                         "(use train.objective=elbo for a KL warm-up)")
+
+
 def _pooled_bound(lw: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """[B]: log (1 / (M_c K)) sum over the cell's experts and samples of the weights."""
     k = lw.shape[1]
@@ -103,8 +110,9 @@ def _pooled_bound(lw: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 
 
 def moe_iwae(model: MMVAE, x: Mapping[str, torch.Tensor], *, mask: Mapping[str, torch.Tensor] | None = None,
-             batch: torch.Tensor | None = None, K: int = 10) -> Objective:
+             batch: torch.Tensor | None = None, beta: float = 1.0, K: int = 10) -> Objective:
     """The importance-weighted bound with K samples per expert, pooled over the mixture."""
+    _check_beta("iwae", beta)
     out = model(x, mask=mask, batch=batch, K=K)
     present = _masks(model, x, mask)
     bound = _pooled_bound(_log_weights(model, out, x, present, detach_q=False), present)
@@ -112,13 +120,14 @@ def moe_iwae(model: MMVAE, x: Mapping[str, torch.Tensor], *, mask: Mapping[str, 
 
 
 def moe_dreg(model: MMVAE, x: Mapping[str, torch.Tensor], *, mask: Mapping[str, torch.Tensor] | None = None,
-             batch: torch.Tensor | None = None, K: int = 10) -> Objective:
+             batch: torch.Tensor | None = None, beta: float = 1.0, K: int = 10) -> Objective:
     """IWAE with the doubly-reparameterised encoder gradient (Tucker et al. 2018; MMVAE's m_dreg).
 
     The encoder receives gradient only through the samples, weighted by the squared normalised
     weights; the decoder and prior get IWAE's gradient. The returned loss is a surrogate: its
     gradient is DReG's, its value is not the bound (use :func:`moe_iwae` to report the bound).
     """
+    _check_beta("dreg", beta)
     out = model(x, mask=mask, batch=batch, K=K)
     present = _masks(model, x, mask)
     lw = _log_weights(model, out, x, present, detach_q=True)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,8 @@ from ..data.feeder import Feeders
 from ..data.loader import Batch, LoaderConfig, ShardLoader
 from ..memory import keep_freed_buffers
 from ..model import MMVAE
-from ..model.fit import adam
-from ..model.objectives import OBJECTIVES
+from ..model.training import MIN_BATCH_CELLS, TrainingPlan, adam
 from . import state as ckpt
-from .state import TrainState
 
 log = logging.getLogger(__name__)
 VAL_BLOCK_CELLS = 4096  # validation blocks: smaller than training's, as their order does not matter
@@ -42,9 +41,9 @@ class LossModule(torch.nn.Module):
     The sums stay on the device and are added up there: reading them every step would make the host
     wait for the GPU instead of queueing the next step."""
 
-    def __init__(self, model: MMVAE, objective: str, K: int) -> None:
+    def __init__(self, model: MMVAE, plan: TrainingPlan) -> None:
         super().__init__()
-        self.model, self.objective, self.K = model, objective, K
+        self.model, self.plan = model, plan
 
     @property
     def part_names(self) -> list[str]:
@@ -52,8 +51,7 @@ class LossModule(torch.nn.Module):
 
     def forward(self, x: dict[str, torch.Tensor], mask: dict[str, torch.Tensor], batch: torch.Tensor | None,
                 beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        kwargs = {"beta": beta} if self.objective == "elbo" else {}
-        out = OBJECTIVES[self.objective](self.model, x, mask=mask, batch=batch, K=self.K, **kwargs)
+        out = self.plan.step_loss(self.model, x, mask, batch, beta)
         zero = out.loss.detach().new_zeros(())
         parts = [out.loss.detach(), zero if out.kl is None else out.kl, *(out.recon.get(m, zero)
                                                                          for m in self.model.names)]
@@ -71,143 +69,193 @@ def _allreduce(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _validate(model: MMVAE, loader: ShardLoader, *, objective: str, K: int, beta: float, epoch: int
-              ) -> tuple[float, float]:
-    """(loss sum, cells) over this rank's validation cells."""
-    model.eval()
-    obj = OBJECTIVES["iwae" if objective == "dreg" else objective]
-    kwargs = {"beta": beta} if objective == "elbo" else {}
-    total, cells = torch.zeros((), dtype=torch.float64, device=loader.device), 0
-    with torch.no_grad():
-        for batch in loader.epoch(epoch):
-            if len(batch.cells) < 2:
-                continue
-            total += obj(model, batch.x, mask=batch.masks, batch=_batch_codes(batch, model), K=K, **kwargs).loss
-            cells += len(batch.cells)
-    loader.close()  # no reading ahead into the next validation while the next epoch trains
-    return float(total), cells
+@dataclass
+class _Worker:
+    """What one worker holds for the run: built by :func:`_setup`, released by :func:`_teardown`."""
+
+    cfg: dict[str, Any]
+    run: RunConfig
+    rank: int
+    world: int
+    feeders: Feeders
+    train_data: ShardLoader
+    val_data: ShardLoader
+    loss: LossModule
+    wrapped: torch.nn.Module
+    opt: torch.optim.Optimizer
+    plan: TrainingPlan
+    autocast: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
+    tracker: _Tracker | None = None
+    bar: _EpochBar | None = None
+
+    @property
+    def model(self) -> MMVAE:
+        return self.loss.model
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.opt.param_groups for p in g["params"]]
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
-    # Ray Train 2.60 logs every report at INFO through a logger named by its file path, which its
-    # LoggingConfig does not reach
-    from ray.train.v2._internal.execution import context as train_context
+    _quiet_report_logs(cfg.get("log_level", "INFO"))
+    w = _setup(cfg)
+    for epoch in range(w.plan.state.epoch + 1, w.run.train.epochs + 1):
+        beta = w.plan.start_epoch(w.opt, epoch)
+        if _end_of_epoch(w, epoch, beta, _train_epoch(w, epoch, beta)):
+            break
+    _teardown(w)
 
-    logging.getLogger(train_context.__file__).setLevel(cfg.get("log_level", "INFO"))
-    run = RunConfig.from_dict(cfg["config"])
+
+def _quiet_report_logs(level: str) -> None:
+    """Ray Train 2.60 logs every report at INFO through a logger named by its source file's path
+    (``.../train/v2/_internal/execution/context.py``), which its LoggingConfig does not reach: set
+    that logger's level, found by name among the loggers already made, without importing it."""
+    suffix = os.path.join("execution", "context.py")
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.endswith(suffix) and f"{os.sep}ray{os.sep}" in name:
+            logging.getLogger(name).setLevel(level)
+
+
+def _loaders(cfg: dict[str, Any], run: RunConfig) -> tuple[Feeders, ShardLoader, ShardLoader]:
+    """The training and validation loaders of this worker, sharing one pool of feeders."""
     tr, dist_cfg = run.train, run.distributed
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, dist_cfg.torch_threads or int(dist_cfg.cpus_per_worker)))
-    keep_freed_buffers()
     loader_cfg = LoaderConfig(**{"batch_size": tr.batch_size, "seed": tr.seed, "drop_last": True, **dist_cfg.loader})
-    feeders = Feeders(readers=loader_cfg.readers, cpus=loader_cfg.read_cpus)  # shared by both loaders
+    feeders = Feeders(readers=loader_cfg.readers, cpus=loader_cfg.read_cpus)
     layout = cfg.get("layout")  # the layout the driver pinned (None: reading in store order)
     train_data = ShardLoader.for_train_worker(cfg["store"], loader_cfg, feeders=feeders, layout=layout)
     # validation reads its cells once per epoch in any order: small blocks, one read in flight
     val_cfg = replace(loader_cfg, drop_last=False, block_cells=min(loader_cfg.block_cells, VAL_BLOCK_CELLS),
                       read_ahead=1)
     val_data = ShardLoader.for_train_worker(cfg["store"], val_cfg, split="val", feeders=feeders, layout=layout)
-    device = train_data.device
+    return feeders, train_data, val_data
+
+
+def _setup(cfg: dict[str, Any]) -> _Worker:
+    """Loaders, model (warm-started, DDP-wrapped), optimizer and plan, restored from this run's last
+    checkpoint after a worker failure or from the one a resumed run starts from."""
+    run = RunConfig.from_dict(cfg["config"])
+    tr, dist_cfg = run.train, run.distributed
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, dist_cfg.torch_threads or int(dist_cfg.cpus_per_worker)))
+    keep_freed_buffers()
+    feeders, train_data, val_data = _loaders(cfg, run)
     torch.manual_seed(tr.seed)
     model = MMVAE(run.model.build(train_data.n_features, len(train_data.batches)))
     if cfg.get("warm_start") is not None:  # before DDP wraps it: rank 0's weights are broadcast
         fresh = ckpt.warm_start(model, cfg["warm_start"])
         if rank == 0:
             log.info("warm start: %d parameter tensors re-initialised (%s)", len(fresh), ", ".join(fresh[:5]))
-    loss_module = LossModule(model, tr.objective, tr.K)
-    wrapped = ray.train.torch.prepare_model(loss_module)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = adam(params, lr=tr.lr, amsgrad=tr.amsgrad, weight_decay=tr.weight_decay)
-    st, best_model = TrainState(), None
-    # this run's last checkpoint after a worker failure, else the one a resumed run starts from
+    plan = TrainingPlan(tr)
+    loss = LossModule(model, plan)
+    wrapped = ray.train.torch.prepare_model(loss)
+    opt = adam([p for p in model.parameters() if p.requires_grad], lr=tr.lr, amsgrad=tr.amsgrad,
+               weight_decay=tr.weight_decay)
     restored = ray.train.get_checkpoint() or (ray.train.Checkpoint(cfg["resume_from"]) if cfg.get("resume_from")
                                               else None)
     if restored is not None:
         with restored.as_directory() as d:
-            payload, st, best_model = ckpt.load(Path(d))
+            payload, plan.state, plan.best = ckpt.load(Path(d))
         model.load_state_dict(payload["model"])
         opt.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["torch_rng"])
     train_data.warm_up()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dist_cfg.bf16
-                else contextlib.nullcontext())
-    tracker = _Tracker(cfg) if rank == 0 and cfg.get("run_id") else None
-    if tracker is not None:
-        tracker.log_text(f"global batch {tr.batch_size} x {world} workers x {dist_cfg.grad_accum} accumulation = "
-                         f"{tr.batch_size * world * dist_cfg.grad_accum} cells per optimizer step")
-    bar = _EpochBar(tr.epochs, st.epoch) if rank == 0 and cfg.get("progress") else None
-    for epoch in range(st.epoch + 1, tr.epochs + 1):
-        beta = tr.beta(epoch)
-        tr.set_lr(opt, epoch)
-        model.train()
-        parts, cells = torch.zeros(len(loss_module.part_names), dtype=torch.float64, device=device), 0
-        wait0, t0, cpu0 = train_data.stats.wait_s, time.perf_counter(), time.thread_time()
-        skip = st.epoch_batches
-        for i, batch in enumerate(train_data.epoch(epoch - 1, skip=skip), start=skip):
-            if dist_cfg.max_steps_per_epoch and i >= dist_cfg.max_steps_per_epoch * dist_cfg.grad_accum:
-                break
-            _maybe_fail(cfg, dist_cfg, st.step + 1, rank, world)
-            accumulate = (i + 1) % dist_cfg.grad_accum != 0
-            with wrapped.no_sync() if accumulate and hasattr(wrapped, "no_sync") else contextlib.nullcontext():
-                with autocast:
-                    loss, step_parts = wrapped(batch.x, batch.masks, _batch_codes(batch, model), beta)
-                (loss / dist_cfg.grad_accum).backward()
-            if not accumulate:
-                if tr.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, tr.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                st.step += 1
-            st.epoch_batches = i + 1
-            parts += step_parts
-            cells += len(batch.cells)
-            if dist_cfg.checkpoint_every_steps and st.step % dist_cfg.checkpoint_every_steps == 0 and not accumulate:
-                _report(rank, {"epoch": st.epoch, "step": st.step}, model, opt, st, best_model)
-        sums = {**dict(zip(loss_module.part_names, parts.tolist(), strict=True)), "cells": float(cells)}
-        epoch_s = time.perf_counter() - t0
-        thread_cpu = time.thread_time() - cpu0  # this (the training) thread's CPU time, from the OS
-        wait = train_data.stats.wait_s - wait0
-        val_sum, val_cells = _validate(model, val_data, objective=tr.objective, K=tr.K, beta=beta, epoch=epoch - 1)
-        keys = sorted(sums)
-        reduced = dict(zip([*keys, "val_sum", "val_cells", "wait", "epoch_s", "thread_cpu"], _allreduce(
-            [sums[k] for k in keys] + [val_sum, val_cells, wait, epoch_s, thread_cpu], device), strict=True))
-        n = max(reduced["cells"], 1.0)
-        val = reduced["val_sum"] / reduced["val_cells"] if reduced["val_cells"] else None
-        metrics = {"epoch": epoch, "step": st.step, "beta": beta, "lr": tr.lr_at(epoch),
-                   "train_loss": reduced["loss"] / n,
-                   "kl": reduced["kl"] / n, "cells_per_s": reduced["cells"] / (reduced["epoch_s"] / world),
-                   "data_wait_frac": reduced["wait"] / max(reduced["epoch_s"], 1e-9),
-                   "train_thread_cpu_frac": reduced["thread_cpu"] / max(reduced["epoch_s"], 1e-9),
-                   **{k: reduced[k] / n for k in keys if k.startswith("recon_")}}
-        if val is not None:
-            metrics["val_loss"] = val
-        st.epoch, st.epoch_batches = epoch, 0
-        stop = False
-        if val is not None and epoch > tr.warmup_epochs:
-            if st.best_val is None or val < st.best_val:
-                st.best_val, st.best_epoch, st.bad_epochs = val, epoch, 0
-                best_model = _cpu_state(model)
-            else:
-                st.bad_epochs += 1
-                stop = st.bad_epochs >= tr.patience
-        if best_model is None and epoch == tr.epochs:  # no validation cells or too short for warm-up
-            best_model = _cpu_state(model)
-        if st.best_val is not None:
-            metrics["best_val_loss"] = st.best_val
-        st.history.append(metrics)
-        if tracker is not None:
-            tracker.log_epoch(metrics)
-        if bar is not None:
-            bar.epoch(metrics)
-        _report(rank, metrics, model, opt, st, best_model)
-        if stop:
+    w = _Worker(cfg, run, rank, world, feeders, train_data, val_data, loss, wrapped, opt, plan)
+    if train_data.device.type == "cuda" and dist_cfg.bf16:
+        w.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    if rank == 0 and cfg.get("run_id"):
+        w.tracker = _Tracker(cfg)
+        w.tracker.log_text(f"global batch {tr.batch_size} x {world} workers x {dist_cfg.grad_accum} accumulation = "
+                           f"{tr.batch_size * world * dist_cfg.grad_accum} cells per optimizer step")
+    if rank == 0 and cfg.get("progress"):
+        w.bar = _EpochBar(tr.epochs, plan.state.epoch)
+    return w
+
+
+def _train_epoch(w: _Worker, epoch: int, beta: float) -> dict[str, float]:
+    """This rank's share of ``epoch`` (from a mid-epoch checkpoint's position): sums of the loss parts
+    and cells, data wait, wall and training-thread CPU seconds."""
+    st, dist_cfg, tr = w.plan.state, w.run.distributed, w.run.train
+    w.model.train()
+    parts = torch.zeros(len(w.loss.part_names), dtype=torch.float64, device=w.train_data.device)
+    cells, skip = 0, st.epoch_batches
+    wait0, t0, cpu0 = w.train_data.stats.wait_s, time.perf_counter(), time.thread_time()
+    for i, batch in enumerate(w.train_data.epoch(epoch - 1, skip=skip), start=skip):
+        if dist_cfg.max_steps_per_epoch and i >= dist_cfg.max_steps_per_epoch * dist_cfg.grad_accum:
             break
-    if bar is not None:
-        bar.close()
-    train_data.close()
-    val_data.close()
-    feeders.close()
+        _maybe_fail(w.cfg, dist_cfg, st.step + 1, w.rank, w.world)
+        accumulate = (i + 1) % dist_cfg.grad_accum != 0
+        with w.wrapped.no_sync() if accumulate and hasattr(w.wrapped, "no_sync") else contextlib.nullcontext():
+            with w.autocast:
+                loss, step_parts = w.wrapped(batch.x, batch.masks, _batch_codes(batch, w.model), beta)
+            (loss / dist_cfg.grad_accum).backward()
+        if not accumulate:
+            if tr.grad_clip:
+                torch.nn.utils.clip_grad_norm_(w.params, tr.grad_clip)
+            w.opt.step()
+            w.opt.zero_grad(set_to_none=True)
+            st.step += 1
+        st.epoch_batches = i + 1
+        parts += step_parts
+        cells += len(batch.cells)
+        if dist_cfg.checkpoint_every_steps and st.step % dist_cfg.checkpoint_every_steps == 0 and not accumulate:
+            _report(w, {"epoch": st.epoch, "step": st.step})
+    return {**dict(zip(w.loss.part_names, parts.tolist(), strict=True)), "cells": float(cells),
+            "wait": w.train_data.stats.wait_s - wait0, "epoch_s": time.perf_counter() - t0,
+            "thread_cpu": time.thread_time() - cpu0}  # this (the training) thread's CPU time, from the OS
+
+
+def _validate(w: _Worker, beta: float, epoch: int) -> tuple[float, float]:
+    """(loss sum, cells) over this rank's validation cells."""
+    w.model.eval()
+    loader = w.val_data
+    total, cells = torch.zeros((), dtype=torch.float64, device=loader.device), 0
+    with torch.no_grad():
+        for batch in loader.epoch(epoch):
+            if len(batch.cells) < MIN_BATCH_CELLS:
+                continue
+            total += w.plan.eval_loss(w.model, batch.x, batch.masks, _batch_codes(batch, w.model), beta)
+            cells += len(batch.cells)
+    loader.close()  # no reading ahead into the next validation while the next epoch trains
+    return float(total), cells
+
+
+def _end_of_epoch(w: _Worker, epoch: int, beta: float, sums: dict[str, float]) -> bool:
+    """Validation, the sums all-reduced over ranks (every rank takes the same decision), the plan's
+    early stopping and best weights, logging and the checkpoint; returns whether to stop."""
+    val_sum, val_cells = _validate(w, beta, epoch - 1)
+    keys = sorted(sums)
+    reduced = dict(zip([*keys, "val_sum", "val_cells"], _allreduce(
+        [sums[k] for k in keys] + [val_sum, val_cells], w.train_data.device), strict=True))
+    n = max(reduced["cells"], 1.0)
+    val = reduced["val_sum"] / reduced["val_cells"] if reduced["val_cells"] else None
+    metrics = {"epoch": epoch, "step": w.plan.state.step, "beta": beta, "lr": w.run.train.lr_at(epoch),
+               "train_loss": reduced["loss"] / n,
+               "kl": reduced["kl"] / n, "cells_per_s": reduced["cells"] / (reduced["epoch_s"] / w.world),
+               "data_wait_frac": reduced["wait"] / max(reduced["epoch_s"], 1e-9),
+               "train_thread_cpu_frac": reduced["thread_cpu"] / max(reduced["epoch_s"], 1e-9),
+               **{k: reduced[k] / n for k in keys if k.startswith("recon_")}}
+    if val is not None:
+        metrics["val_loss"] = val
+    stop = w.plan.end_epoch(w.model, epoch, val)
+    if w.plan.state.best_val is not None:
+        metrics["best_val_loss"] = w.plan.state.best_val
+    w.plan.state.history.append(metrics)
+    if w.tracker is not None:
+        w.tracker.log_epoch(metrics)
+    if w.bar is not None:
+        w.bar.epoch(metrics)
+    _report(w, metrics)
+    return stop
+
+
+def _teardown(w: _Worker) -> None:
+    if w.bar is not None:
+        w.bar.close()
+    w.train_data.close()
+    w.val_data.close()
+    w.feeders.close()
 
 
 class _EpochBar:
@@ -231,17 +279,12 @@ class _EpochBar:
         sys.stdout.flush()  # the closing state must reach the driver before this worker exits
 
 
-def _cpu_state(model: MMVAE) -> dict[str, torch.Tensor]:
-    """A copy of the weights that later steps do not change."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def _report(rank: int, metrics: dict[str, float], model: MMVAE, opt: torch.optim.Optimizer, st: TrainState,
-            best_model: dict[str, torch.Tensor] | None) -> None:
+def _report(w: _Worker, metrics: dict[str, float]) -> None:
+    """Report ``metrics`` to Ray Train, with rank 0's checkpoint of the run so far."""
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
-        if rank == 0:
-            ckpt.save(Path(d), model=model, optimizer=opt, state=st, best_model=best_model)
+        if w.rank == 0:
+            ckpt.save(Path(d), model=w.model, optimizer=w.opt, state=w.plan.state, best_model=w.plan.best)
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
 

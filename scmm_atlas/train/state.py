@@ -7,25 +7,16 @@ functions of the seed and epoch), so resuming restarts the interrupted epoch's p
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..model.training import TrainState
+
 STATE_FILE = "state.pt"
 BEST_FILE = "best_model.pt"
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # last completed epoch
-    step: int = 0  # optimizer steps so far
-    best_val: float | None = None
-    best_epoch: int | None = None
-    bad_epochs: int = 0
-    epoch_batches: int = 0  # batches of the current epoch already trained (mid-epoch checkpoints)
-    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics (rank 0)
 
 
 def save(directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,

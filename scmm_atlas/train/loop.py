@@ -69,12 +69,28 @@ def _allreduce(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+@dataclass(frozen=True)
+class WorkerJob:
+    """What the driver hands every worker, as ``train_loop_config={"job": WorkerJob(...)}`` (Ray Train
+    wants a dict; the record inside is typed)."""
+
+    config: RunConfig
+    store: str
+    layout: dict[str, Any] | None = None  # the layout the driver pinned (None: reading in store order)
+    run_id: str | None = None  # the MLflow run rank 0 logs into (None: no tracking)
+    tracking_uri: str | None = None
+    fault_marker: str | None = None  # a file that marks the injected fault as done (tests)
+    resume_from: str | None = None  # the checkpoint a resumed run starts from
+    warm_start: dict[str, torch.Tensor] | None = None  # weights copied in where names and shapes agree
+    progress: bool = False
+    log_level: str = "INFO"  # of Ray Train's per-report lines
+
+
 @dataclass
 class _Worker:
     """What one worker holds for the run: built by :func:`_setup`, released by :func:`_teardown`."""
 
-    cfg: dict[str, Any]
-    run: RunConfig
+    job: WorkerJob
     rank: int
     world: int
     feeders: Feeders
@@ -89,6 +105,10 @@ class _Worker:
     bar: _EpochBar | None = None
 
     @property
+    def run(self) -> RunConfig:
+        return self.job.config
+
+    @property
     def model(self) -> MMVAE:
         return self.loss.model
 
@@ -98,8 +118,10 @@ class _Worker:
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
-    _quiet_report_logs(cfg.get("log_level", "INFO"))
-    w = _setup(cfg)
+    """A worker's whole run: ``cfg["job"]`` is its :class:`WorkerJob`."""
+    job: WorkerJob = cfg["job"]
+    _quiet_report_logs(job.log_level)
+    w = _setup(job)
     for epoch in range(w.plan.state.epoch + 1, w.run.train.epochs + 1):
         beta = w.plan.start_epoch(w.opt, epoch)
         if _end_of_epoch(w, epoch, beta, _train_epoch(w, epoch, beta)):
@@ -117,34 +139,33 @@ def _quiet_report_logs(level: str) -> None:
             logging.getLogger(name).setLevel(level)
 
 
-def _loaders(cfg: dict[str, Any], run: RunConfig) -> tuple[Feeders, ShardLoader, ShardLoader]:
+def _loaders(job: WorkerJob) -> tuple[Feeders, ShardLoader, ShardLoader]:
     """The training and validation loaders of this worker, sharing one pool of feeders."""
-    tr, dist_cfg = run.train, run.distributed
+    tr, dist_cfg = job.config.train, job.config.distributed
     loader_cfg = LoaderConfig(**{"batch_size": tr.batch_size, "seed": tr.seed, "drop_last": True, **dist_cfg.loader})
     feeders = Feeders(readers=loader_cfg.readers, cpus=loader_cfg.read_cpus)
-    layout = cfg.get("layout")  # the layout the driver pinned (None: reading in store order)
-    train_data = ShardLoader.for_train_worker(cfg["store"], loader_cfg, feeders=feeders, layout=layout)
+    train_data = ShardLoader.for_train_worker(job.store, loader_cfg, feeders=feeders, layout=job.layout)
     # validation reads its cells once per epoch in any order: small blocks, one read in flight
     val_cfg = replace(loader_cfg, drop_last=False, block_cells=min(loader_cfg.block_cells, VAL_BLOCK_CELLS),
                       read_ahead=1)
-    val_data = ShardLoader.for_train_worker(cfg["store"], val_cfg, split="val", feeders=feeders, layout=layout)
+    val_data = ShardLoader.for_train_worker(job.store, val_cfg, split="val", feeders=feeders, layout=job.layout)
     return feeders, train_data, val_data
 
 
-def _setup(cfg: dict[str, Any]) -> _Worker:
+def _setup(job: WorkerJob) -> _Worker:
     """Loaders, model (warm-started, DDP-wrapped), optimizer and plan, restored from this run's last
     checkpoint after a worker failure or from the one a resumed run starts from."""
-    run = RunConfig.from_dict(cfg["config"])
+    run = job.config
     tr, dist_cfg = run.train, run.distributed
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, dist_cfg.torch_threads or int(dist_cfg.cpus_per_worker)))
     keep_freed_buffers()
-    feeders, train_data, val_data = _loaders(cfg, run)
+    feeders, train_data, val_data = _loaders(job)
     torch.manual_seed(tr.seed)
     model = MMVAE(run.model.build(train_data.n_features, len(train_data.batches)))
-    if cfg.get("warm_start") is not None:  # before DDP wraps it: rank 0's weights are broadcast
-        fresh = ckpt.warm_start(model, cfg["warm_start"])
+    if job.warm_start is not None:  # before DDP wraps it: rank 0's weights are broadcast
+        fresh = ckpt.warm_start(model, job.warm_start)
         if rank == 0:
             log.info("warm start: %d parameter tensors re-initialised (%s)", len(fresh), ", ".join(fresh[:5]))
     plan = TrainingPlan(tr)
@@ -152,8 +173,7 @@ def _setup(cfg: dict[str, Any]) -> _Worker:
     wrapped = ray.train.torch.prepare_model(loss)
     opt = adam([p for p in model.parameters() if p.requires_grad], lr=tr.lr, amsgrad=tr.amsgrad,
                weight_decay=tr.weight_decay)
-    restored = ray.train.get_checkpoint() or (ray.train.Checkpoint(cfg["resume_from"]) if cfg.get("resume_from")
-                                              else None)
+    restored = ray.train.get_checkpoint() or (ray.train.Checkpoint(job.resume_from) if job.resume_from else None)
     if restored is not None:
         with restored.as_directory() as d:
             payload, plan.state, plan.best = ckpt.load(Path(d))
@@ -161,14 +181,14 @@ def _setup(cfg: dict[str, Any]) -> _Worker:
         opt.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["torch_rng"])
     train_data.warm_up()
-    w = _Worker(cfg, run, rank, world, feeders, train_data, val_data, loss, wrapped, opt, plan)
+    w = _Worker(job, rank, world, feeders, train_data, val_data, loss, wrapped, opt, plan)
     if train_data.device.type == "cuda" and dist_cfg.bf16:
         w.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    if rank == 0 and cfg.get("run_id"):
-        w.tracker = _Tracker(cfg)
+    if rank == 0 and job.run_id:
+        w.tracker = _Tracker(job)
         w.tracker.log_text(f"global batch {tr.batch_size} x {world} workers x {dist_cfg.grad_accum} accumulation = "
                            f"{tr.batch_size * world * dist_cfg.grad_accum} cells per optimizer step")
-    if rank == 0 and cfg.get("progress"):
+    if rank == 0 and job.progress:
         w.bar = _EpochBar(tr.epochs, plan.state.epoch)
     return w
 
@@ -184,7 +204,7 @@ def _train_epoch(w: _Worker, epoch: int, beta: float) -> dict[str, float]:
     for i, batch in enumerate(w.train_data.epoch(epoch - 1, skip=skip), start=skip):
         if dist_cfg.max_steps_per_epoch and i >= dist_cfg.max_steps_per_epoch * dist_cfg.grad_accum:
             break
-        _maybe_fail(w.cfg, dist_cfg, st.step + 1, w.rank, w.world)
+        _maybe_fail(w.job, st.step + 1, w.rank, w.world)
         accumulate = (i + 1) % dist_cfg.grad_accum != 0
         with w.wrapped.no_sync() if accumulate and hasattr(w.wrapped, "no_sync") else contextlib.nullcontext():
             with w.autocast:
@@ -289,11 +309,12 @@ def _report(w: _Worker, metrics: dict[str, float]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _maybe_fail(cfg: dict[str, Any], dist_cfg, step: int, rank: int, world: int) -> None:
+def _maybe_fail(job: WorkerJob, step: int, rank: int, world: int) -> None:
     """Fault injection for tests: one worker raises once, at ``fault_at_step``."""
-    if not dist_cfg.fault_at_step or step != dist_cfg.fault_at_step or rank != world - 1:
+    at = job.config.distributed.fault_at_step
+    if not at or step != at or rank != world - 1 or job.fault_marker is None:
         return
-    marker = Path(cfg["fault_marker"])
+    marker = Path(job.fault_marker)
     if marker.exists():
         return
     marker.write_text(f"failed at step {step} on rank {rank}\n")
@@ -303,10 +324,10 @@ def _maybe_fail(cfg: dict[str, Any], dist_cfg, step: int, rank: int, world: int)
 class _Tracker:
     """Rank 0's MLflow logging into the run the driver opened."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, job: WorkerJob) -> None:
         from mlflow import MlflowClient
 
-        self.client, self.run_id = MlflowClient(cfg["tracking_uri"]), cfg["run_id"]
+        self.client, self.run_id = MlflowClient(job.tracking_uri), job.run_id
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric

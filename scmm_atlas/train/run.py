@@ -24,12 +24,15 @@ from ray.train.torch import TorchTrainer
 
 from ..config import DistributedSection, RunConfig
 from ..data.cluster import ensure_ray
+from ..data.layout import LayoutInfo
 from ..data.loader import LoaderConfig
 from ..data.prepare import pin, prepare_layout
+from ..model import MMVAEConfig
+from ..model.training import TrainState
 from ..store import StoreError, open_store
 from ..store.uri import arrow_s3, aws_settings
 from . import state as ckpt
-from .loop import train_loop
+from .loop import WorkerJob, train_loop
 
 log = logging.getLogger(__name__)
 RUN_FILE = "scmm_run.json"
@@ -101,6 +104,68 @@ def _storage(path: str) -> dict[str, Any]:
     return {"storage_path": inside, "storage_filesystem": fs}
 
 
+@dataclass
+class _Tracking:
+    """The MLflow side of a run (all None when training without tracking)."""
+
+    uri: str | None = None
+    client: Any = None
+    run_id: str | None = None
+
+
+def _tracking(tracking: str | None, track: bool) -> _Tracking:
+    if not track:
+        return _Tracking()
+    import mlflow
+
+    from .tracking import tracking_uri
+
+    uri = tracking_uri(tracking)
+    mlflow.set_tracking_uri(uri)
+    return _Tracking(uri, mlflow.MlflowClient(uri))
+
+
+def _open_run(config: RunConfig, run_dir: RunDir, tracked: _Tracking, *, name: str, uri: str, info: LayoutInfo,
+              resume: bool) -> str | None:
+    """Start the run's MLflow run and record it beside the checkpoints, or find them again for a
+    resume; returns the checkpoint a resumed run starts from."""
+    recorded = run_dir.read(RUN_FILE)
+    if resume:
+        if recorded is None:
+            raise StoreError(run_dir.path, RUN_FILE, "no run to resume here: check --name and "
+                             "distributed.storage_path")
+        tracked.run_id = json.loads(recorded)["run_id"] if tracked.client is not None else None
+        return run_dir.latest_checkpoint()
+    if recorded is not None:
+        raise StoreError(run_dir.path, "name", "a run with this name exists: pass --resume or another --name")
+    if tracked.client is not None:
+        from .tracking import flatten, start_run
+
+        dist_cfg = config.distributed
+        global_batch = config.train.batch_size * dist_cfg.num_workers * dist_cfg.grad_accum
+        params = {**flatten(config.to_dict()), "store": uri, "global_batch": str(global_batch),
+                  "layout.val_fraction": str(info.val_fraction),
+                  "layout.train_cells": str(info.n_cells("train")), "layout.val_cells": str(info.n_cells("val"))}
+        tracked.run_id = start_run(tracked.client, dist_cfg.experiment, name, params, {"store": uri})
+    run_dir.write(RUN_FILE, json.dumps({"run_id": tracked.run_id, "tracking_uri": tracked.uri}))
+    return None
+
+
+def _trainer(job: WorkerJob, run_dir: RunDir, name: str) -> TorchTrainer:
+    """The ``TorchTrainer`` of ``job``: its workers, storage, logging, retries and checkpoints."""
+    dist_cfg = job.config.distributed
+    return TorchTrainer(
+        train_loop, train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=dist_cfg.num_workers, use_gpu=dist_cfg.use_gpu,
+                                     resources_per_worker={"CPU": dist_cfg.cpus_per_worker}),
+        run_config=RayRunConfig(name=name, **_storage(run_dir.storage), logging_config=LoggingConfig(job.log_level),
+                                # S3 endpoint / region (never credentials: workers use their own or the node's role)
+                                worker_runtime_env={"env_vars": aws_settings()} if job.store.startswith("s3://")
+                                else None,
+                                failure_config=FailureConfig(max_failures=dist_cfg.max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=2)))
+
+
 def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, resume: bool = False,
           run_name: str | None = None, tracking: str | None = None, track: bool = True, progress: bool = True,
           warm_start: dict[str, torch.Tensor] | None = None, make_champion: bool = False) -> TrainResult:
@@ -120,55 +185,18 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
         model_cfg = config.model.build({m: len(f) for m, f in features.items()}, len(info.batches))
     except ValueError as exc:
         raise StoreError(uri, "modalities", str(exc)) from None
-    dist_cfg = init_ray(ray_address, config.distributed)
-    config = replace(config, distributed=dist_cfg)
+    config = replace(config, distributed=init_ray(ray_address, config.distributed))
+    dist_cfg = config.distributed
     name = run_name or time.strftime("scmm-%Y%m%d-%H%M%S")
-    run_dir = RunDir(dist_cfg.storage_path, name)
-    if track:
-        import mlflow
-
-        from .tracking import flatten, log_artifacts, log_model, start_run, tracking_uri
-
-        mlflow_uri = tracking_uri(tracking)
-        mlflow.set_tracking_uri(mlflow_uri)
-        client = mlflow.MlflowClient(mlflow_uri)
-    else:
-        mlflow_uri = client = None
-    latest = None
-    recorded = run_dir.read(RUN_FILE)
-    if resume:
-        if recorded is None:
-            raise StoreError(run_dir.path, RUN_FILE, "no run to resume here: check --name and "
-                             "distributed.storage_path")
-        run_id = json.loads(recorded)["run_id"] if track else None
-        latest = run_dir.latest_checkpoint()
-    else:
-        if recorded is not None:
-            raise StoreError(run_dir.path, "name", "a run with this name exists: pass --resume or another --name")
-        run_id = None
-        if track:
-            global_batch = config.train.batch_size * dist_cfg.num_workers * dist_cfg.grad_accum
-            params = {**flatten(config.to_dict()), "store": uri, "global_batch": str(global_batch),
-                      "layout.val_fraction": str(info.val_fraction),
-                      "layout.train_cells": str(info.n_cells("train")), "layout.val_cells": str(info.n_cells("val"))}
-            run_id = start_run(client, dist_cfg.experiment, name, params, {"store": uri})
-        run_dir.write(RUN_FILE, json.dumps({"run_id": run_id, "tracking_uri": mlflow_uri}))
+    run_dir, tracked = RunDir(dist_cfg.storage_path, name), _tracking(tracking, track)
+    latest = _open_run(config, run_dir, tracked, name=name, uri=uri, info=info, resume=resume)
     log.info("global batch: %d cells per worker x %d workers x %d accumulation", config.train.batch_size,
              dist_cfg.num_workers, dist_cfg.grad_accum)
-    level = "INFO" if log.isEnabledFor(logging.INFO) else "WARNING"  # Ray Train's per-epoch INFO lines
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": config.to_dict(), "store": uri, "run_id": run_id, "tracking_uri": mlflow_uri,
-                           "fault_marker": f"{run_dir.path}/fault_injected", "resume_from": latest,
-                           "warm_start": warm_start, "progress": progress, "log_level": level,
-                           "layout": asdict(info)},
-        scaling_config=ScalingConfig(num_workers=dist_cfg.num_workers, use_gpu=dist_cfg.use_gpu,
-                                     resources_per_worker={"CPU": dist_cfg.cpus_per_worker}),
-        run_config=RayRunConfig(name=name, **_storage(run_dir.storage), logging_config=LoggingConfig(level),
-                                # S3 endpoint / region (never credentials: workers use their own or the node's role)
-                                worker_runtime_env={"env_vars": aws_settings()} if uri.startswith("s3://") else None,
-                                failure_config=FailureConfig(max_failures=dist_cfg.max_failures),
-                                checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    job = WorkerJob(config=config, store=uri, layout=asdict(info), run_id=tracked.run_id, tracking_uri=tracked.uri,
+                    fault_marker=f"{run_dir.path}/fault_injected", resume_from=latest, warm_start=warm_start,
+                    progress=progress,  # Ray Train's per-epoch INFO lines only when this module logs INFO
+                    log_level="INFO" if log.isEnabledFor(logging.INFO) else "WARNING")
+    trainer = _trainer(job, run_dir, name)
     # The layout's shards stay while the workers read them. Pinned last, just before the workers
     # start: a failure in the set-up above cannot leave the lease renewed for the life of this process.
     pinned = pin(store, info)
@@ -179,15 +207,27 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
     with result.checkpoint.as_directory() as d:
         payload, st, best = ckpt.load(Path(d))
     version, champion = None, False
-    if run_id is not None:
-        with tempfile.TemporaryDirectory() as d:
-            weights = Path(d, ckpt.BEST_FILE)
-            torch.save(best if best is not None else payload["model"], weights)
-            version, champion = log_model(run_id, weights=weights, model_config=model_cfg, features=features,
-                                          batches=info.batches, model_name=dist_cfg.model_name,
-                                          val_loss=st.best_val, store_n_obs=info.store_n_obs,
-                                          force_champion=make_champion)
-        log_artifacts(client, run_id, config=config.to_dict(), features=features, history=st.history)
-        client.set_terminated(run_id)
-    return TrainResult(run_id=run_id, run_name=name, model_version=version, champion=champion, best_val=st.best_val,
-                       epochs=st.epoch, history=st.history, wall_s=time.perf_counter() - start)
+    if tracked.run_id is not None:
+        version, champion = _register(tracked, best if best is not None else payload["model"], st, config,
+                                      model_cfg=model_cfg, features=features, info=info, make_champion=make_champion)
+    return TrainResult(run_id=tracked.run_id, run_name=name, model_version=version, champion=champion,
+                       best_val=st.best_val, epochs=st.epoch, history=st.history, wall_s=time.perf_counter() - start)
+
+
+def _register(tracked: _Tracking, weights: dict[str, torch.Tensor], st: TrainState, config: RunConfig, *,
+              model_cfg: MMVAEConfig, features: dict[str, list[str]], info: LayoutInfo, make_champion: bool
+              ) -> tuple[str | None, bool]:
+    """Log the kept weights as the run's model (registered; champion if better), its artifacts, and
+    end the run: (model version, whether it is the champion)."""
+    from .tracking import log_artifacts, log_model
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d, ckpt.BEST_FILE)
+        torch.save(weights, path)
+        version, champion = log_model(tracked.run_id, weights=path, model_config=model_cfg, features=features,
+                                      batches=info.batches, model_name=config.distributed.model_name,
+                                      val_loss=st.best_val, store_n_obs=info.store_n_obs,
+                                      force_champion=make_champion)
+    log_artifacts(tracked.client, tracked.run_id, config=config.to_dict(), features=features, history=st.history)
+    tracked.client.set_terminated(tracked.run_id)
+    return version, champion

@@ -172,10 +172,10 @@ def _default_dataset(sources: Sequence[MatrixSource]) -> str:
     return sources[0].path.name.split(".")[0]
 
 
-def _plan(sources: Sequence[MatrixSource], opts: IngestOptions, store: Store | None,
-          report: IngestReport) -> _Plan:
-    for src in sources:
-        check_names(src)
+def _feature_remaps(sources: Sequence[MatrixSource], opts: IngestOptions, store: Store | None, report: IngestReport
+                    ) -> tuple[dict[str, np.ndarray | None], dict[str, int]]:
+    """Per modality: where each file feature goes among the store's (None: same order) and how many
+    features the stored modality has; an appended file must match the store's features or be mapped."""
     remap: dict[str, np.ndarray | None] = {}
     n_var: dict[str, int] = {}
     for src in sources:
@@ -197,10 +197,14 @@ def _plan(sources: Sequence[MatrixSource], opts: IngestOptions, store: Store | N
                 report.warnings.append(f"{src.path}: {src.modality} var_names: {missing} store features "
                                        "absent from this file are stored as zero counts")
         n_var[src.modality] = len(features)
-    counts = {src.modality: scan_counts(src, max_cells=opts.chunk_cells, max_nnz=opts.chunk_nnz,
-                                        progress=opts.progress) for src in sources}
+    return remap, n_var
 
-    # Cells are matched by 64-bit barcode hashes; strings are read per chunk when written.
+
+def _match_cells(sources: Sequence[MatrixSource], counts: Mapping[str, CellCounts], report: IngestReport
+                 ) -> dict[str, np.ndarray]:
+    """Per modality, each stored cell's row in its file (-1: the cell lacks it). Cells are matched by
+    64-bit barcode hashes (strings are read per chunk when written); cells with zero counts are
+    dropped from that modality, and cells left with no modality at all from the store."""
     keys = sources[0].barcodes.hashes
     for src in sources[1:]:
         if not np.array_equal(src.barcodes.hashes, keys):
@@ -215,8 +219,7 @@ def _plan(sources: Sequence[MatrixSource], opts: IngestOptions, store: Store | N
     keep = np.zeros(len(keys), dtype=bool)
     for src in sources:
         row = rows[src.modality]
-        present = row >= 0
-        zero = present & (counts[src.modality].total[np.maximum(row, 0)] == 0)
+        zero = (row >= 0) & (counts[src.modality].total[np.maximum(row, 0)] == 0)
         if zero.any():
             report.zero_dropped[src.modality] = int(zero.sum())
             report.warnings.append(f"{src.path}: {src.field}: {int(zero.sum())} cells with zero total counts "
@@ -228,27 +231,27 @@ def _plan(sources: Sequence[MatrixSource], opts: IngestOptions, store: Store | N
     report.cells_dropped = int((~keep).sum())
     if report.cells_dropped:
         report.warnings.append(f"{report.cells_dropped} cells dropped: zero counts in every modality")
-    if not keep.all():
-        keys = keys[keep]
-        rows = {mod: row[keep] for mod, row in rows.items()}
-    del keys
-    n = len(next(iter(rows.values())))
+    return rows if keep.all() else {mod: row[keep] for mod, row in rows.items()}
 
-    dataset = opts.dataset or _default_dataset(sources)
-    prefix = f"{dataset}:" if opts.prefix_barcodes else ""
-    if store is not None:
-        new_ids = _new_id_hashes(sources, rows, prefix)
-        clash = np.isin(new_ids, store.obs_id_hashes())
-        if clash.any():
-            first = _obs_ids(sources, rows, prefix, int(np.argmax(clash)), int(np.argmax(clash)) + 1)[0]
-            raise InputError(sources[0].path, "obs_names", f"{int(clash.sum())} cell barcodes are already in the "
-                             f"store, e.g. {first!r}: use --prefix-barcodes with a distinct --dataset")
+
+def _check_new_ids(sources: Sequence[MatrixSource], rows: Mapping[str, np.ndarray], prefix: str, store: Store) -> None:
+    new_ids = _new_id_hashes(sources, rows, prefix)
+    clash = np.isin(new_ids, store.obs_id_hashes())
+    if clash.any():
+        first = _obs_ids(sources, rows, prefix, int(np.argmax(clash)), int(np.argmax(clash)) + 1)[0]
+        raise InputError(sources[0].path, "obs_names", f"{int(clash.sum())} cell barcodes are already in the "
+                         f"store, e.g. {first!r}: use --prefix-barcodes with a distinct --dataset")
+
+
+def _obs_table(sources: Sequence[MatrixSource], rows: Mapping[str, np.ndarray], counts: Mapping[str, CellCounts],
+               all_mods: Sequence[str], dataset: str, opts: IngestOptions, report: IngestReport) -> pd.DataFrame:
+    """The new cells' obs: dataset, batch, label, and per modality presence, total counts and features."""
+    n = len(next(iter(rows.values())))
     obs = pd.DataFrame(index=pd.RangeIndex(n))
     # Categoricals: a byte or two per cell, so that memory hardly grows with the cell count.
     obs["dataset"] = pd.Categorical.from_codes(np.zeros(n, np.int8), [dataset])
     obs["batch"] = obs["dataset"] if opts.batch_key is None else _combine_obs(sources, rows, opts.batch_key)
     obs["cell_type"] = _combine_obs(sources, rows, opts.label_key)
-    all_mods = store.modalities if store is not None else [s.modality for s in sources]
     for mod in all_mods:
         row = rows.get(mod, np.full(n, -1))
         present = row >= 0
@@ -259,7 +262,25 @@ def _plan(sources: Sequence[MatrixSource], opts: IngestOptions, store: Store | N
                 values[present] = getattr(counts[mod], arr)[row[present]]
             obs[col] = values
         report.modalities[mod] = int(present.sum())
-    return _Plan(n=n, prefix=prefix, rows=rows, counts=counts, obs=obs, remap=remap, n_var=n_var)
+    return obs
+
+
+def _plan(sources: Sequence[MatrixSource], opts: IngestOptions, store: Store | None,
+          report: IngestReport) -> _Plan:
+    """Everything decided before a byte is written: feature maps, matched cells, their obs."""
+    for src in sources:
+        check_names(src)
+    remap, n_var = _feature_remaps(sources, opts, store, report)
+    counts = {src.modality: scan_counts(src, max_cells=opts.chunk_cells, max_nnz=opts.chunk_nnz,
+                                        progress=opts.progress) for src in sources}
+    rows = _match_cells(sources, counts, report)
+    dataset = opts.dataset or _default_dataset(sources)
+    prefix = f"{dataset}:" if opts.prefix_barcodes else ""
+    if store is not None:
+        _check_new_ids(sources, rows, prefix, store)
+    all_mods = store.modalities if store is not None else [s.modality for s in sources]
+    obs = _obs_table(sources, rows, counts, all_mods, dataset, opts, report)
+    return _Plan(n=len(obs), prefix=prefix, rows=rows, counts=counts, obs=obs, remap=remap, n_var=n_var)
 
 
 def _chunk_bounds(plan: _Plan, max_cells: int, max_nnz: int) -> list[tuple[int, int]]:

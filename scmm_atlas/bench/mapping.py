@@ -1,12 +1,13 @@
 """``scmm-atlas bench mapping``: proteins of an RNA-only query predicted through a paired reference (paper §3.2).
 
-The workflow is the one a user runs, through the command line: the demo pipeline trains on the reference
-(10x PBMC 10k CITE-seq, RNA + 14 proteins; ingest, statistics, Ray Train, MLflow champion, inference) with
-``atlas_cite``'s own training defaults (up to 200 epochs, early stopping on the reference's validation cells:
-trained to convergence as totalVI is, not the demo's 40-epoch cap); the
-query's RNA alone (ECCITE-seq PBMC, 500 cells) is appended with ``ingest --append --feature-map RNA=intersect
---dataset eccite_pbmc500 --prefix-barcodes``, ``reprocess`` maps it with the champion, and ``query predictions
---where dataset=eccite_pbmc500`` reads its predicted proteins (per 10k counts of the reference's panel).
+The workflow is the one a user runs: the demo pipeline trains on the reference (10x PBMC 10k CITE-seq,
+RNA + 14 proteins; ingest, statistics, Ray Train, MLflow champion, inference) with ``atlas_cite``'s own
+training defaults (up to 200 epochs, early stopping on the reference's validation cells: trained to
+convergence as totalVI is, not the demo's 40-epoch cap); then the user's commands, each in its own
+process: the query's RNA alone (ECCITE-seq PBMC, 500 cells) is appended with ``ingest --append
+--feature-map RNA=intersect --dataset eccite_pbmc500 --prefix-barcodes``, ``reprocess`` maps it with the
+champion, and ``query predictions --where dataset=eccite_pbmc500`` reads its predicted proteins (per 10k
+counts of the reference's panel).
 
 Beside it, on the same genes (the store's selected ones, the query's zero where it lacks a gene):
 - ``knn``: the reference's RNA PCA (log1p CP10k), the query projected, mean of 15 neighbours' proteins;
@@ -20,6 +21,8 @@ Also listed: per Leiden cluster of the query (our embedding), the predicted prot
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -46,9 +49,8 @@ COLUMNS = ["system", "pearson", "spearman", "sse", "n_proteins", "seconds", "epo
 
 
 def _cli(*argv: str) -> None:
-    from ..cli import main
-
-    if main(list(argv)) != 0:
+    """One of the user's commands, run as the user runs it: ``scmm-atlas ...`` in its own process."""
+    if subprocess.run([sys.executable, "-m", "scmm_atlas.cli", *argv], check=False).returncode != 0:
         raise RuntimeError(f"scmm-atlas {' '.join(argv[:2])} failed")
 
 
@@ -74,15 +76,10 @@ def _reference(work: Path) -> tuple[str, str, str, float, int]:
 
 def _map_query(store: str, tracking: str, model: str, work: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Append the query's RNA, map it, read its predicted proteins and embedding (the README's commands)."""
-    import ray
-
     where = f"dataset={QUERY}"
     _cli("ingest", "--store", store, "--append", "--dataset", QUERY, "--prefix-barcodes", "--feature-map",
          "RNA=intersect", "--no-progress", f"RNA={DATA / QUERY / 'rna.h5ad'}")
-    try:
-        _cli("reprocess", "--store", store, "--model", model, "--tracking-uri", tracking, "--no-progress")
-    finally:
-        ray.shutdown()
+    _cli("reprocess", "--store", store, "--model", model, "--tracking-uri", tracking, "--no-progress")
     pred, emb = work / "predicted.parquet", work / "embedding.parquet"
     _cli("query", "predictions", "--store", store, "--target", "ADT", "--source", "RNA", "--where", where,
          "--out", str(pred))

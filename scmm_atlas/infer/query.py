@@ -20,7 +20,8 @@ import pandas as pd
 from ..store import Store, open_store
 from ..store.base import HASH_CHUNK
 from ..store.errors import StoreError
-from ..store.results import JOINT, index, open_results
+from ..store.results import index, open_results
+from ..store.results_base import JOINT
 
 
 class Results:

@@ -25,28 +25,22 @@ SOMA DataFrame.
 
 from __future__ import annotations
 
-import abc
 import datetime as dt
 import os
 import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
 from typing import Any
-
-import numpy as np
-import pandas as pd
 
 from .base import Store
 from .errors import StoreError
 from .lease import Lease, held, lock
+from .results_base import INDEX_KEY, ResultsBackend, ResultSpec, ResultsReader, ResultsWriter
 
-INDEX_KEY = "scmm_results"
 # How long a superseded entry stays for readers that resolved it before it was superseded.
 RETAIN_S = float(os.environ.get("SCMM_ATLAS_RESULTS_RETAIN_S", 3600))
 ENTRY_LEASE = "entry-"
-JOINT = "joint"
 
 
 _LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -60,79 +54,8 @@ def check_name(store: Store, field: str, value: str, pattern: re.Pattern[str] = 
     return value
 
 
-def pair_name(source: str, target: str) -> str:
-    return f"{target}_from_{source}"
-
-
-@dataclass
-class ResultSpec:
-    """What an entry holds; saved with it, so that any process can reopen it for writing."""
-
-    version: str  # model version (the registry's), or a run id
-    model_uri: str
-    latent_dim: int  # width of each modality's embedding
-    modalities: list[str]
-    pairs: list[tuple[str, str]]  # (source, target)
-    target_features: dict[str, list[str]]  # target modality -> its feature names (the model's)
-    library_size: float | None  # predictions per this many counts (None: the model's library scale)
-    chunk_rows: int = 4096  # rows per storage chunk: concurrent writers' blocks start at multiples of it
-    n_obs: int = 0
-    row_start: int = 0  # the first row this attempt writes (> 0 when it extends a published entry)
-    entry: str = ""
-    created: str = ""
-    joint_dim: int = 0  # width of the joint embedding (0: latent_dim; the experts side by side are wider)
-
-    def __post_init__(self) -> None:
-        self.pairs = [tuple(p) for p in self.pairs]
-        self.joint_dim = self.joint_dim or self.latent_dim
-
-    def width(self, key: str) -> int:
-        """Columns of the embedding ``key`` (``joint`` or a modality)."""
-        return self.joint_dim if key == JOINT else self.latent_dim
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ResultSpec:
-        return cls(**data)
-
-
-class ResultsWriter(abc.ABC):
-    """Writes one entry. Row blocks may come from many processes (reopened with :func:`open_writer`);
-    blocks must not share a storage chunk (``spec.chunk_rows`` divides every block start, except
-    ``spec.row_start``, the first new row of an extended entry)."""
-
-    def __init__(self, store: Store, spec: ResultSpec) -> None:
-        self.store, self.spec = store, spec
-        self.lease: Lease | None = None  # held by the process that begins and publishes the entry
-
-    def close(self) -> None:
-        """Let go of the entry (after publishing, or giving up: then the next publish removes it)."""
-        if self.lease is not None:
-            self.lease.release()
-
-    @abc.abstractmethod
-    def write_cells(self, start: int, joint: np.ndarray, per_modality: Mapping[str, np.ndarray],
-                    predictions: Mapping[tuple[str, str], np.ndarray]) -> None:
-        """Rows ``start .. start + len(joint)`` of every per-cell array."""
-
-    @abc.abstractmethod
-    def write_table(self, name: str, table: pd.DataFrame) -> None:
-        """A small table of the entry (``programs``, ``traversals``), written whole."""
-
-    @abc.abstractmethod
-    def _link(self) -> None:
-        """Backend step before the index names the entry (SOMA: link arrays into obsm / X)."""
-
-    def check_block(self, start: int, n: int) -> None:
-        aligned = start % self.spec.chunk_rows == 0 or start == self.spec.row_start
-        if not aligned or start < self.spec.row_start or start + n > self.spec.n_obs:
-            raise ValueError(f"result rows {start}..{start + n}: blocks must start at a multiple of "
-                             f"{self.spec.chunk_rows} (or at row {self.spec.row_start}) and end by {self.spec.n_obs}")
-
-
-def _backend(store: Store):
+def _backend(store: Store) -> ResultsBackend:
+    """The results module of the store's backend (imported on first use: each pulls in its library)."""
     if store.backend == "zarr":
         from . import results_zarr as mod
     else:
@@ -234,57 +157,8 @@ def resolve(store: Store, version: str | None = None) -> dict[str, Any]:
                      f"{', '.join(e['version'] for e in published)})")
 
 
-class ResultsReader(abc.ABC):
-    """One published entry."""
-
-    def __init__(self, store: Store, record: Mapping[str, Any], spec: ResultSpec) -> None:
-        self.store, self.record, self.spec = store, dict(record), spec
-
-    @property
-    def n_obs(self) -> int:
-        """Rows of this version: the store's first ``n_obs`` cells (cells appended later have none yet)."""
-        return int(self.record["n_cells"])
-
-    @abc.abstractmethod
-    def embedding(self, key: str = JOINT, rows: np.ndarray | None = None) -> np.ndarray:
-        """[cells, latent] of ``key``: ``joint`` or a modality (its expert's location)."""
-
-    @abc.abstractmethod
-    def prediction(self, source: str, target: str, rows: np.ndarray | None = None) -> np.ndarray: ...
-
-    @abc.abstractmethod
-    def table(self, name: str) -> pd.DataFrame:
-        """A table of the entry (empty if it was not written)."""
-
-    def programs(self) -> pd.DataFrame:
-        return self.table("programs")
-
-    def traversals(self) -> pd.DataFrame:
-        return self.table("traversals")
-
-    def check_pair(self, source: str, target: str) -> None:
-        if (source, target) not in self.spec.pairs:
-            raise StoreError(self.store.uri, "pairs", f"version {self.spec.version} has no {target} predicted "
-                             f"from {source} (it has {', '.join(pair_name(*p) for p in self.spec.pairs)})")
-
-    def check_key(self, key: str) -> None:
-        if key != JOINT and key not in self.spec.modalities:
-            raise StoreError(self.store.uri, "embedding", f"no embedding {key!r}: use 'joint' or one of "
-                             f"{self.spec.modalities}")
-
-
 def open_results(store: Store, version: str | None = None) -> ResultsReader:
     """A reader for a published version (default: the latest)."""
     record = resolve(store, version)
     check_name(store, f"{INDEX_KEY}/entry", record["entry"], _ENTRY)  # the index names a folder: no escapes
     return _backend(store).open_reader(store, record)
-
-
-def sorted_rows(rows: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
-    """Row indices as a sorted unique int64 array; all rows when None."""
-    if rows is None:
-        return np.arange(n, dtype=np.int64)
-    out = np.unique(np.asarray(rows, dtype=np.int64))
-    if len(out) and (out[0] < 0 or out[-1] >= n):
-        raise ValueError(f"row indices must be within 0..{n - 1}")
-    return out

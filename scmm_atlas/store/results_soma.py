@@ -23,7 +23,7 @@ import tiledbsoma as soma
 
 from .base import Store
 from .errors import StoreError
-from .results import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
+from .results_base import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
 from .soma_backend import context
 from .uri import filesystem
 

@@ -20,7 +20,7 @@ import zarr.codecs
 
 from .base import Store
 from .errors import StoreError
-from .results import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
+from .results_base import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
 from .uri import zarr_store
 
 SPEC_KEY = "scmm_result_spec"

@@ -77,8 +77,8 @@ def _where(items: list[str]) -> dict[str, list[str]]:
 
 
 def run_infer(args: argparse.Namespace) -> None:
-    from .infer.source import load_trained
     from .infer.stage import InferConfig, infer
+    from .infer.trained import load_trained
     from .train.tracking import tracking_uri
 
     pairs = None

@@ -227,8 +227,8 @@ def test_three_infer_commands_at_once_publish_every_version(tmp_path) -> None:
         assert p.returncode == 0, err[-2000:]
     import zarr
 
-    from scmm_atlas.infer.source import load_trained
     from scmm_atlas.infer.stage import InferConfig, infer
+    from scmm_atlas.infer.trained import load_trained
 
     (tmp_path / "alone").mkdir()
     alone = str(make_planted_stores(tmp_path / "alone", n=600, backends=("zarr",))["zarr"])

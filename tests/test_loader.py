@@ -34,7 +34,7 @@ def _cells(uri: Path, epoch: int, *, rank: int = 0, world: int = 1, **config) ->
 
 def _batches(uri: Path, epoch: int, *, rank: int = 0, world: int = 1, **config) -> list[tuple]:
     with ShardLoader(uri, rank=rank, world_size=world, config=LoaderConfig(**{**SMALL, **config})) as loader:
-        return [(b.cells, b.x, b.masks, b.batch) for b in loader.epoch(epoch)]
+        return [(b.cells, b.x, b.masks, b.batch_codes) for b in loader.epoch(epoch)]
 
 
 @pytest.mark.parametrize("mode", ["layout", "store"])
@@ -56,7 +56,7 @@ def test_rows_of_every_modality_and_covariate_belong_to_the_same_cell(stores) ->
             has_adt = cells < N - 100
             np.testing.assert_array_equal(batch.masks["ADT"].numpy(), has_adt)
             np.testing.assert_array_equal(batch.x["ADT"][:, 0].numpy(), np.where(has_adt, 2 * (cells + 1), 0))
-            np.testing.assert_array_equal(batch.batch.numpy(), cells % 3)
+            np.testing.assert_array_equal(batch.batch_codes.numpy(), cells % 3)
             np.testing.assert_array_equal(batch.library["RNA"].numpy(), batch.x["RNA"].sum(1).numpy())
 
 

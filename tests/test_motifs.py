@@ -217,7 +217,7 @@ def atac_store(tmp_path_factory, genome) -> dict:
 
 def test_infer_stores_the_motif_table_and_query_reads_it(atac_store, genome, motifs, tmp_path, capsys) -> None:
     from scmm_atlas.cli import main
-    from scmm_atlas.infer.source import load_trained
+    from scmm_atlas.infer.trained import load_trained
     from scmm_atlas.store import open_store
     from scmm_atlas.store.results import index, open_results
 

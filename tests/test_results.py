@@ -9,8 +9,8 @@ import torch
 
 from scmm_atlas import results
 from scmm_atlas.infer.predict import default_pairs, infer_batch
-from scmm_atlas.infer.source import TrainedModel, load_trained
 from scmm_atlas.infer.stage import InferConfig, infer
+from scmm_atlas.infer.trained import TrainedModel, load_trained
 from scmm_atlas.model import MMVAE, MMVAEConfig
 from scmm_atlas.store import open_store
 from scmm_atlas.store.results import index, open_results

@@ -26,8 +26,8 @@ from conftest import random_counts, write_h5ad
 
 from scmm_atlas import results
 from scmm_atlas.bench.s3faults import FaultyProxy
-from scmm_atlas.infer.source import TrainedModel
 from scmm_atlas.infer.stage import InferConfig, infer
+from scmm_atlas.infer.trained import TrainedModel
 from scmm_atlas.model import MMVAE, MMVAEConfig
 from scmm_atlas.store import open_store
 from scmm_atlas.store.ingest import IngestOptions, ingest

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import make_planted_stores
 
-from scmm_atlas.infer.source import load_trained
+from scmm_atlas.infer.trained import load_trained
 from scmm_atlas.pipeline.stages import StageRecords
 from scmm_atlas.store import StoreError, open_store
 from scmm_atlas.store.errors import InputError

@@ -202,7 +202,7 @@ def snapshot(store_uri: str, tracking: str) -> dict[str, Any]:
     """What a run leaves: the store's cells and counts, the registered model, published results."""
     import mlflow
 
-    from ..infer.source import load_trained
+    from ..infer.trained import load_trained
     from ..store import open_store
     from ..store.results import _backend, index, open_results
 

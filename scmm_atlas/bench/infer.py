@@ -31,7 +31,7 @@ TARGET_CELLS_PER_S, TARGET_PROGRAMS_S = 20_000, 60.0
 def _model(features: dict[str, list[str]]):
     import torch
 
-    from ..infer.source import TrainedModel
+    from ..infer.trained import TrainedModel
     from ..model import MMVAE, MMVAEConfig
 
     torch.manual_seed(0)

@@ -66,10 +66,10 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.mode must be one of {MODES}, got {self.mode!r}")
 
 
-class Batch(NamedTuple):
+class Minibatch(NamedTuple):
     x: dict[str, torch.Tensor]  # dense float32 counts per modality
     masks: dict[str, torch.Tensor]  # has_<MOD>
-    batch: torch.Tensor  # batch codes
+    batch_codes: torch.Tensor  # each cell's code of the batch covariate (its experimental batch)
     library: dict[str, torch.Tensor]  # total counts per modality
     cells: np.ndarray  # store indices (for bookkeeping, stays on the host)
 
@@ -187,7 +187,7 @@ class ShardLoader:
         return minibatches(self.blocks(epoch), batch_size=cfg.batch_size, buffer_cells=buffer_blocks *
                            cfg.block_cells, rng=rng, drop_last=cfg.drop_last)
 
-    def epoch(self, epoch: int, *, skip: int = 0) -> Iterator[Batch]:
+    def epoch(self, epoch: int, *, skip: int = 0) -> Iterator[Minibatch]:
         """Dense minibatches of ``epoch`` on the loader's device, made ahead in a background thread.
         ``skip``: minibatches already trained (a resumed epoch): passed over sparse, never made dense."""
         pin = self.device.type == "cuda"
@@ -216,10 +216,10 @@ def _blocks_from(feeders: Feeders, spec: SourceSpec, plan: BlockShufflePlan, epo
         yield _EpochEnd(e)
 
 
-def _dense(block: SparseBlock, device: torch.device, pin: bool) -> Batch:
+def _dense(block: SparseBlock, device: torch.device, pin: bool) -> Minibatch:
     x, masks, codes = to_dense(block, device, pin_memory=pin)
     library = {m: torch.as_tensor(block.obs[f"library_{m}"], device=device) for m in block.counts}
-    return Batch(x, masks, codes, library, block.obs["cell"])
+    return Minibatch(x, masks, codes, library, block.obs["cell"])
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from ..store.uri import aws_settings
 from .motifs import annotate, check_genome, load_motifs
 from .predict import check_pairs, default_pairs, infer_batch
 from .programs import Programs, programs
-from .source import TrainedModel
+from .trained import TrainedModel
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 4096  # rows per results chunk (a block's rows start at a multiple of it)

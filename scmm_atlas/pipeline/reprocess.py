@@ -24,8 +24,8 @@ import mlflow
 import yaml
 
 from ..config import RunConfig
-from ..infer.source import TrainedModel, load_trained
 from ..infer.stage import InferConfig, infer
+from ..infer.trained import TrainedModel, load_trained
 from ..store import open_store
 from ..store.errors import InputError
 from ..store.results import index

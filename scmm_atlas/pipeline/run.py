@@ -1,6 +1,6 @@
 """The end-to-end pipeline: ingest (optional) -> feature statistics -> train + register -> infer -> report.
 
-``scmm-atlas run --config FILE`` and ``python -m pipelines.run`` (the ``ray job submit`` entry point)
+``scmm-atlas run --config FILE`` and ``python -m scmm_atlas.jobs.run`` (the ``ray job submit`` entry point)
 call :func:`run_pipeline`. Every stage is resumable (:mod:`.stages`): run it again and finished
 stages are skipped; a training run that died is resumed from its last checkpoint.
 """
@@ -172,8 +172,8 @@ def _check_pairs(cfg: PipelineConfig) -> None:
 
 def _infer(cfg: PipelineConfig, records: StageRecords, model: dict[str, Any], tracking: str, ray_address: str | None,
            progress: bool, force: bool) -> dict[str, Any]:
-    from ..infer.source import load_trained
     from ..infer.stage import infer
+    from ..infer.trained import load_trained
     from ..store.results import index
 
     sec = cfg.infer

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..config import RunConfig
 from ..data.feeder import Feeders
-from ..data.loader import Batch, LoaderConfig, ShardLoader
+from ..data.loader import LoaderConfig, Minibatch, ShardLoader
 from ..memory import keep_freed_buffers
 from ..model import MMVAE
 from ..model.training import MIN_BATCH_CELLS, TrainingPlan, adam
@@ -58,8 +58,8 @@ class LossModule(torch.nn.Module):
         return out.loss, torch.stack([p.float() for p in parts])
 
 
-def _batch_codes(batch: Batch, model: MMVAE) -> torch.Tensor | None:
-    return batch.batch if model.config.n_batches > 0 else None
+def _batch_codes(batch: Minibatch, model: MMVAE) -> torch.Tensor | None:
+    return batch.batch_codes if model.config.n_batches > 0 else None
 
 
 def _allreduce(values: list[float], device: torch.device) -> list[float]:

@@ -26,7 +26,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check scmm_atlas pipelines tests
+	$(BIN)/ruff check scmm_atlas tests
 
 bench-deps: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 from . import cli_pipeline, cli_results
 from .store.errors import InputError
+from .store.selection import ATAC_QUANTILE, N_TOP_GENES
 
 INGEST_EPILOG = """\
 inputs:
@@ -62,17 +63,18 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     stats.add_argument("--no-stats", action="store_true", help="skip feature statistics on a new store")
     stats.add_argument("--recompute-stats", action="store_true",
                        help="after --append, recompute feature statistics and selection over all cells")
-    p.add_argument("--n-top-genes", type=int, default=5000, metavar="N",
-                   help="highly variable genes to select for RNA (default: 5000)")
+    p.add_argument("--n-top-genes", type=int, default=N_TOP_GENES, metavar="N",
+                   help=f"highly variable genes to select for RNA (default: {N_TOP_GENES})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_store_cmds(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stats", help="compute feature statistics and the feature selection (dask, out-of-core)")
     p.add_argument("--store", required=True, metavar="URI")
-    p.add_argument("--n-top-genes", type=int, default=5000, metavar="N", help="RNA highly variable genes")
-    p.add_argument("--atac-quantile", type=float, default=0.75, metavar="Q",
-                   help="keep ATAC peaks whose total counts reach this quantile (default: 0.75)")
+    p.add_argument("--n-top-genes", type=int, default=N_TOP_GENES, metavar="N",
+                   help=f"RNA highly variable genes (default: {N_TOP_GENES})")
+    p.add_argument("--atac-quantile", type=float, default=ATAC_QUANTILE, metavar="Q",
+                   help=f"keep ATAC peaks whose total counts reach this quantile (default: {ATAC_QUANTILE})")
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("prepare", help="write or extend the pre-shuffled training layout the loader reads")
     p.add_argument("--store", required=True, metavar="URI", help="store path or s3://bucket/prefix")
@@ -87,7 +89,8 @@ def _add_store_cmds(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides with dotted keys, e.g. train.epochs=50 distributed.num_workers=2")
     p.add_argument("--config", default="atlas_cite", metavar="YAML",
-                   help="a config file or a name under configs/ (default: atlas_cite)")
+                   help="a config file, or the name of a shipped one (default: atlas_cite; a wrong name "
+                   "lists them)")
     p.add_argument("--store", required=True, metavar="URI", help="store path or s3://bucket/prefix")
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: start a local one)")
     p.add_argument("--num-workers", type=int, metavar="N", help="DDP workers (overrides distributed.num_workers)")

@@ -10,7 +10,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        description="Run every stage of a pipeline config that has not already run on the same "
                        "inputs; finished stages are skipped and say so.")
     p.add_argument("--config", required=True, metavar="YAML",
-                   help="a pipeline config, or a name under configs/pipelines/ (e.g. pbmc_demo)")
+                   help="a pipeline config file, or the name of a shipped one (e.g. pbmc_demo; a wrong name "
+                   "lists them)")
     _common(p, store_required=False)
     p.add_argument("--workdir", metavar="DIR|s3://..", help="stage records, checkpoints and the report (overrides "
                    "the config's)")
@@ -36,6 +37,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fresh", action="store_true", help="delete runs/demo first (default: resume, skipping "
                    "finished stages)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="extra training config overrides, as on `scmm-atlas train` (e.g. train.epochs=3 for a "
+                   "quick look)")
 
 
 def _common(p: argparse.ArgumentParser, *, store_required: bool) -> None:
@@ -70,6 +74,6 @@ def run_reprocess(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from pipelines.demo import run_demo as demo
+    from .pipeline.demo import run_demo as demo
 
-    demo(data=args.data, fresh=args.fresh, progress=not args.no_progress)
+    demo(data=args.data, fresh=args.fresh, progress=not args.no_progress, overrides=tuple(args.overrides))

@@ -1,7 +1,9 @@
-"""Typed run configs: ``configs/*.yaml`` plus ``key=value`` overrides (dotted keys).
+"""Typed run configs: the shipped ``scmm_atlas/configs/*.yaml`` plus ``key=value`` overrides (dotted keys).
 
-Example: ``load_config("configs/atlas_cite.yaml", ["train.lr=3e-4", "model.latent_dim=30"])``.
-A key that the file does not have is an error, so a typo never silently does nothing.
+Example: ``load_config("atlas_cite", ["train.lr=3e-4", "model.latent_dim=30"])``; a path to a user's own
+YAML file works wherever a shipped name does. A key that the file does not have is an error, so a typo
+never silently does nothing. The shipped files are package data (read with :mod:`importlib.resources`),
+so an installed package finds them wherever it runs, not only from a checkout.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import copy
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,31 @@ from .model import MMVAEConfig, ModalitySpec
 from .model.training import FitConfig
 from .store.errors import InputError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR: Traversable = resources.files(__package__) / "configs"  # run configs; pipeline configs in pipelines/
+
+
+def find_config(path: str | os.PathLike[str], kind: str = "") -> Path | Traversable | None:
+    """A user's file if ``path`` is one, else the shipped config of that name (``.yaml`` optional)
+    under ``configs/<kind>``: a user's file always wins, so a local copy can shadow a shipped one."""
+    if Path(path).is_file():
+        return Path(path)
+    folder = CONFIG_DIR / kind if kind else CONFIG_DIR
+    name = os.fspath(path)
+    for candidate in (name, f"{name}.yaml"):
+        if "/" not in candidate and (folder / candidate).is_file():
+            return folder / candidate
+    return None
+
+
+def shipped_configs(kind: str = "") -> list[Traversable]:
+    """The YAML files shipped under ``configs/<kind>`` (tests check every one)."""
+    folder = CONFIG_DIR / kind if kind else CONFIG_DIR
+    return sorted((f for f in folder.iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
+
+
+def config_names(kind: str = "") -> list[str]:
+    """The names a shipped config is asked for by (what error messages list)."""
+    return [f.name.removesuffix(".yaml") for f in shipped_configs(kind)]
 
 
 @dataclass
@@ -126,14 +154,10 @@ def _section(cls: type, data: Mapping[str, Any] | None, where: str, name: str) -
 
 
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML config (a path, or a name under ``configs/``) and apply ``key=value`` overrides."""
-    p = Path(path)
-    if not p.exists() and (CONFIG_DIR / p).exists():
-        p = CONFIG_DIR / p
-    if not p.exists() and (CONFIG_DIR / f"{p}.yaml").exists():
-        p = CONFIG_DIR / f"{p}.yaml"
-    if not p.is_file():
-        raise InputError(p, "path", "config file not found")
+    """Read a YAML config (a path, or the name of a shipped one) and apply ``key=value`` overrides."""
+    p = find_config(path)
+    if p is None:
+        raise InputError(path, "path", f"config file not found (shipped: {', '.join(config_names())})")
     try:
         tree = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -162,3 +162,15 @@ def ray_session():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+# Tiers: markers that follow from the fixtures a test uses, so that no test can forget them.
+# `make test-fast` (the edit-test loop) leaves out the slow, Ray, S3 and browser tiers; CI runs all.
+TIER_FIXTURES = {"ray_session": "ray", "s3_server": "s3", "chromium": "browser"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, marker in TIER_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(getattr(pytest.mark, marker))

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from scmm_atlas.config import CONFIG_DIR, load_config
+from scmm_atlas.config import CONFIG_DIR, config_names, find_config, load_config, shipped_configs
 from scmm_atlas.model import MMVAE
 from scmm_atlas.store.errors import InputError
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_builds_a_model(path: Path) -> None:
-    cfg = load_config(path)
+@pytest.mark.parametrize("name", config_names())
+def test_every_shipped_config_builds_a_model(name: str) -> None:
+    cfg = load_config(name)
     mods = list(cfg.model.modalities)[:2]
     model = MMVAE(cfg.model.build({m: 7 for m in mods}, n_batches=3))
     assert set(model.names) == set(mods)
@@ -46,8 +46,9 @@ def test_overrides_and_errors(tmp_path: Path) -> None:
 
 
 def test_every_shipped_config_loads_and_the_gpu_one_is_set_for_a_cluster() -> None:
-    for path in sorted(CONFIG_DIR.glob("*.yaml")):
-        load_config(path)
+    assert config_names() == ["atlas_cite", "atlas_gpu", "atlas_rna_atac", "faithful_scmm"]
+    for name in config_names():
+        load_config(name)
     gpu = load_config("atlas_gpu").distributed
     assert gpu.use_gpu and gpu.num_workers == 8 and gpu.bf16 and gpu.storage_path.startswith("s3://")
     over = load_config("atlas_cite", ["distributed.num_workers=3", "distributed.loader.block_cells=1024"])
@@ -55,25 +56,60 @@ def test_every_shipped_config_loads_and_the_gpu_one_is_set_for_a_cluster() -> No
 
 
 def test_every_key_of_the_shipped_configs_is_a_field_that_training_reads(tmp_path) -> None:
-    """A key in configs/*.yaml must reach the model or the trainer (none silently ignored)."""
+    """A key in the shipped configs must reach the model or the trainer (none silently ignored)."""
     from dataclasses import fields
 
     import yaml
 
-    from scmm_atlas.config import CONFIG_DIR, DistributedSection, ModelSection, load_config
+    from scmm_atlas.config import DistributedSection, ModelSection
     from scmm_atlas.model import ModalitySpec
     from scmm_atlas.model.training import FitConfig
 
     sections = {"model": ModelSection, "train": FitConfig, "distributed": DistributedSection}
-    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+    for path in shipped_configs():
         tree = yaml.safe_load(path.read_text())
         assert set(tree) <= set(sections), path
         for name, cls in sections.items():
             assert set(tree.get(name, {})) <= {f.name for f in fields(cls)}, (path, name)
         for spec in tree["model"]["modalities"].values():
             assert set(spec) <= {f.name for f in fields(ModalitySpec)}, path
-        load_config(path)
+        load_config(path.name)
     old = tmp_path / "old.yaml"
     old.write_text((CONFIG_DIR / "atlas_cite.yaml").read_text() + "features:\n  n_top_genes: 4000\n")
     with pytest.raises(InputError, match="feature selection belongs to the store"):
         load_config(old)
+
+
+def test_shipped_configs_are_package_data_and_a_users_file_wins(tmp_path: Path, monkeypatch) -> None:
+    """Names resolve inside the package (not a checkout's configs/); a path to a user's file is read as is,
+    even one that has a shipped config's name."""
+    import scmm_atlas
+
+    assert Path(str(CONFIG_DIR)) == Path(scmm_atlas.__file__).parent / "configs"
+    assert str(find_config("atlas_cite")) == str(find_config("atlas_cite.yaml")) == str(CONFIG_DIR / "atlas_cite.yaml")
+    assert find_config("pbmc_demo") is None and find_config("nope") is None
+    assert str(find_config("pbmc_demo", "pipelines")) == str(CONFIG_DIR / "pipelines" / "pbmc_demo.yaml")
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "atlas_cite.yaml"
+    mine.write_text((CONFIG_DIR / "atlas_cite.yaml").read_text().replace("latent_dim: 20", "latent_dim: 7"))
+    assert load_config("atlas_cite.yaml").model.latent_dim == 7 and load_config(mine).source == str(mine)
+    assert load_config("atlas_cite").model.latent_dim == 20  # the bare name is the shipped one
+    with pytest.raises(InputError, match=r"config file not found \(shipped: atlas_cite, atlas_gpu, "):
+        load_config("configs/atlas_cite.yaml")
+
+
+def test_every_shipped_pipeline_config_loads_and_names_a_shipped_run_config(tmp_path: Path) -> None:
+    from scmm_atlas.pipeline.config import StatsSection, load_pipeline
+    from scmm_atlas.store.selection import N_TOP_GENES
+
+    assert config_names("pipelines") == ["atlas", "pbmc_demo"]
+    for name in config_names("pipelines"):
+        cfg = load_pipeline(name, data=tmp_path)
+        assert cfg.train.config in config_names(), name
+        load_config(cfg.train.config, cfg.train.overrides)
+    assert StatsSection().n_top_genes == N_TOP_GENES
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("store: here.soma\nstats: {n_top_genes: 10}\n")
+    assert load_pipeline(mine).stats.n_top_genes == 10
+    with pytest.raises(InputError, match=r"pipeline config not found \(shipped: atlas, pbmc_demo\)"):
+        load_pipeline("nope")

@@ -14,7 +14,7 @@ from scmm_atlas.store import open_store
 @pytest.mark.slow
 def test_demo_runs_the_pipeline_on_real_data_and_prints_the_summary(data_dir: Path, tmp_path, monkeypatch,
                                                                      ray_session, capsys) -> None:
-    from pipelines.demo import run_demo
+    from scmm_atlas.pipeline.demo import run_demo
 
     monkeypatch.chdir(tmp_path)  # the demo writes under ./runs/demo
     (tmp_path / "runs" / "demo" / "stale").mkdir(parents=True)

@@ -4,7 +4,7 @@ No docker, kubectl, cloud or network: the Ray cluster config is checked with Ray
 config preparation (what `ray up` runs before it calls AWS), Kubernetes manifests field by field
 (required fields, references between objects, no literal secrets), the Dockerfiles with a small
 instruction parser, the systemd units with configparser, crontab schedules with a cron parser, and
-every `python -m pipelines.X ...` command with the project's own argument parser.
+every `python -m scmm_atlas.jobs.X ...` command with the project's own argument parser.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ROOT / "ops"
 README = ROOT / "README.md"
+JOBS = "python -m scmm_atlas.jobs."  # the Ray Job entry points (scmm_atlas/jobs/)
 SECTION = "## Running on a cluster"
 NAMESPACE = "scmm-atlas"
 SECRETISH = re.compile(r"SECRET|PASSWORD|TOKEN|KEY", re.IGNORECASE)
@@ -517,7 +518,7 @@ def test_cronjob_submits_the_rayjob():
         # The name it deletes and polls is the RayJob it creates.
         polled = set(re.findall(r"kubectl (?:get|delete) rayjob (\S+)", script))
         assert polled == {job["metadata"]["name"]}, polled
-        assert "python -m pipelines.reprocess" in job["spec"]["entrypoint"]
+        assert "python -m scmm_atlas.jobs.reprocess" in job["spec"]["entrypoint"]
         # Its service account may do exactly what the script does, on RayJobs.
         verbs = set(re.findall(r"kubectl (create|get|delete|apply|patch)\b", script))
         grants = _granted(_ns(cron), pod["serviceAccountName"])
@@ -529,7 +530,7 @@ def test_cronjob_submits_the_rayjob():
 
 
 # ----------------------------------------------------------------------------------------------
-# Entry points: python -m pipelines.X, checked against the project's own CLI
+# Entry points: python -m scmm_atlas.jobs.X, checked against the project's own CLI
 
 
 def _pyproject() -> dict:
@@ -542,7 +543,7 @@ def _image_root() -> str:
 
 
 def _split_command(cmd: str) -> list[str]:
-    """The `python -m pipelines.X ARGS` part of a shell command line, as argv (module first)."""
+    """The `python -m scmm_atlas.jobs.X ARGS` part of a shell command line, as argv (module first)."""
     tokens = shlex.split(cmd.split("python -m ", 1)[1])
     out = []
     for t in tokens:
@@ -553,13 +554,13 @@ def _split_command(cmd: str) -> list[str]:
 
 
 def _entrypoint_args(cmd: str) -> argparse.Namespace | None:
-    """Parse `python -m pipelines.X ARGS` with the subcommand X of `scmm-atlas` (what pipelines/X.py calls)."""
-    if "python -m pipelines." not in cmd:
+    """Parse `python -m scmm_atlas.jobs.X ARGS` with the subcommand X of `scmm-atlas` (what jobs/X.py calls)."""
+    if JOBS not in cmd:
         return None
     from scmm_atlas.cli import build_parser
 
     argv = _split_command(cmd)
-    module = argv[0].removeprefix("pipelines.")
+    module = argv[0].removeprefix("scmm_atlas.jobs.")
     try:
         return build_parser().parse_args([module, *argv[1:]])
     except SystemExit:
@@ -567,7 +568,7 @@ def _entrypoint_args(cmd: str) -> argparse.Namespace | None:
 
 
 def _commands() -> list[tuple[str, str]]:
-    """Every concrete `python -m pipelines...` command line in ops/ and in the README section."""
+    """Every concrete `python -m scmm_atlas.jobs...` command line in ops/ and in the README section."""
     out = [(w, j["spec"]["entrypoint"]) for w, j in _rayjobs()]
     env = _env_file(OPS / "cron" / "reprocess.env.example")
     unit = _unit(OPS / "cron" / "scmm-reprocess.service")
@@ -575,7 +576,7 @@ def _commands() -> list[tuple[str, str]]:
     out += [("crontab", _expand(cmd, env)) for _, cmd in _crontab()]
     blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", _readme_section(), re.DOTALL)
     lines = [line for b in blocks for line in re.sub(r"\\\n\s*", " ", b).splitlines()]
-    out += [("README", line) for line in lines if "python -m pipelines." in line]
+    out += [("README", line) for line in lines if JOBS in line]
     return out
 
 
@@ -585,29 +586,36 @@ def test_commands_found():
     assert {"scmm-reprocess.service", "crontab", "README"} <= set(where)
 
 
-def test_every_referenced_pipeline_module_exists():
-    texts = {p: p.read_text() for p in _ops_files()} | {README: _readme_section()}
-    modules = {m for t in texts.values() for m in re.findall(r"python -m pipelines\.(\w+)", t)}
+def test_every_referenced_job_module_exists():
+    import importlib.util
+
+    texts = {p: p.read_text() for p in _ops_files()} | {README: README.read_text()}
+    modules = {m for t in texts.values() for m in re.findall(r"python -m scmm_atlas\.jobs\.(\w+)", t)}
     assert {"run", "train", "reprocess"} <= modules
     for m in sorted(modules):
-        assert (ROOT / "pipelines" / f"{m}.py").is_file(), f"pipelines/{m}.py does not exist"
+        assert importlib.util.find_spec(f"scmm_atlas.jobs.{m}"), f"scmm_atlas/jobs/{m}.py does not exist"
+    # no stale reference to the old top-level folders (pipelines/, configs/ beside the package)
+    stale = {str(p): re.findall(r"python -m pipelines\.\w+|(?<![\w/])configs/[\w/.]+", t) for p, t in texts.items()}
+    assert not {p: hits for p, hits in stale.items() if hits}
 
 
-def _resolve_config(module: str, value: str) -> Path:
-    """The config file a --config value names, as scmm_atlas.config / pipeline.config resolve it."""
-    value = value.removeprefix(_image_root())  # an absolute path inside the image is the repo's file
-    base = ROOT / "configs" / ("pipelines" if module == "run" else "")
-    for candidate in (ROOT / value, base / value, base / f"{value}.yaml"):
-        if candidate.is_file():
-            return candidate
-    pytest.fail(f"--config {value} ({module}) names no file in the repository")
+def _resolve_config(module: str, value: str) -> Any:
+    """The config file a --config value names, as scmm_atlas.config / pipeline.config resolve it: a file
+    (an absolute path inside the image is the repository's file), else a shipped config's name."""
+    from scmm_atlas.config import find_config
+
+    value = value.removeprefix(_image_root())
+    found = find_config(ROOT / value) or find_config(value, "pipelines" if module == "run" else "")
+    if found is None:
+        pytest.fail(f"--config {value} ({module}) names no file in the repository and no shipped config")
+    return found
 
 
 @pytest.mark.parametrize("where,cmd", _commands(), ids=lambda v: v if len(v) < 40 else None)
 def test_command_arguments_and_configs(where: str, cmd: str):
     args = _entrypoint_args(cmd)
     assert args is not None
-    module = _split_command(cmd)[0].removeprefix("pipelines.")
+    module = _split_command(cmd)[0].removeprefix("scmm_atlas.jobs.")
     # Cluster runs read and write a shared S3 store and a remote MLflow server.
     assert args.store and args.store.startswith("s3://"), f"{where}: --store {args.store}"
     assert args.tracking_uri and re.match(r"https?://", args.tracking_uri), f"{where}: --tracking-uri"
@@ -718,7 +726,7 @@ def test_project_dockerfile():
     copied = {src for _, a in copies for src in a.split()[:-1]}
     for src in copied:
         assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
-    assert {"pyproject.toml", "scmm_atlas", "pipelines", "configs"} <= copied
+    assert {"pyproject.toml", "scmm_atlas"} <= copied  # the configs and job entry points are inside the package
     installs = [n for n, (i, a) in enumerate(instrs) if i == "RUN" and re.search(r"pip install [^&]*(-e )?\.(\s|$)", a)]
     assert installs, "the project is never pip-installed"
     assert installs[-1] > max(n for n, _ in copies) and installs[-1] > instrs.index(("RUN", torch_runs[0]))
@@ -850,7 +858,7 @@ def test_systemd_service():
     assert service["Type"] == "oneshot"
     exec_start = service["ExecStart"]
     assert exec_start.startswith("/"), "ExecStart needs an absolute path"
-    assert "ray job submit" in exec_start and "python -m pipelines.reprocess" in exec_start
+    assert "ray job submit" in exec_start and "python -m scmm_atlas.jobs.reprocess" in exec_start
     assert not re.search(r"%[^%]", exec_start.replace("%%", "")), "systemd would expand % specifiers"
     # Every ${VAR} comes from the EnvironmentFile, whose template defines it.
     assert service["EnvironmentFile"].lstrip("-") == "/etc/scmm-atlas/reprocess.env"
@@ -880,7 +888,7 @@ def test_crontab():
     for schedule, command in jobs:
         assert _cron_ok(schedule), schedule
         assert "%" not in command, "cron turns % into a newline"
-        assert "ray job submit" in command and "python -m pipelines.reprocess" in command
+        assert "ray job submit" in command and "python -m scmm_atlas.jobs.reprocess" in command
         assert "/etc/scmm-atlas/reprocess.env" in command
 
 

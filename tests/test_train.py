@@ -154,8 +154,9 @@ def test_ray_job_submit_runs_the_training_entry_point(store, tmp_path, monkeypat
         for _ in range(60):  # the head's job agent comes up a little after its HTTP server
             try:
                 job = client.submit_job(
-                    entrypoint=(f"python -m pipelines.train --store {store} --name job1 --tracking-uri {tracking} "
-                                f"--no-progress {' '.join(FAST)} train.epochs=1 distributed.num_workers=1 "
+                    entrypoint=(f"python -m scmm_atlas.jobs.train --store {store} --name job1 "
+                                f"--tracking-uri {tracking} --no-progress {' '.join(FAST)} train.epochs=1 "
+                                "distributed.num_workers=1 "
                                 f"distributed.storage_path={tmp_path / 'ray'} distributed.model_name=job-model"),
                     runtime_env={"working_dir": str(repo),
                                  "excludes": ["/.venv/", "/runs/", "/tests/", "/.git/", "*.egg-info"]})

@@ -1,6 +1,6 @@
 """The pipeline's config: one YAML naming the store, what to ingest, and each stage's options.
 
-Example (``configs/pipelines/pbmc_demo.yaml``)::
+Example (the shipped ``pbmc_demo``, ``scmm_atlas/configs/pipelines/pbmc_demo.yaml``)::
 
     store: runs/demo/pbmc10k_cite.soma
     workdir: runs/demo                  # stage records, Ray Train checkpoints, the report
@@ -14,7 +14,7 @@ Example (``configs/pipelines/pbmc_demo.yaml``)::
     report: {max_cells: 20000}
 
 ``{data}`` in an input is the real-data folder (``--data``, ``$SCMM_ATLAS_DATA``, else
-``../shared/data`` beside the repository). ``--store`` / ``--workdir`` / ``--tracking-uri`` on the
+``../shared/data`` beside a checkout's repository). ``--store`` / ``--workdir`` / ``--tracking-uri`` on the
 command line win over the file. An unknown key is an error naming the file and the key.
 """
 
@@ -27,11 +27,13 @@ from typing import Any
 
 import yaml
 
-from ..config import CONFIG_DIR
+from ..config import config_names, find_config
 from ..infer.stage import InferConfig
 from ..store.errors import InputError
+from ..store.selection import ATAC_QUANTILE, N_TOP_GENES
 
-DEFAULT_DATA = CONFIG_DIR.parent.parent / "shared" / "data"
+# Beside a checkout (scmm_atlas/pipeline/config.py -> <repo>/../shared/data); an installed package passes --data
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @dataclass
@@ -47,13 +49,13 @@ class IngestSection:
 
 @dataclass
 class StatsSection:
-    n_top_genes: int = 5000
-    atac_quantile: float = 0.75
+    n_top_genes: int = N_TOP_GENES
+    atac_quantile: float = ATAC_QUANTILE
 
 
 @dataclass
 class TrainSection:
-    config: str = "atlas_cite"  # a file, or a name under configs/
+    config: str = "atlas_cite"  # a file, or the name of a shipped run config (scmm_atlas/configs/)
     overrides: list[str] = field(default_factory=list)  # KEY=VALUE, as on `scmm-atlas train`
     num_workers: int | None = None
     use_gpu: bool = False
@@ -131,14 +133,10 @@ def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 def load_pipeline(path: str | os.PathLike[str], *, store: str | None = None, tracking_uri: str | None = None,
                   data: str | os.PathLike[str] | None = None, workdir: str | None = None) -> PipelineConfig:
-    """Read a pipeline YAML (a path, or a name under ``configs/pipelines/``)."""
-    p = Path(path)
-    for candidate in (p, CONFIG_DIR / "pipelines" / p, CONFIG_DIR / "pipelines" / f"{p}.yaml"):
-        if candidate.is_file():
-            p = candidate
-            break
-    else:
-        raise InputError(p, "path", "pipeline config not found")
+    """Read a pipeline YAML (a path, or the name of a shipped one under ``scmm_atlas/configs/pipelines/``)."""
+    p = find_config(path, "pipelines")
+    if p is None:
+        raise InputError(path, "path", f"pipeline config not found (shipped: {', '.join(config_names('pipelines'))})")
     where = str(p)
     try:
         tree = yaml.safe_load(p.read_text()) or {}

@@ -27,6 +27,7 @@ from . import backend_for, create_store, open_store, parse_uri, store_exists
 from .base import HASH_CHUNK, LAYOUT_NAME, Store, StoreInfo, StoreWriter, empty_var, hash_strings, modality_kind
 from .errors import InputError, StoreError
 from .lease import LEASE_DIR, lock
+from .selection import N_TOP_GENES
 from .sources import MatrixSource, SourceSpec, open_sources
 from .uri import StoreURI
 from .validate import CellCounts, check_features_match, check_names, scan_counts
@@ -49,7 +50,7 @@ class IngestOptions:
     chunk_cells: int = 20_000
     chunk_nnz: int = 1 << 24
     stats: bool | None = None  # None: on a new store yes, on --append no
-    n_top_genes: int = 5000
+    n_top_genes: int = N_TOP_GENES
     progress: bool = True
 
 

@@ -4,8 +4,9 @@ Blocks of cells are read by dask tasks (each opens the store itself) and reduced
 is bounded by a few blocks whatever the number of cells. Statistics are over the cells that have the
 modality. Selection, recorded in ``var['selected']`` so that training reads only those features:
 - RNA: highly variable genes on raw counts, Seurat v3 'vst' (the flavour ``scanpy`` calls
-  ``seurat_v3``: loess of log variance on log mean, clipped standardised variance), top N (5,000);
-- ATAC: peaks in the top quartile of total counts;
+  ``seurat_v3``: loess of log variance on log mean, clipped standardised variance), the top
+  ``N_TOP_GENES`` (the defaults are in :mod:`.selection`);
+- ATAC: peaks in the top quartile (``ATAC_QUANTILE``) of total counts;
 - proteins and other modalities: all features.
 """
 
@@ -23,6 +24,7 @@ import pandas as pd
 from dask.diagnostics import ProgressBar
 
 from .base import Store
+from .selection import ATAC_QUANTILE, N_TOP_GENES
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,7 @@ def seurat_v3_norm_var(mean: np.ndarray, var: np.ndarray, n: float, clipped: Cal
     return (n * mean**2 + m.sumsq - 2 * m.sums * mean) / ((n - 1) * reg_std**2), trend
 
 
-def compute_stats(store: Store, *, n_top_genes: int = 5000, atac_quantile: float = 0.75,
+def compute_stats(store: Store, *, n_top_genes: int = N_TOP_GENES, atac_quantile: float = ATAC_QUANTILE,
                   progress: bool = False) -> dict[str, pd.DataFrame]:
     """Compute and record statistics and the selection for every modality of ``store``."""
     out = {}

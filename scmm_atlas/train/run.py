@@ -1,6 +1,6 @@
 """The training driver: layout, Ray, a ``TorchTrainer`` with N DDP workers, then MLflow's model.
 
-What ``scmm-atlas train`` and ``python -m pipelines.train`` (the ``ray job submit`` entry point)
+What ``scmm-atlas train`` and ``python -m scmm_atlas.jobs.train`` (the ``ray job submit`` entry point)
 call. Locally it starts Ray sized to the machine (its dashboard and job server on 127.0.0.1
 only, :func:`~..data.cluster.ensure_ray`); with ``ray_address`` it joins a cluster. The run's
 MLflow id is kept beside its Ray Train checkpoints so that ``resume=True`` continues both.

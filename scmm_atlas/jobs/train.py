@@ -1,4 +1,4 @@
-"""``ray job submit --working-dir . -- python -m pipelines.train --store URI [--config YAML] [KEY=VALUE ...]``
+"""``ray job submit --working-dir . -- python -m scmm_atlas.jobs.train --store URI [--config YAML] [KEY=VALUE ...]``
 
 The Ray Job entry point for training alone: the same options as ``scmm-atlas train``; inside a
 Ray job it joins the job's cluster (``RAY_ADDRESS`` is set by the job supervisor).
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from pipelines import job_args
-from scmm_atlas.cli import main
+from ..cli import main
+from . import job_args
 
 if __name__ == "__main__":
     sys.exit(main(["train", *job_args(sys.argv[1:])]))

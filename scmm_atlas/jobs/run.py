@@ -1,4 +1,4 @@
-"""``ray job submit --working-dir . -- python -m pipelines.run --config YAML [--store URI] [--tracking-uri URI]``
+"""``ray job submit --working-dir . -- python -m scmm_atlas.jobs.run --config YAML [--store URI] [--tracking-uri URI]``
 
 The Ray Job entry point of the whole pipeline (ingest -> stats -> train + register -> infer ->
 report), the same options as ``scmm-atlas run``; inside a Ray job it joins the job's cluster
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from pipelines import job_args
-from scmm_atlas.cli import main
+from ..cli import main
+from . import job_args
 
 if __name__ == "__main__":
     sys.exit(main(["run", *job_args(sys.argv[1:])]))

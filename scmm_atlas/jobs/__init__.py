@@ -1,4 +1,8 @@
-"""Jobs: the Ray Job entry points (``python -m pipelines.run | train | reprocess``) and the demo."""
+"""Jobs: the Ray Job entry points (``python -m scmm_atlas.jobs.run | train | reprocess``) and the demo.
+
+What ``ray job submit`` runs. They live in the package (not beside it) so that an installed
+``scmm-atlas`` has them too; the pipeline's stages are :mod:`scmm_atlas.pipeline`.
+"""
 
 from __future__ import annotations
 

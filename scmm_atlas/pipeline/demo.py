@@ -2,26 +2,26 @@
 
 10x PBMC 10k (RNA + 14 proteins, labelled cell types) is ingested into a TileDB-SOMA store under
 ``runs/demo/``, then feature statistics, training on a local Ray with SQLite MLflow, registration,
-batch inference and the report run as in ``configs/pipelines/pbmc_demo.yaml``. Run it again and the
+batch inference and the report run as in the shipped pipeline config ``pbmc_demo``
+(``scmm_atlas/configs/pipelines/pbmc_demo.yaml``). Run it again and the
 finished stages are skipped (``--fresh`` starts over). It ends with a summary: the data, the
 training time, ARI/NMI of the joint embedding against the labels, RNA -> ADT correlation on held-out
 cells, the top program features of three latent dims, and where everything is.
 
-Run: ``make demo``, ``scmm-atlas demo`` or ``python -m pipelines.demo``.
+Run: ``make demo``, ``scmm-atlas demo`` or ``python -m scmm_atlas.jobs.demo``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import time
 from pathlib import Path
 
-from scmm_atlas.evaluate.summary import summarise
-from scmm_atlas.pipeline.config import data_dir, load_pipeline
-from scmm_atlas.pipeline.run import run_pipeline
-from scmm_atlas.store.errors import InputError
+from ..evaluate.summary import summarise
+from ..store.errors import InputError
+from .config import data_dir, load_pipeline
+from .run import run_pipeline
 
 CONFIG = "pbmc_demo"
 
@@ -58,11 +58,3 @@ def run_demo(data: str | os.PathLike[str] | None = None, *, fresh: bool = False,
         print(line)
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return lines
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", help="the real datasets (default: ../shared/data beside the repo)")
-    parser.add_argument("--fresh", action="store_true", help="delete runs/demo first")
-    ns = parser.parse_args()
-    run_demo(ns.data, fresh=ns.fresh)

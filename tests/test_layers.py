@@ -1,0 +1,116 @@
+"""The package's shape, checked from its source: imports point down the layers, no import circle
+(function-level imports included), and no function longer than one screen outside the benches."""
+
+from __future__ import annotations
+
+import ast
+import collections
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "scmm_atlas"
+# A layer may import only layers of a lower rank (equal ranks do not import each other).
+LAYERS = {
+    "memory": 0, "errors": 0,
+    "store": 1, "model": 1,
+    "data": 2, "config": 2,
+    "evaluate": 3, "infer": 3,
+    "train": 4, "results": 4,
+    "pipeline": 5,
+    "cli_pipeline": 6, "cli_results": 6,
+    "bench": 7,  # runs the user's commands as processes, never imports the CLI
+    "cli": 8,
+    "jobs": 9,
+}
+MAX_FUNCTION_LINES = 60
+
+
+def _modules(root: Path = PACKAGE) -> dict[str, Path]:
+    out = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _imports(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, at any depth of its code."""
+    edges: dict[str, set[str]] = collections.defaultdict(set)
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                found = [target, *(f"{target}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            else:
+                continue
+            edges[name].update(t for t in found if t in modules and t != name)
+    return edges
+
+
+def _layer(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+def _upward(modules: dict[str, Path]) -> list[str]:
+    return sorted(f"{m} -> {t}" for m, targets in _imports(modules).items() for t in targets
+                  if _layer(m) and _layer(t) and _layer(m) != _layer(t) and LAYERS[_layer(m)] <= LAYERS[_layer(t)])
+
+
+def _circles(edges: dict[str, set[str]]) -> list[str]:
+    state: dict[str, str] = {}
+    circles: list[str] = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(edges[module]):
+            if state.get(target) == "open":
+                circles.append(" -> ".join([*path[path.index(target):], target]))
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    return circles
+
+
+def test_imports_point_down_the_layers():
+    modules = _modules()
+    unknown = {_layer(m) for m in modules} - set(LAYERS) - {""}
+    assert not unknown, f"new top-level modules {sorted(unknown)}: give them a rank in LAYERS"
+    assert _upward(modules) == []
+
+
+def test_no_import_circle():
+    assert _circles(_imports(_modules())) == []
+
+
+def test_the_checks_see_an_upward_import_and_a_circle(tmp_path):
+    """The two checks above, on a made-up package that breaks both rules."""
+    pkg = tmp_path / "scmm_atlas"
+    for folder in ("store", "train"):
+        (pkg / folder).mkdir(parents=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "store" / "base.py").write_text("def f():\n    from ..train import loop\n")  # a late import counts too
+    (pkg / "train" / "loop.py").write_text("from ..store import base\n")
+    modules = _modules(pkg)
+    assert _upward(modules) == ["scmm_atlas.store.base -> scmm_atlas.train",
+                                "scmm_atlas.store.base -> scmm_atlas.train.loop"]
+    assert _circles(_imports(modules)) == ["scmm_atlas.store.base -> scmm_atlas.train.loop -> scmm_atlas.store.base"]
+
+
+def test_no_function_longer_than_a_screen_outside_the_benches():
+    long = []
+    for name, path in _modules().items():
+        if _layer(name) == "bench":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}: {node.name} ({lines} lines)")
+    assert long == []

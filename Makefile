@@ -22,8 +22,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The edit-test loop (under 2 minutes): no end-to-end runs, no Ray, no S3 server, no browser.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not ray and not s3 and not browser"
 
 lint: $(STAMP)
 	$(BIN)/ruff check scmm_atlas tests

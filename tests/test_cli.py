@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pytest
 
 from scmm_atlas.cli import build_parser, main
 
@@ -54,6 +55,7 @@ def test_ingest_then_info_and_stats(data_dir: Path, tmp_path: Path, capsys) -> N
     assert "nothing: uri: no store here" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_ingest_small(tmp_path: Path, capsys) -> None:
     out = tmp_path / "rows.json"
     assert main(["bench", "ingest", "--cells", "3000", "--genes", "200", "--workdir", str(tmp_path),
@@ -79,6 +81,7 @@ def test_generated_h5ad_is_realistic(tmp_path: Path) -> None:
     assert a.obs["cell_type"].nunique() == 20
 
 
+@pytest.mark.slow
 def test_loader_bench_measures_rate_mixing_and_the_memory_of_child_processes(tmp_path) -> None:
     import subprocess
     import time

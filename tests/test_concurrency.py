@@ -20,6 +20,8 @@ from scmm_atlas.store import StoreError, open_store
 from scmm_atlas.store.lease import LEASE_DIR, Lease, held
 from scmm_atlas.store.results import index, open_results
 
+pytestmark = pytest.mark.slow  # end-to-end: the full tier (make test), not the edit-test loop
+
 HOLD = textwrap.dedent("""
     import sys, time
     from scmm_atlas.store.lease import Lease

@@ -26,6 +26,8 @@ from conftest import random_counts, tree_digest, write_h5ad
 from scmm_atlas.cli import main
 from scmm_atlas.store import open_store
 
+pytestmark = pytest.mark.slow  # end-to-end: the full tier (make test), not the edit-test loop
+
 # Bytes: above every metadata file of these stores (at most ~15 kB), below their count arrays and
 # the layout's spilled pieces (~300 kB), so that each command fails after it has written something.
 LIMIT = 100_000

@@ -17,6 +17,7 @@ def blobs(n_per: int = 80, n_types: int = 4, dim: int = 10, seed: int = 0) -> tu
     return centres[np.repeat(np.arange(n_types), n_per)] + rng.normal(0, 1, (n_types * n_per, dim)), labels
 
 
+@pytest.mark.slow
 def test_embedding_scores_reject_length_mismatch():
     from scmm_atlas.evaluate.embedding import embedding_scores
 
@@ -114,6 +115,7 @@ def test_open_region_scores_match_sklearn():
     assert open_region_scores(rng.random(observed.shape), observed)["auroc"] == pytest.approx(0.5, abs=0.08)
 
 
+@pytest.mark.slow
 def test_embedding_scores_separated_types_and_mixed_batches():
     from scmm_atlas.evaluate.embedding import embedding_scores
 
@@ -133,6 +135,7 @@ def test_embedding_scores_separated_types_and_mixed_batches():
     assert out["batch"] == pytest.approx(np.mean([out[k] for k in ("ilisi", "graph_connectivity", "bras")]))
 
 
+@pytest.mark.slow
 def test_embedding_scores_punish_merged_rare_type_and_unmixed_batches():
     from scmm_atlas.evaluate.embedding import embedding_scores, isolated_label_set
 
@@ -150,6 +153,7 @@ def test_embedding_scores_punish_merged_rare_type_and_unmixed_batches():
     assert embedding_scores(emb, labels, batch=batch, kbet=False) == out  # deterministic for a fixed seed
 
 
+@pytest.mark.slow
 def test_graph_scores_of_the_embeddings_own_neighbours_match_embedding_scores():
     from sklearn.neighbors import kneighbors_graph
 

@@ -462,6 +462,7 @@ def test_hostile_files_end_in_success_or_one_error_line(tmp_path: Path, record_p
 SUBPROCESS_CASES = ("rna:truncate_0", "tenx:flip_headers_0", "tenx:flip_anywhere_5", "rna:indices_out_of_range")
 
 
+@pytest.mark.slow
 def test_hostile_files_in_a_process_each(tmp_path: Path) -> None:
     """A few cases as real ``scmm-atlas ingest`` processes: a crash in C code, or text a library
     prints straight to the process's stderr, would show here."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from scmm_atlas.evaluate.markers import COLUMNS, markers
@@ -26,6 +27,7 @@ def _planted(seed: int = 0):
     return emb, labels, {"RNA": (rna, [f"g{i}" for i in range(8)]), "ADT": (adt, [f"P{i}" for i in range(4)])}
 
 
+@pytest.mark.slow
 def test_markers_find_the_planted_features():
     emb, labels, counts = _planted()
     table = markers(emb, counts, labels=labels, resolution=0.1, sub_resolution=0.1, top=3)

@@ -107,6 +107,7 @@ def _trained_tiny_model(seed: int = 0) -> tuple[MMVAE, dict[str, torch.Tensor]]:
     return model.eval(), {k: v[:40] for k, v in _synthetic(120, seed=5).items()}
 
 
+@pytest.mark.slow
 def test_iwae_bound_above_elbo_and_grows_with_k() -> None:
     model, x = _trained_tiny_model()
     bounds = {}
@@ -125,6 +126,7 @@ def test_iwae_bound_above_elbo_and_grows_with_k() -> None:
     assert bounds[1] < bounds[5] < bounds[30]
 
 
+@pytest.mark.slow
 def test_dreg_gradient_matches_iwae_in_expectation_with_lower_variance() -> None:
     model, x = _trained_tiny_model()
     params = list(model.encoders.parameters())
@@ -150,6 +152,7 @@ def test_dreg_gradient_matches_iwae_in_expectation_with_lower_variance() -> None
     assert g_dreg.var(0).sum() < 0.5 * g_iwae.var(0).sum()  # measurably lower variance
 
 
+@pytest.mark.slow
 def test_fit_is_deterministic_and_converges() -> None:
     def run() -> list[float]:
         torch.manual_seed(0)
@@ -165,6 +168,7 @@ def test_fit_is_deterministic_and_converges() -> None:
     assert train[-1] < 0.7 * train[0]
 
 
+@pytest.mark.slow
 def test_early_stopping_on_validation_restores_best() -> None:
     torch.manual_seed(0)
     model = MMVAE(_config(norm="layernorm"))
@@ -260,6 +264,7 @@ def test_bad_joint_or_embedding_named() -> None:
 
 
 @pytest.mark.parametrize("likelihood", ["nb", "nb_disp", "zinb", "zinb_disp", "bernoulli", "poisson", "nb_mixture"])
+@pytest.mark.slow
 def test_every_likelihood_trains_and_predicts(likelihood: str) -> None:
     torch.manual_seed(0)
     mods = {"RNA": {"n_features": 40, "likelihood": "nb_disp", "hidden": 16},

@@ -28,6 +28,8 @@ from scmm_atlas.infer.motifs import (
 from scmm_atlas.store.errors import InputError
 from scmm_atlas.store.regions import parse_regions
 
+pytestmark = pytest.mark.slow  # end-to-end: the full tier (make test), not the edit-test loop
+
 PLANTED = "MA0138.3"  # REST: a 20 bp high-information site that no other JASPAR motif's threshold takes
 CHROM = 300_000
 N_BLOCK = (100_000, 101_000)  # chr1: N only

@@ -136,6 +136,7 @@ def test_killed_inference_keeps_the_previous_version_and_rerun_completes(ray_ses
     assert clean.cells == rerun.cells == 1000
 
 
+@pytest.mark.slow
 def test_model_from_the_registry(tmp_path, planted_stores) -> None:
     import mlflow
 

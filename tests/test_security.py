@@ -53,6 +53,7 @@ PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_local_ray_dashboard_and_job_server_listen_on_loopback_only(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "SCMM_ATLAS_RAY_DASHBOARD"}  # the default: dashboard on
     done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=240,
@@ -154,6 +155,7 @@ DOCUMENTED = {"gcs_server": None, "raylet": None, "driver": None, "ray::IDLE": N
               "ray::RuntimeEnvAgent": None, "monitor": 44217, "dashboard": 44227}
 
 
+@pytest.mark.slow
 def test_a_local_ray_listens_off_loopback_only_where_the_readme_says() -> None:
     done = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

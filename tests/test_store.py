@@ -175,6 +175,7 @@ def test_s3_store_both_backends(tmp_path: Path, pair, s3_bucket: str) -> None:
 
 
 @pytest.mark.parametrize(("where", "ending"), [("local", "abort"), ("s3", "abort"), ("local", "killed")])
+@pytest.mark.slow
 def test_a_failed_soma_append_takes_its_writes_back(tmp_path: Path, pair, where: str, ending: str, request) -> None:
     """An append that fails after writing cells (a failed disk or object store) leaves no fragment
     behind, and one killed before it could clean up has its writes dropped by the next append:

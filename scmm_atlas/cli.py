@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from . import cli_pipeline, cli_results
-from .store.errors import InputError
+from .errors import InputError
 from .store.selection import ATAC_QUANTILE, N_TOP_GENES
 
 INGEST_EPILOG = """\

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .store.errors import InputError
+from .errors import InputError
 
 FORMATS = (".csv", ".parquet", ".h5ad")
 

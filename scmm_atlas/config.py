@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
+from .errors import InputError
 from .model import MMVAEConfig, ModalitySpec
 from .model.training import FitConfig
-from .store.errors import InputError
 
 CONFIG_DIR: Traversable = resources.files(__package__) / "configs"  # run configs; pipeline configs in pipelines/
 

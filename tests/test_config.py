@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from scmm_atlas.config import CONFIG_DIR, config_names, find_config, load_config, shipped_configs
+from scmm_atlas.errors import InputError
 from scmm_atlas.model import MMVAE
-from scmm_atlas.store.errors import InputError
 
 
 @pytest.mark.parametrize("name", config_names())

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from scmm_atlas.errors import InputError
 from scmm_atlas.infer.motifs import (
     COLUMNS,
     MotifSet,
@@ -25,7 +26,6 @@ from scmm_atlas.infer.motifs import (
     scan,
     score_threshold,
 )
-from scmm_atlas.store.errors import InputError
 from scmm_atlas.store.regions import parse_regions
 
 pytestmark = pytest.mark.slow  # end-to-end: the full tier (make test), not the edit-test loop

@@ -167,7 +167,7 @@ def _eventually(read, want, timeout_s: float = 5.0):
 
 
 def test_retry_settings_come_from_the_environment(monkeypatch) -> None:
-    from scmm_atlas.store.errors import InputError
+    from scmm_atlas.errors import InputError
     from scmm_atlas.store.uri import fsspec_options, tiledb_config
 
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)

@@ -16,10 +16,10 @@ import pytest
 import torch
 from conftest import make_planted_stores
 
+from scmm_atlas.errors import InputError
 from scmm_atlas.infer.trained import load_trained
 from scmm_atlas.pipeline.stages import StageRecords
 from scmm_atlas.store import StoreError, open_store
-from scmm_atlas.store.errors import InputError
 from scmm_atlas.store.results import ResultSpec, begin, open_results
 from scmm_atlas.store.results_zarr import write_index
 from scmm_atlas.train import state as ckpt

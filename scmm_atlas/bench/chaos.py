@@ -172,8 +172,8 @@ class Reader:
         self._thread.join()
 
     def _loop(self) -> None:
+        from ..errors import StoreError
         from ..store import open_store, store_exists
-        from ..store.errors import StoreError
         from ..store.results import open_results
 
         while not self._stop.wait(0.2):

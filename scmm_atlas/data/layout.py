@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import zarr
 
+from ..errors import StoreError
 from ..store.base import LAYOUT_NAME
-from ..store.errors import StoreError
 from ..store.uri import StoreURI, zarr_store
 
 READER_LEASE = "layout-reader-"  # + a run's token; payload {"shards": [names]}

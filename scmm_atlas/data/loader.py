@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..store.errors import StoreError
+from ..errors import StoreError
 from ..store.uri import StoreURI, parse_uri
 from .batches import minibatches, to_dense
 from .blocks import CompactBlock, SparseBlock

@@ -24,9 +24,9 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from ..errors import StoreError
 from ..store import Store
 from ..store.base import HASH_CHUNK, hash_strings
-from ..store.errors import StoreError
 from ..store.ingest import restored_on_failure
 from ..store.lease import Lease, held, lock
 from ..store.uri import StoreURI

@@ -52,7 +52,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from ..store.errors import InputError
+from ..errors import InputError
 from ..store.regions import parse_regions
 
 if TYPE_CHECKING:

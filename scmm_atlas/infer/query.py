@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..errors import StoreError
 from ..store import Store, open_store
 from ..store.base import HASH_CHUNK
-from ..store.errors import StoreError
 from ..store.results import index, open_results
 from ..store.results_base import JOINT
 

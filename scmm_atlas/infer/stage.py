@@ -33,10 +33,10 @@ import scipy.sparse as sp
 import torch
 
 from ..data.cluster import ensure_ray
+from ..errors import StoreError
 from ..memory import keep_freed_buffers
 from ..store import Store, open_store
 from ..store.base import modality_kind
-from ..store.errors import StoreError
 from ..store.regions import parse_regions
 from ..store.results import ResultSpec, begin, extend, open_writer, publish
 from ..store.uri import aws_settings

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
 from ..model import MMVAE, MMVAEConfig
-from ..store.errors import InputError
 
 META_FILE = "meta.json"
 

@@ -28,8 +28,8 @@ from typing import Any
 import yaml
 
 from ..config import config_names, find_config
+from ..errors import InputError
 from ..infer.stage import InferConfig
-from ..store.errors import InputError
 from ..store.selection import ATAC_QUANTILE, N_TOP_GENES
 
 # Beside a checkout (scmm_atlas/pipeline/config.py -> <repo>/../shared/data); an installed package passes --data

@@ -18,8 +18,8 @@ import shutil
 import time
 from pathlib import Path
 
+from ..errors import InputError
 from ..evaluate.summary import summarise
-from ..store.errors import InputError
 from .config import data_dir, load_pipeline
 from .run import run_pipeline
 

@@ -24,10 +24,10 @@ import mlflow
 import yaml
 
 from ..config import RunConfig
+from ..errors import InputError
 from ..infer.stage import InferConfig, infer
 from ..infer.trained import TrainedModel, load_trained
 from ..store import open_store
-from ..store.errors import InputError
 from ..store.results import index
 from ..train.run import train
 from ..train.tracking import CHAMPION, STORE_CELLS_TAG, tracking_uri

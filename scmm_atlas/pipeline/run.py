@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from ..store import open_store, store_exists
-from ..store.errors import InputError
 from ..store.sources import SourceSpec
 from .config import PipelineConfig
 from .stages import StageRecords, fingerprint

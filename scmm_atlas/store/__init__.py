@@ -10,8 +10,8 @@ from collections.abc import Mapping
 
 import pandas as pd
 
+from ..errors import InputError, StoreError
 from .base import Store, StoreInfo, StoreWriter
-from .errors import InputError, StoreError
 from .uri import StoreURI, parse_uri
 
 BACKENDS = ("soma", "zarr")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import StoreError
+from ..errors import StoreError
 from .uri import StoreURI
 
 FORMAT_VERSION = 1

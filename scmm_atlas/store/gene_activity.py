@@ -23,9 +23,9 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from ..errors import InputError, StoreError
 from . import backend_for, create_store, open_store, parse_uri
 from .base import Store, StoreInfo, StoreWriter, empty_var, modality_kind
-from .errors import InputError, StoreError
 from .ingest import check_new_store, remove_store, staging
 from .regions import parse_regions
 from .sources import INT32_MAX

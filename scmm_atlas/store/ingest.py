@@ -23,9 +23,9 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from ..errors import InputError, StoreError
 from . import backend_for, create_store, open_store, parse_uri, store_exists
 from .base import HASH_CHUNK, LAYOUT_NAME, Store, StoreInfo, StoreWriter, empty_var, hash_strings, modality_kind
-from .errors import InputError, StoreError
 from .lease import LEASE_DIR, lock
 from .selection import N_TOP_GENES
 from .sources import MatrixSource, SourceSpec, open_sources

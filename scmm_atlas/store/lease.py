@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .errors import StoreError
+from ..errors import StoreError
 from .uri import filesystem
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import StoreError
 from .base import Store
-from .errors import StoreError
 from .lease import Lease, held, lock
 from .results_base import INDEX_KEY, ResultsBackend, ResultSpec, ResultsReader, ResultsWriter
 

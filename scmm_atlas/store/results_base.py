@@ -14,8 +14,8 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
+from ..errors import StoreError
 from .base import Store
-from .errors import StoreError
 from .lease import Lease
 
 INDEX_KEY = "scmm_results"

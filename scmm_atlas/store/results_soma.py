@@ -21,8 +21,8 @@ import pandas as pd
 import pyarrow as pa
 import tiledbsoma as soma
 
+from ..errors import StoreError
 from .base import Store
-from .errors import StoreError
 from .results_base import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
 from .soma_backend import context
 from .uri import filesystem

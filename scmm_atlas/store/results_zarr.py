@@ -18,8 +18,8 @@ import pandas as pd
 import zarr
 import zarr.codecs
 
+from ..errors import StoreError
 from .base import Store
-from .errors import StoreError
 from .results_base import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
 from .uri import zarr_store
 

@@ -20,8 +20,8 @@ import scipy.sparse as sp
 import tiledbsoma as soma
 import tiledbsoma.io
 
+from ..errors import StoreError
 from .base import Store, StoreInfo, StoreWriter, csr_to_coo_rows, obs_dtypes
-from .errors import StoreError
 from .uri import StoreURI, filesystem, tiledb_config
 
 META_KEY = "scmm_atlas"

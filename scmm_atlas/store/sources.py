@@ -20,8 +20,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata._io.specs.registry import IORegistryError
 
+from ..errors import InputError
 from .base import HASH_CHUNK, hash_strings
-from .errors import InputError
 
 # Canonical names for common modality spellings; anything else is upper-cased.
 MODALITY_ALIASES = {

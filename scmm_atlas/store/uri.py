@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from .errors import InputError, StoreError
+from ..errors import InputError, StoreError
 
 if TYPE_CHECKING:
     import zarr

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .errors import InputError
+from ..errors import InputError
 from .sources import INT32_MAX, MatrixSource
 
 

@@ -15,8 +15,8 @@ import scipy.sparse as sp
 import zarr
 import zarr.storage
 
+from ..errors import StoreError
 from .base import Store, StoreInfo, StoreWriter, obs_dtypes
-from .errors import StoreError
 from .uri import StoreURI, zarr_store
 
 META_KEY = "scmm_atlas"

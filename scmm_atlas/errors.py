@@ -1,4 +1,4 @@
-"""Errors raised for bad input: one line that names the file (or URI) and the field."""
+"""The errors every layer raises for bad input: one line that names the file (or URI) and the field."""
 
 from __future__ import annotations
 

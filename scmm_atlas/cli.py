@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 from . import cli_pipeline, cli_results
 from .errors import InputError
-from .store.selection import ATAC_QUANTILE, N_TOP_GENES
+from .ingest.selection import ATAC_QUANTILE, N_TOP_GENES
 
 INGEST_EPILOG = """\
 inputs:
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_pairs(items: Sequence[str], flag: str) -> dict[str, str]:
-    from .store.sources import canonical_modality
+    from .ingest.readers import canonical_modality
 
     out = {}
     for item in items:
@@ -181,8 +181,8 @@ def _layers(items: Sequence[str]) -> str | dict[str, str] | None:
 
 
 def _run_ingest(args: argparse.Namespace) -> None:
+    from .ingest.write import IngestOptions, ingest
     from .store import open_store
-    from .store.ingest import IngestOptions, ingest
 
     opts = IngestOptions(
         backend=args.backend, append=args.append, dataset=args.dataset, batch_key=args.batch_key,
@@ -200,8 +200,8 @@ def _run_ingest(args: argparse.Namespace) -> None:
 
 
 def _run_stats(args: argparse.Namespace) -> None:
+    from .ingest.stats import compute_stats
     from .store import open_store
-    from .store.stats import compute_stats
 
     with open_store(args.store, writable=True) as store:
         compute_stats(store, n_top_genes=args.n_top_genes, atac_quantile=args.atac_quantile,
@@ -247,7 +247,7 @@ def _run_info(args: argparse.Namespace) -> None:
 
 
 def _run_gene_activity(args: argparse.Namespace) -> None:
-    from .store.gene_activity import gene_activity
+    from .ingest.gene_activity import gene_activity
 
     r = gene_activity(args.store, args.genes, args.out, modality=args.modality, upstream=args.upstream,
                       chunk_cells=args.chunk_cells, backend=args.backend, progress=not args.no_progress)

@@ -127,7 +127,7 @@ FAST_TRAIN = ["train.epochs=3", "train.warmup_epochs=1", "train.batch_size=64", 
 def make_planted_stores(tmp: Path, n: int = PLANTED_N, *, backends=("soma", "zarr")) -> dict[str, Path]:
     """The same cells in each backend: column 0 of RNA holds cell + 1 and of ADT 2 * (cell + 1), so any
     row says which cell it is; the last 100 cells have no ADT; batch = "b{cell % 3}"."""
-    from scmm_atlas.store.ingest import IngestOptions, ingest
+    from scmm_atlas.ingest.write import IngestOptions, ingest
 
     rna = sp.lil_matrix(random_counts(n, 20, 1))
     adt = sp.lil_matrix(random_counts(n, 4, 2))

@@ -232,8 +232,8 @@ def test_create_over_existing_path_refused(tmp_path: Path, pair, capsys) -> None
 def test_failed_statistics_leave_no_store_in_place(tmp_path: Path, pair, monkeypatch) -> None:
     """A new store is moved into place only when complete, statistics included: a failure there
     leaves nothing behind, and the same command then succeeds."""
-    from scmm_atlas.store import stats
-    from scmm_atlas.store.ingest import IngestOptions, ingest
+    from scmm_atlas.ingest import stats
+    from scmm_atlas.ingest.write import IngestOptions, ingest
 
     rna, adt = pair
     uri = tmp_path / "new.zarr"
@@ -252,8 +252,8 @@ def test_failed_statistics_leave_no_store_in_place(tmp_path: Path, pair, monkeyp
 
 
 def test_zero_count_cells_dropped_with_counted_warning(tmp_path: Path, caplog) -> None:
+    from scmm_atlas.ingest.write import IngestOptions, ingest
     from scmm_atlas.store import open_store
-    from scmm_atlas.store.ingest import IngestOptions, ingest
 
     rna_x = random_counts(40, 30, 7).tolil()
     rna_x[[3, 9], :] = 0  # RNA empty for two cells: they keep their ADT

@@ -99,8 +99,8 @@ def test_shipped_configs_are_package_data_and_a_users_file_wins(tmp_path: Path, 
 
 
 def test_every_shipped_pipeline_config_loads_and_names_a_shipped_run_config(tmp_path: Path) -> None:
+    from scmm_atlas.ingest.selection import N_TOP_GENES
     from scmm_atlas.pipeline.config import StatsSection, load_pipeline
-    from scmm_atlas.store.selection import N_TOP_GENES
 
     assert config_names("pipelines") == ["atlas", "pbmc_demo"]
     for name in config_names("pipelines"):

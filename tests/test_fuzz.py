@@ -426,7 +426,7 @@ def _problems(result: dict) -> list[str]:
 
 
 def _existing_stores(work: Path, valid: dict[str, Path]) -> None:
-    from scmm_atlas.store.ingest import IngestOptions, ingest
+    from scmm_atlas.ingest.write import IngestOptions, ingest
 
     for backend in BACKENDS:
         ingest(str(work / f"pristine.{backend}"), [f"RNA={valid['rna']}", f"ADT={valid['adt']}"],

@@ -16,9 +16,9 @@ from conftest import random_counts, write_h5ad
 
 from scmm_atlas.cli import main
 from scmm_atlas.errors import InputError, StoreError
+from scmm_atlas.ingest.gene_activity import gene_activity, gene_windows, overlap_matrix, read_gene_table
+from scmm_atlas.ingest.write import IngestOptions, ingest
 from scmm_atlas.store import open_store
-from scmm_atlas.store.gene_activity import gene_activity, gene_windows, overlap_matrix, read_gene_table
-from scmm_atlas.store.ingest import IngestOptions, ingest
 from scmm_atlas.store.regions import parse_regions
 
 # GP: + strand, TSS at 10,000, window [8,000, 20,000). GM: - strand, TSS at 60,000 (its end), window

@@ -13,8 +13,8 @@ import pytest
 import scipy.sparse as sp
 import tiledbsoma
 
+from scmm_atlas.ingest.write import IngestOptions, ingest
 from scmm_atlas.store import open_store
-from scmm_atlas.store.ingest import IngestOptions, ingest
 
 
 def _soma_counts(uri: Path, mod: str, n_obs: int, n_var: int) -> tuple[sp.csr_matrix, pd.Index, pd.Index]:

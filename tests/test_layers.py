@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "scmm_atlas"
 LAYERS = {
     "memory": 0, "errors": 0,
     "store": 1, "model": 1,
-    "data": 2, "config": 2,
+    "data": 2, "config": 2, "ingest": 2,
     "evaluate": 3, "infer": 3,
     "train": 4, "results": 4,
     "pipeline": 5,

@@ -13,9 +13,9 @@ from scmm_atlas.data.blocks import CompactBlock, SparseBlock, compact_arrays
 from scmm_atlas.data.layout import Layout, is_validation, layout_uri, read_info
 from scmm_atlas.data.prepare import prepare_layout
 from scmm_atlas.data.reading import StoreBlockReader
+from scmm_atlas.ingest.stats import compute_stats
+from scmm_atlas.ingest.write import IngestOptions, ingest
 from scmm_atlas.store import StoreError, open_store
-from scmm_atlas.store.ingest import IngestOptions, ingest
-from scmm_atlas.store.stats import compute_stats
 
 
 def test_compact_arrays_round_trip_keeps_values_and_picks_compact_dtypes() -> None:

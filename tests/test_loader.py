@@ -13,8 +13,8 @@ from conftest import PLANTED_N, write_h5ad
 
 from scmm_atlas.data.loader import LoaderConfig, ShardLoader
 from scmm_atlas.data.prepare import prepare_layout
+from scmm_atlas.ingest.write import IngestOptions, ingest
 from scmm_atlas.store import StoreError, open_store
-from scmm_atlas.store.ingest import IngestOptions, ingest
 
 N = PLANTED_N
 SMALL = {"batch_size": 50, "block_cells": 128}

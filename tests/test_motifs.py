@@ -203,7 +203,7 @@ def atac_store(tmp_path_factory, genome) -> dict:
     from conftest import random_counts, write_h5ad, write_model_folder
 
     from scmm_atlas.cli import main
-    from scmm_atlas.store.ingest import IngestOptions, ingest
+    from scmm_atlas.ingest.write import IngestOptions, ingest
 
     tmp = tmp_path_factory.mktemp("atac")
     n, uri = 200, str(tmp / "cells.zarr")

@@ -166,7 +166,7 @@ def test_s3_store_infer_and_query(ray_session, tmp_path, s3_bucket) -> None:
     """Results on an S3 store (moto server): written by the actors, published, queried."""
     from conftest import make_planted_stores
 
-    from scmm_atlas.store.ingest import IngestOptions, ingest
+    from scmm_atlas.ingest.write import IngestOptions, ingest
 
     local = make_planted_stores(tmp_path, n=300, backends=("zarr",))
     uri = f"s3://{s3_bucket}/cells.zarr"

@@ -28,9 +28,9 @@ from scmm_atlas import results
 from scmm_atlas.bench.s3faults import FaultyProxy
 from scmm_atlas.infer.stage import InferConfig, infer
 from scmm_atlas.infer.trained import TrainedModel
+from scmm_atlas.ingest.write import IngestOptions, ingest
 from scmm_atlas.model import MMVAE, MMVAEConfig
 from scmm_atlas.store import open_store
-from scmm_atlas.store.ingest import IngestOptions, ingest
 from scmm_atlas.store.results import open_results
 
 N_CELLS = 300

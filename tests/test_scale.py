@@ -20,8 +20,8 @@ from scmm_atlas.config import load_config
 from scmm_atlas.data.layout import Layout, layout_uri, read_info
 from scmm_atlas.data.loader import LoaderConfig, ShardLoader
 from scmm_atlas.data.prepare import prepare_layout
+from scmm_atlas.ingest.write import IngestOptions, ingest
 from scmm_atlas.store import open_store
-from scmm_atlas.store.ingest import IngestOptions, ingest
 from scmm_atlas.train.run import train
 
 N, BATCH, BLOCK, RESUME_AT = 20_000, 64, 1024, 57

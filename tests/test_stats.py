@@ -8,8 +8,9 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from scmm_atlas.store import open_store, stats
-from scmm_atlas.store.ingest import IngestOptions, ingest
+from scmm_atlas.ingest import stats
+from scmm_atlas.ingest.write import IngestOptions, ingest
+from scmm_atlas.store import open_store
 
 
 @pytest.fixture(scope="module")

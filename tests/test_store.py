@@ -10,8 +10,8 @@ import scipy.sparse as sp
 from conftest import random_counts, tree_digest, write_h5ad
 
 from scmm_atlas.errors import InputError, StoreError
+from scmm_atlas.ingest.write import IngestOptions, ingest
 from scmm_atlas.store import open_store, parse_uri
-from scmm_atlas.store.ingest import IngestOptions, ingest
 
 
 @pytest.fixture(params=["soma", "zarr"])

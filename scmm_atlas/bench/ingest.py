@@ -99,9 +99,9 @@ def _worker(system: str, h5ad: str, out: str) -> dict:
         tiledbsoma.io.from_h5ad(out, h5ad, "RNA")
         wall = time.perf_counter() - t0
     else:
+        from ..ingest.stats import compute_stats
+        from ..ingest.write import IngestOptions, ingest
         from ..store import open_store
-        from ..store.ingest import IngestOptions, ingest
-        from ..store.stats import compute_stats
 
         backend = system.rsplit(" ", 1)[1]
         ingest(out, [f"RNA={h5ad}"], IngestOptions(backend=backend, stats=False, progress=False))

@@ -228,8 +228,8 @@ def _child(spec: dict) -> dict:
 # -- the driver --------------------------------------------------------------------------------
 def _prepare(work: Path, cells: int, genes: int, backends: tuple[str, ...]) -> dict:
     from ..data.prepare import prepare_layout
+    from ..ingest.write import IngestOptions, ingest
     from ..store import open_store
-    from ..store.ingest import IngestOptions, ingest
 
     h5ad = work / f"cells_{cells}.h5ad"
     t0 = time.perf_counter()

@@ -30,10 +30,10 @@ import torch
 from ..config import load_config
 from ..evaluate.embedding import best_nmi_ari, embedding_scores, graph_scores
 from ..evaluate.metrics import feature_correlations, knn_regression, open_region_scores, rna_pca
+from ..ingest.write import IngestOptions, ingest
 from ..model import MMVAE
 from ..model.fit import CellData, fit
 from ..store import open_store
-from ..store.ingest import IngestOptions, ingest
 from . import format_table
 from .faithful import SHARED
 

@@ -51,8 +51,8 @@ TARGETS = {"speed": 0.9, "memory": 1.1, "wait": 0.05}
 def grow_store(store: Path, work: Path, have: int, upto: int) -> None:
     """Append generated cells ``[have, upto)`` to ``store`` (created when ``have`` is 0), a part at a time."""
     from ..data.prepare import prepare_layout
+    from ..ingest.write import IngestOptions, ingest
     from ..store import open_store
-    from ..store.ingest import IngestOptions, ingest
 
     for start in range(have, upto, PART_CELLS):
         n = min(PART_CELLS, upto - start)

@@ -54,7 +54,7 @@ def _generate(work: Path, cells: int, genes: int) -> dict[str, Path]:
     import anndata as ad
     import pandas as pd
 
-    from ..store.ingest import IngestOptions, ingest
+    from ..ingest.write import IngestOptions, ingest
 
     out = work / "cite"
     subprocess.run([sys.executable, str(GENERATOR), "--out", str(out), "--cells", str(cells), "--genes", str(genes),
@@ -158,8 +158,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             rows.append(_run_system(system, spec, cells))
         if not args.no_scaling and not gpu:
             from ..data.prepare import prepare_layout
+            from ..ingest.write import IngestOptions, ingest
             from ..store import open_store
-            from ..store.ingest import IngestOptions, ingest
 
             for i in range(1, SCALING):
                 ingest(str(data["store"]), [f"{m}={data[m]}" for m in ("RNA", "ADT")],

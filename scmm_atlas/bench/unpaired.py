@@ -24,7 +24,7 @@ from the ATAC expert) and finds it mixes the two better than ATAC gene activity 
        :func:`~scmm_atlas.evaluate.integration.pair_recall` (how often a cell's two profiles are
        neighbours) wins; the other is scored too, as ``pseudo-RNA, other variant + harmony``;
    (b) ``gene activity + harmony``: the same RNA with the ATAC-only cells' gene activity (every peak,
-       gene body + 2 kb upstream, :func:`~scmm_atlas.store.gene_activity.gene_activity`);
+       gene body + 2 kb upstream, :func:`~scmm_atlas.ingest.gene_activity.gene_activity`);
    (c) ``scmm-atlas joint``: the model's joint embedding, each cell by the expert it has.
 
    (a) and (b) share the genes (the model's RNA features in the gene table) and
@@ -52,10 +52,10 @@ import torch
 from ..config import load_config
 from ..evaluate.integration import harmony_embedding, integration_scores, pair_recall
 from ..infer.predict import infer_batch
+from ..ingest.write import IngestOptions, ingest
 from ..model import MMVAE
 from ..model.fit import CellData, fit
 from ..store import open_store
-from ..store.ingest import IngestOptions, ingest
 from . import format_table
 from .faithful import SHARED
 from .quality import summarise
@@ -205,7 +205,7 @@ def choose_variant(model: MMVAE, data: Mosaic, col: np.ndarray, *, seed: int) ->
 
 def shared_genes(data: Mosaic) -> list[str]:
     """The model's RNA features that the gene table has (model order): the genes of both (a) and (b)."""
-    from ..store.gene_activity import read_gene_table
+    from ..ingest.gene_activity import read_gene_table
 
     table = set(read_gene_table(data.genes_path)["gene_name"])
     return [g for g in data.rna_genes if g in table]
@@ -213,7 +213,7 @@ def shared_genes(data: Mosaic) -> list[str]:
 
 def activity(data: Mosaic, genes: list[str], cells: np.ndarray, work: Path) -> sp.csr_matrix:
     """Gene activity of ``cells`` over ``genes`` from every ATAC peak of the mosaic store."""
-    from ..store.gene_activity import gene_activity
+    from ..ingest.gene_activity import gene_activity
 
     out = str(work / f"{data.key}-ga.zarr")
     gene_activity(data.uri, data.genes_path, out, modality="ATAC", genes=genes, progress=False)

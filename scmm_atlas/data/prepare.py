@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from ..errors import StoreError
 from ..store import Store
 from ..store.base import HASH_CHUNK, hash_strings
-from ..store.ingest import restored_on_failure
 from ..store.lease import Lease, held, lock
+from ..store.staging import restored_on_failure
 from ..store.uri import StoreURI
 from . import layout as lay
 from .blocks import SparseBlock, compact_arrays

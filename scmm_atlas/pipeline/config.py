@@ -30,7 +30,7 @@ import yaml
 from ..config import config_names, find_config
 from ..errors import InputError
 from ..infer.stage import InferConfig
-from ..store.selection import ATAC_QUANTILE, N_TOP_GENES
+from ..ingest.selection import ATAC_QUANTILE, N_TOP_GENES
 
 # Beside a checkout (scmm_atlas/pipeline/config.py -> <repo>/../shared/data); an installed package passes --data
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..ingest.readers import SourceSpec
 from ..store import open_store, store_exists
-from ..store.sources import SourceSpec
 from .config import PipelineConfig
 from .stages import StageRecords, fingerprint
 
@@ -46,7 +46,7 @@ def _n_obs(uri: str) -> int:
 
 
 def _ingest(cfg: PipelineConfig, records: StageRecords, progress: bool, force: bool) -> dict[str, Any]:
-    from ..store.ingest import IngestOptions, ingest
+    from ..ingest.write import IngestOptions, ingest
 
     ing = cfg.ingest
     assert ing is not None
@@ -69,7 +69,7 @@ def _ingest(cfg: PipelineConfig, records: StageRecords, progress: bool, force: b
 
 def _stats(cfg: PipelineConfig, records: StageRecords, progress: bool, force: bool) -> dict[str, Any]:
     from ..data.prepare import selection_fingerprint
-    from ..store.stats import compute_stats
+    from ..ingest.stats import compute_stats
 
     def work() -> dict[str, Any]:
         with open_store(cfg.store, writable=True) as store:

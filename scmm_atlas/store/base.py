@@ -25,7 +25,7 @@ from .uri import StoreURI
 
 FORMAT_VERSION = 1
 OBS_STRING_COLUMNS = ("obs_id", "dataset", "batch", "cell_type")
-# Feature statistics written by ``scmm-atlas stats`` (see stats.py); NaN until computed.
+# Feature statistics written by ``scmm-atlas stats`` (see ingest/stats.py); NaN until computed.
 VAR_STAT_COLUMNS: dict[str, str] = {
     "n_cells": "int64",
     "total_counts": "float64",

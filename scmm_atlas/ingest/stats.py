@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from dask.diagnostics import ProgressBar
 
-from .base import Store
+from ..store.base import Store
 from .selection import ATAC_QUANTILE, N_TOP_GENES
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def _reduce_blocks(store: Store, mod: str, present: np.ndarray, blocks: list[tup
     uri = store.uri
 
     def task(start: int, stop: int) -> Moments:
-        from . import open_store
+        from ..store import open_store
 
         with open_store(uri) as st:
             mat = st.read(mod, start, stop)

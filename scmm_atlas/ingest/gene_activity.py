@@ -24,12 +24,12 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from ..errors import InputError, StoreError
-from . import backend_for, create_store, open_store, parse_uri
-from .base import Store, StoreInfo, StoreWriter, empty_var, modality_kind
-from .ingest import check_new_store, remove_store, staging
-from .regions import parse_regions
-from .sources import INT32_MAX
-from .uri import StoreURI
+from ..store import backend_for, create_store, open_store, parse_uri
+from ..store.base import Store, StoreInfo, StoreWriter, empty_var, modality_kind
+from ..store.regions import parse_regions
+from ..store.staging import check_new_store, remove_store, staging
+from ..store.uri import StoreURI
+from .readers import INT32_MAX
 
 GENE_COLUMNS = ("gene_name", "chrom", "start", "end", "strand")
 GA = "GA"  # the modality written: gene activity

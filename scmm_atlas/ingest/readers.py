@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from anndata._io.specs.registry import IORegistryError
 
 from ..errors import InputError
-from .base import HASH_CHUNK, hash_strings
+from ..store.base import HASH_CHUNK, hash_strings
 
 # Canonical names for common modality spellings; anything else is upper-cased.
 MODALITY_ALIASES = {

@@ -10,7 +10,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from .sources import INT32_MAX, MatrixSource
+from .readers import INT32_MAX, MatrixSource
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ that cannot complete fails and leaves the store as it was.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import os
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import boto3
 import botocore.config
@@ -80,6 +82,17 @@ def _assert_same(got: dict[str, object], want: dict[str, object]) -> None:
             assert (got[key] != value).nnz == 0, key
         else:
             assert got[key] == value, key
+
+
+@contextlib.contextmanager
+def _ingested_through_faults(monkeypatch: pytest.MonkeyPatch, uri: str, inputs: list[str], opts: IngestOptions, *,
+                             seed: int, faults: dict) -> Iterator[tuple[FaultyProxy, tuple[int, int]]]:
+    """A faulty proxy in front of moto and ``inputs`` ingested through it: (the proxy, its (faults, ops) of
+    the ingest); the endpoint stays the proxy's inside the block."""
+    with FaultyProxy(os.environ["AWS_ENDPOINT_URL"], seed=seed, **faults) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        ingest(uri, inputs, opts)
+        yield proxy, (proxy.faults_injected, proxy.ops_completed)
 
 
 def _trained(uri: str) -> TrainedModel:
@@ -198,10 +211,7 @@ def test_zarr_ingest_inference_and_query_through_faults_equal_a_run_without(faul
     infer(local, trained, config=INFER, progress=False)
     uri = f"s3://{faulty_env}/cells.zarr"
     moto = os.environ["AWS_ENDPOINT_URL"]
-    with FaultyProxy(moto, seed=1, **ZARR_FAULTS) as proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        ingest(uri, inputs, opts)
-        ingested = (proxy.faults_injected, proxy.ops_completed)
+    with _ingested_through_faults(monkeypatch, uri, inputs, opts, seed=1, faults=ZARR_FAULTS) as (proxy, ingested):
         infer(uri, trained, config=INFER, progress=False)
         got = _outputs(uri)
     print(f"zarr: ingest {ingested}, inference and query {proxy.faults_injected - ingested[0]} faults, "
@@ -224,10 +234,7 @@ def test_soma_ingest_and_read_back_through_faults_equal_a_run_without(faulty_env
     ingest(local, inputs, opts)
     uri = f"s3://{faulty_env}/cells.soma"
     moto = os.environ["AWS_ENDPOINT_URL"]
-    with FaultyProxy(moto, seed=2, **SOMA_FAULTS) as proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        ingest(uri, inputs, opts)
-        ingested = (proxy.faults_injected, proxy.ops_completed)
+    with _ingested_through_faults(monkeypatch, uri, inputs, opts, seed=2, faults=SOMA_FAULTS) as (proxy, ingested):
         got = _contents(uri)
         with open_store(uri) as store:
             selected = list(store.feature_names("RNA", "selected"))

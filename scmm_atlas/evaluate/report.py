@@ -461,10 +461,13 @@ class Page:
 
     def _details(self) -> str:
         r = self.record
-        return (f"<p class='details'>Store <code>{html.escape(self.store_uri)}</code> ({html.escape(self.backend)}, "
-                f"{_fmt(self.store_cells)} cells). Results version {html.escape(str(r.get('version')))} published "
-                f"{html.escape(_when(r.get('time', '')))} for {_fmt(int(r.get('n_cells', 0)))} cells by model "
-                f"<code>{html.escape(str(r.get('model_uri', '')))}</code>.</p>")
+        facts = [f"Store <code>{html.escape(self.store_uri)}</code> ({html.escape(self.backend)}, "
+                 f"{_fmt(self.store_cells)} cells).",
+                 f"Results version {html.escape(str(r.get('version')))} published "
+                 f"{html.escape(_when(r.get('time', '')))}",
+                 f"for {_fmt(int(r.get('n_cells', 0)))} cells by model <code>{html.escape(str(r.get('model_uri', '')))}"
+                 "</code>."]
+        return f"<p class='details'>{' '.join(facts)}</p>"
 
     def _summary(self) -> str:
         n = self.numbers

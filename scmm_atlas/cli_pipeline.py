@@ -58,10 +58,9 @@ def run_pipeline_cmd(args: argparse.Namespace) -> None:
     cfg = load_pipeline(args.config, store=args.store, tracking_uri=args.tracking_uri, data=args.data,
                         workdir=args.workdir)
     result = run_pipeline(cfg, ray_address=args.ray_address, force=tuple(args.force), progress=not args.no_progress)
-    rec = result.stages["infer"]["record"]
-    print(f"\npipeline finished: version {rec['version']} of {result.stages['train']['model_name']} published in "
-          f"{cfg.store} ({rec['n_cells']:,} cells)" + (f"; report: {result.stages['report']['html']}"
-                                                       if "report" in result.stages else ""))
+    rec = result.published.record
+    print(f"\npipeline finished: version {rec['version']} of {result.trained.model_name} published in "
+          f"{cfg.store} ({rec['n_cells']:,} cells)" + (f"; report: {result.reported.html}" if result.reported else ""))
 
 
 def run_reprocess(args: argparse.Namespace) -> None:

@@ -70,8 +70,7 @@ def _reference(work: Path) -> tuple[str, str, str, float, int]:
         result = run_pipeline(cfg, progress=False)
     finally:
         ray.shutdown()
-    trained = result.stages["train"]
-    return cfg.store, result.tracking_uri, trained["model_name"], time.perf_counter() - t0, trained["epochs"]
+    return cfg.store, result.tracking_uri, result.trained.model_name, time.perf_counter() - t0, result.trained.epochs
 
 
 def _map_query(store: str, tracking: str, model: str, work: Path) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -39,18 +39,17 @@ def run_demo(data: str | os.PathLike[str] | None = None, *, fresh: bool = False,
         shutil.rmtree(cfg.workdir)
     t0 = time.perf_counter()
     result = run_pipeline(cfg, progress=progress)
-    stages = result.stages
-    trained, record = stages["train"], stages["infer"]["record"]
+    trained, record = result.trained, result.published.record
     summary = summarise(cfg.store, version=record["version"])
     db = result.tracking_uri.removeprefix("sqlite:///")
     lines = [
         *summary.lines()[:1],
-        f"training: {trained['epochs']} epochs in {trained['train_s']:.0f} s (best validation loss "
-        f"{trained['best_val']:,.2f}); registered {trained['model_name']} version {trained['version']}",
+        f"training: {trained.epochs} epochs in {trained.train_s:.0f} s (best validation loss "
+        f"{trained.best_val:,.2f}); registered {trained.model_name} version {trained.version}",
         *summary.lines()[1:],
         f"results: version {record['version']} in {Path(cfg.store).resolve()} (entry {record['entry']}); "
         f"e.g. scmm-atlas query predictions --store {cfg.store} --target ADT",
-        f"report: {Path(stages['report']['html']).resolve()}",
+        f"report: {Path(result.reported.html).resolve() if result.reported else 'off'}",
         f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{Path(db).resolve()} --host 127.0.0.1 --port 5000",
     ]
     print("\n== scmm-atlas demo: 10x PBMC 10k CITE-seq ==")

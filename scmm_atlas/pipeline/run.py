@@ -17,6 +17,7 @@ from ..errors import InputError
 from ..ingest.readers import SourceSpec
 from ..store import open_store, store_exists
 from .config import PipelineConfig
+from .outputs import Ingested, Published, Reported, Selected, Trained
 from .stages import StageRecords, fingerprint
 
 STAGES = ("ingest", "stats", "train", "infer", "report")
@@ -24,10 +25,16 @@ STAGES = ("ingest", "stats", "train", "infer", "report")
 
 @dataclass
 class PipelineResult:
+    """Each stage's outputs (the recorded ones where a stage was skipped)."""
+
     store: str
     tracking_uri: str
     workdir: str
-    stages: dict[str, dict[str, Any]]  # stage -> its outputs (recorded ones when skipped)
+    ingested: Ingested | None  # None: the config has no ingest section
+    selected: Selected
+    trained: Trained
+    published: Published
+    reported: Reported | None  # None: the report is off
 
 
 def _file_id(spec: str) -> dict[str, Any]:
@@ -45,13 +52,13 @@ def _n_obs(uri: str) -> int:
         return store.n_obs
 
 
-def _ingest(cfg: PipelineConfig, records: StageRecords, progress: bool, force: bool) -> dict[str, Any]:
+def _ingest(cfg: PipelineConfig, records: StageRecords, progress: bool, force: bool) -> Ingested:
     from ..ingest.write import IngestOptions, ingest
 
     ing = cfg.ingest
     assert ing is not None
 
-    def work() -> dict[str, Any]:
+    def work() -> Ingested:
         if store_exists(cfg.store) and not ing.append:
             raise InputError(cfg.store, "store", "exists, and this pipeline did not ingest it: remove it, drop "
                              "the ingest section, or set ingest.append: true")
@@ -60,18 +67,18 @@ def _ingest(cfg: PipelineConfig, records: StageRecords, progress: bool, force: b
                              progress=progress)
         report = ingest(cfg.store, ing.inputs, opts)
         print(f"  {report.n_new:,} cells ingested ({', '.join(f'{m} {n:,}' for m, n in report.modalities.items())})")
-        return {"n_new": report.n_new, "n_total": report.n_total, "modalities": report.modalities}
+        return Ingested(n_new=report.n_new, n_total=report.n_total, modalities=report.modalities)
 
     inputs = {"store": cfg.store, "inputs": [_file_id(i) for i in ing.inputs], "options": asdict(ing)}
     return records.run("ingest", inputs, work, lambda out: store_exists(cfg.store) and
-                       _n_obs(cfg.store) >= out["n_total"], force=force)
+                       _n_obs(cfg.store) >= out.n_total, kind=Ingested, force=force)
 
 
-def _stats(cfg: PipelineConfig, records: StageRecords, progress: bool, force: bool) -> dict[str, Any]:
+def _stats(cfg: PipelineConfig, records: StageRecords, progress: bool, force: bool) -> Selected:
     from ..data.prepare import selection_fingerprint
     from ..ingest.stats import compute_stats
 
-    def work() -> dict[str, Any]:
+    def work() -> Selected:
         with open_store(cfg.store, writable=True) as store:
             compute_stats(store, n_top_genes=cfg.stats.n_top_genes, atac_quantile=cfg.stats.atac_quantile,
                           progress=progress)
@@ -79,21 +86,21 @@ def _stats(cfg: PipelineConfig, records: StageRecords, progress: bool, force: bo
         with open_store(cfg.store) as store:  # reopened: the writer's cached var predates the selection
             chosen = selection_fingerprint(store)
         print("  selected: " + ", ".join(f"{m} {n:,}" for m, n in selected.items()))
-        return {"n_obs": n_obs, "selected": selected, "selection": chosen}
+        return Selected(n_obs=n_obs, selected=selected, selection=chosen)
 
     with open_store(cfg.store) as store:
         n_obs = store.n_obs
 
-    def still_there(out: dict[str, Any]) -> bool:  # and not replaced since by another `scmm-atlas stats`
+    def still_there(out: Selected) -> bool:  # and not replaced since by another `scmm-atlas stats`
         with open_store(cfg.store) as store:
-            return (store.info.stats_n_obs == out["n_obs"] and bool(store.info.selection)
-                    and selection_fingerprint(store) == out.get("selection"))
+            return (store.info.stats_n_obs == out.n_obs and bool(store.info.selection)
+                    and selection_fingerprint(store) == out.selection)
 
     return records.run("stats", {"store": cfg.store, "n_obs": n_obs, **asdict(cfg.stats)}, work, still_there,
-                       force=force)
+                       kind=Selected, force=force)
 
 
-def _registered_version(uri: str, model_name: str, run_id: str | None) -> dict[str, Any] | None:
+def _registered_version(uri: str, model_name: str, run_id: str | None, run_name: str) -> Trained | None:
     """The train stage's outputs for a run that already registered a version of ``model_name``."""
     import mlflow
 
@@ -105,14 +112,14 @@ def _registered_version(uri: str, model_name: str, run_id: str | None) -> dict[s
     run = client.get_run(run_id)
     best = [m.value for m in client.get_metric_history(run_id, "best_val_loss")]
     epochs = len(client.get_metric_history(run_id, "train_loss"))
-    return {"run_id": run_id, "model_name": model_name, "version": str(found[0].version), "champion": False,
-            "best_val": best[-1] if best else None, "epochs": epochs,
-            "train_s": round(((run.info.end_time or run.info.start_time) - run.info.start_time) / 1e3, 1),
-            "model_uri": f"models:/{model_name}/{found[0].version}"}
+    return Trained(run_id=run_id, run_name=run_name, model_name=model_name, version=str(found[0].version),
+                   champion=False, best_val=best[-1] if best else None, epochs=epochs,
+                   train_s=round(((run.info.end_time or run.info.start_time) - run.info.start_time) / 1e3, 1),
+                   model_uri=f"models:/{model_name}/{found[0].version}")
 
 
 def _train(cfg: PipelineConfig, records: StageRecords, tracking: str, ray_address: str | None, progress: bool,
-           force: bool) -> dict[str, Any]:
+           force: bool) -> Trained:
     import mlflow
 
     from ..config import load_config
@@ -131,33 +138,33 @@ def _train(cfg: PipelineConfig, records: StageRecords, tracking: str, ray_addres
     name = f"pipeline-{fingerprint(inputs)[:10]}"
     dist = config.distributed
 
-    def work() -> dict[str, Any]:
+    def work() -> Trained:
         run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if force else name  # forced: a fresh run
         recorded = RunDir(dist.storage_path, run_name).read(RUN_FILE)
         if recorded is not None:
-            done = _registered_version(tracking, dist.model_name, json.loads(recorded).get("run_id"))
+            done = _registered_version(tracking, dist.model_name, json.loads(recorded).get("run_id"), run_name)
             if done is not None:  # trained and registered, then stopped before the record was saved
-                print(f"  training run {run_name} already registered {dist.model_name} version {done['version']}")
-                return {**done, "run_name": run_name}
+                print(f"  training run {run_name} already registered {dist.model_name} version {done.version}")
+                return done
             print(f"  resuming training run {run_name} from its last checkpoint")
         resume = recorded is not None
         result = train(config, cfg.store, ray_address=ray_address, resume=resume, run_name=run_name,
                        tracking=tracking, progress=progress)
         print(f"  {result.epochs} epochs in {result.wall_s:.0f} s, best validation loss {result.best_val:,.2f}; "
               f"registered {dist.model_name} version {result.model_version}{' (champion)' * result.champion}")
-        return {"run_id": result.run_id, "run_name": run_name, "model_name": dist.model_name,
-                "version": result.model_version, "champion": result.champion, "best_val": result.best_val,
-                "epochs": result.epochs, "train_s": round(result.wall_s, 1),
-                "model_uri": f"models:/{dist.model_name}/{result.model_version}"}
+        return Trained(run_id=result.run_id, run_name=run_name, model_name=dist.model_name,
+                       version=result.model_version, champion=result.champion, best_val=result.best_val,
+                       epochs=result.epochs, train_s=round(result.wall_s, 1),
+                       model_uri=f"models:/{dist.model_name}/{result.model_version}")
 
-    def still_there(out: dict[str, Any]) -> bool:
+    def still_there(out: Trained) -> bool:
         try:
-            found = mlflow.MlflowClient(tracking).get_model_version(out["model_name"], out["version"])
+            found = mlflow.MlflowClient(tracking).get_model_version(out.model_name, out.version)
         except mlflow.exceptions.MlflowException:
             return False
-        return found.run_id == out["run_id"]
+        return found.run_id == out.run_id
 
-    return records.run("train", inputs, work, still_there, force=force)
+    return records.run("train", inputs, work, still_there, kind=Trained, force=force)
 
 
 def _check_pairs(cfg: PipelineConfig) -> None:
@@ -170,8 +177,8 @@ def _check_pairs(cfg: PipelineConfig) -> None:
             raise InputError(cfg.source, "infer.pairs", str(exc)) from None
 
 
-def _infer(cfg: PipelineConfig, records: StageRecords, model: dict[str, Any], tracking: str, ray_address: str | None,
-           progress: bool, force: bool) -> dict[str, Any]:
+def _infer(cfg: PipelineConfig, records: StageRecords, model: Trained, tracking: str, ray_address: str | None,
+           progress: bool, force: bool) -> Published:
     from ..infer.stage import infer
     from ..infer.trained import load_trained
     from ..store.results import index
@@ -179,38 +186,38 @@ def _infer(cfg: PipelineConfig, records: StageRecords, model: dict[str, Any], tr
     sec = cfg.infer
     infer_cfg = sec.build()
 
-    def work() -> dict[str, Any]:
-        trained = load_trained(model["model_uri"], tracking=tracking)
+    def work() -> Published:
+        trained = load_trained(model.model_uri, tracking=tracking)
         result = infer(cfg.store, trained, config=infer_cfg, ray_address=ray_address, progress=progress)
         rec = result.record
         print(f"  published version {rec['version']} ({rec['entry']}): {result.cells:,} cells at "
               f"{result.cells_per_s:,.0f} cells/s; programs in {result.programs_s:.1f} s")
-        return {"record": rec, "cells_per_s": round(result.cells_per_s, 1)}
+        return Published(record=rec, cells_per_s=round(result.cells_per_s, 1))
 
-    def still_there(out: dict[str, Any]) -> bool:
+    def still_there(out: Published) -> bool:
         with open_store(cfg.store) as store:
-            return any(r["entry"] == out["record"]["entry"] for r in index(store))
+            return any(r["entry"] == out.record["entry"] for r in index(store))
 
-    inputs = {"store": cfg.store, "n_obs": _n_obs(cfg.store), "model_uri": model["model_uri"],
-              "run_id": model["run_id"], "infer": asdict(sec)}
-    return records.run("infer", inputs, work, still_there, force=force)
+    inputs = {"store": cfg.store, "n_obs": _n_obs(cfg.store), "model_uri": model.model_uri,
+              "run_id": model.run_id, "infer": asdict(sec)}
+    return records.run("infer", inputs, work, still_there, kind=Published, force=force)
 
 
 def _report(cfg: PipelineConfig, records: StageRecords, published: dict[str, Any], tracking: str,
-            force: bool) -> dict[str, Any]:
+            force: bool) -> Reported:
     from ..evaluate.report import report
 
     out_dir = cfg.report_dir
 
-    def work() -> dict[str, Any]:
-        done = report(cfg.store, out_dir, version=published["version"], max_cells=cfg.report.max_cells,
-                      tracking=tracking)
-        print(f"  {len(done['figures'])} figures and {done['html']}")
+    def work() -> Reported:
+        done = Reported(**report(cfg.store, out_dir, version=published["version"], max_cells=cfg.report.max_cells,
+                                 tracking=tracking))
+        print(f"  {len(done.figures)} figures and {done.html}")
         return done
 
     inputs = {"entry": published["entry"], "n_cells": published["n_cells"], "out": str(Path(out_dir).resolve()),
               "max_cells": cfg.report.max_cells}
-    return records.run("report", inputs, work, lambda out: Path(out["html"]).exists(), force=force)
+    return records.run("report", inputs, work, lambda out: Path(out.html).exists(), kind=Reported, force=force)
 
 
 def run_pipeline(cfg: PipelineConfig, *, ray_address: str | None = None, force: tuple[str, ...] = (),
@@ -224,15 +231,16 @@ def run_pipeline(cfg: PipelineConfig, *, ray_address: str | None = None, force: 
         raise InputError("--force", sorted(unknown)[0], f"no such stage (stages: {', '.join(STAGES)})")
     tracking = tracking_uri(cfg.tracking_uri)
     records = StageRecords(cfg.workdir)
-    outputs: dict[str, dict[str, Any]] = {}
+    ingested = None
     if cfg.ingest is not None:
-        outputs["ingest"] = _ingest(cfg, records, progress, "ingest" in force)
+        ingested = _ingest(cfg, records, progress, "ingest" in force)
     elif not store_exists(cfg.store):
         raise InputError(cfg.store, "store", "no store here, and the config has no ingest section")
-    outputs["stats"] = _stats(cfg, records, progress, "stats" in force)
+    selected = _stats(cfg, records, progress, "stats" in force)
     _check_pairs(cfg)  # before training, not after it
-    outputs["train"] = _train(cfg, records, tracking, ray_address, progress, "train" in force)
-    outputs["infer"] = _infer(cfg, records, outputs["train"], tracking, ray_address, progress, "infer" in force)
-    if cfg.report.enabled:
-        outputs["report"] = _report(cfg, records, outputs["infer"]["record"], tracking, "report" in force)
-    return PipelineResult(store=cfg.store, tracking_uri=tracking, workdir=cfg.workdir, stages=outputs)
+    trained = _train(cfg, records, tracking, ray_address, progress, "train" in force)
+    published = _infer(cfg, records, trained, tracking, ray_address, progress, "infer" in force)
+    reported = (_report(cfg, records, published.record, tracking, "report" in force) if cfg.report.enabled
+                else None)
+    return PipelineResult(store=cfg.store, tracking_uri=tracking, workdir=cfg.workdir, ingested=ingested,
+                          selected=selected, trained=trained, published=published, reported=reported)

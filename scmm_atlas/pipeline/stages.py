@@ -14,7 +14,10 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 STATE_FILE = "pipeline.json"
 
@@ -40,21 +43,32 @@ class StageRecords:
         self.fs.pipe_file(tmp, json.dumps({"stages": self.records}, indent=1).encode())
         self.fs.mv(tmp, self.path)  # a reader never sees half a file
 
-    def run(self, name: str, inputs: Mapping[str, Any], work: Callable[[], dict[str, Any]],
-            still_there: Callable[[dict[str, Any]], bool], *, force: bool = False) -> dict[str, Any]:
-        """``work()``'s outputs, or the recorded ones when this stage already ran on ``inputs``."""
+    def run(self, name: str, inputs: Mapping[str, Any], work: Callable[[], T], still_there: Callable[[T], bool], *,
+            kind: type[T], force: bool = False) -> T:
+        """``work()``'s outputs (a ``kind`` record), or the recorded ones when this stage already ran on
+        ``inputs`` and they are still there."""
         fp = fingerprint(inputs)
         done = self.records.get(name)
-        if not force and done and done["fingerprint"] == fp and still_there(done["outputs"]):
+        recorded = _as(kind, done["outputs"]) if done and done["fingerprint"] == fp and not force else None
+        if recorded is not None and still_there(recorded):
             print(f"[{name}] skipped: already done for the same inputs and config ({done['finished']}, "
                   f"{done['wall_s']:.0f} s then)", flush=True)
-            return done["outputs"]
+            return recorded
         print(f"[{name}] running", flush=True)
         t0 = time.perf_counter()
         outputs = work()
         wall = time.perf_counter() - t0
-        self.records[name] = {"fingerprint": fp, "outputs": outputs, "wall_s": round(wall, 1),
+        self.records[name] = {"fingerprint": fp, "outputs": asdict(outputs), "wall_s": round(wall, 1),
                               "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         self._save()
         print(f"[{name}] done in {wall:.0f} s", flush=True)
         return outputs
+
+
+def _as(kind: type[T], outputs: Mapping[str, Any]) -> T | None:
+    """A recorded stage's outputs as ``kind``; None when they were written in another shape (an older
+    version of this program): the stage then runs again."""
+    try:
+        return kind(**outputs)
+    except TypeError:
+        return None

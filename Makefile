@@ -22,9 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The edit-test loop (under 2 minutes): no end-to-end runs, no Ray, no S3 server, no browser.
+# The edit-test loop (under 2 minutes): no end-to-end runs, no Ray, no S3 server, no browser; one
+# pytest-xdist worker per core (these tests share no session fixture, so they run apart).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not ray and not s3 and not browser"
+	$(BIN)/python -m pytest -q -n auto -m "not slow and not ray and not s3 and not browser"
 
 lint: $(STAMP)
 	$(BIN)/ruff check scmm_atlas tests

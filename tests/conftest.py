@@ -29,6 +29,24 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SCMM_ATLAS_DATA", REPO.parent / "shared" / "data"))
 
 
+def debian_packages(files: list[str], packages: list[str], why: str) -> None:
+    """Install Debian ``packages`` with apt when any of ``files`` is missing (CI runs as root on Debian 12):
+    tests that need a system tool run, never skip. Fails, saying what to do, where apt cannot run."""
+    import shutil
+    import subprocess
+
+    if all(Path(f).is_file() for f in files):
+        return
+    install = f"apt-get update -qq && apt-get install -y -qq {' '.join(packages)}"
+    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
+    if sudo is None or not shutil.which("apt-get"):
+        pytest.fail(f"{why}: {', '.join(files)} missing and not installable here: run `{install}` as root (Debian 12)")
+    done = subprocess.run([*sudo, "bash", "-c", install], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    if done.returncode != 0 or not all(Path(f).is_file() for f in files):
+        pytest.fail(f"`{install}` failed (exit {done.returncode}): {(done.stderr or done.stdout)[-2000:]}")
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA / "pbmc10k_cite" / "rna.h5ad").exists():

@@ -91,7 +91,6 @@ class DistributedSection:
     experiment: str = "scmm-atlas"  # MLflow experiment
     model_name: str = "scmm-atlas"  # MLflow registered model
     max_steps_per_epoch: int = 0  # cap the optimizer steps of an epoch (0: the whole epoch)
-    fault_at_step: int = 0  # testing: one worker raises once at this global step (0: never)
     loader: dict[str, Any] = field(default_factory=dict)  # LoaderConfig overrides
 
 

@@ -94,12 +94,13 @@ def _config(tmp: Path, *extra: str):
 
 
 def test_a_worker_killed_mid_epoch_resumes_from_the_checkpoint_and_ends_where_an_unbroken_run_does(
-        store, tmp_path, ray_session) -> None:
+        store, tmp_path, ray_session, monkeypatch) -> None:
     unbroken = train(_config(tmp_path), str(store), run_name="unbroken", track=False, progress=False)
     steps = unbroken.history[0]["step"]
     assert steps > 100
     fault = steps + 50  # in epoch 2, after a mid-epoch checkpoint (every 40 steps: one in (steps + 10, fault))
-    broken = train(_config(tmp_path, f"distributed.fault_at_step={fault}", "distributed.max_failures=1"),
+    monkeypatch.setenv("SCMM_ATLAS_FAULTS", f"train_step={fault}")
+    broken = train(_config(tmp_path, "distributed.max_failures=1"),
                    str(store), run_name="broken", track=False, progress=False)
     assert (tmp_path / "ray" / "broken" / "fault_injected").exists()
     assert [h["epoch"] for h in broken.history] == [1, 2] and broken.history[-1]["step"] == 2 * steps

@@ -73,10 +73,12 @@ def test_the_champion_alias_moves_only_to_a_better_model(baseline, store, tracki
 
 
 @pytest.mark.slow
-def test_a_worker_that_fails_once_is_restarted_from_the_last_checkpoint(baseline, store, tracking) -> None:
+def test_a_worker_that_fails_once_is_restarted_from_the_last_checkpoint(baseline, store, tracking,
+                                                                        monkeypatch) -> None:
     base, tmp = baseline
     steps_per_epoch = base.history[0]["step"]
-    faulty = train(_config(tmp, f"distributed.fault_at_step={steps_per_epoch + 2}", "distributed.max_failures=1"),
+    monkeypatch.setenv("SCMM_ATLAS_FAULTS", f"train_step={steps_per_epoch + 2}")
+    faulty = train(_config(tmp, "distributed.max_failures=1"),
                    str(store), run_name="faulty", tracking=tracking, progress=False)
     assert (tmp / "ray" / "faulty" / "fault_injected").exists()
     assert [h["epoch"] for h in faulty.history] == [1, 2, 3]  # continued, not restarted from epoch 1

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from ..config import RunConfig
 from ..data.feeder import Feeders
 from ..data.loader import LoaderConfig, Minibatch, ShardLoader
+from ..faults import FaultPlan
 from ..memory import keep_freed_buffers
 from ..model import MMVAE
 from ..model.training import MIN_BATCH_CELLS, TrainingPlan, adam
@@ -79,7 +80,8 @@ class WorkerJob:
     layout: dict[str, Any] | None = None  # the layout the driver pinned (None: reading in store order)
     run_id: str | None = None  # the MLflow run rank 0 logs into (None: no tracking)
     tracking_uri: str | None = None
-    fault_marker: str | None = None  # a file that marks the injected fault as done (tests)
+    faults: FaultPlan = field(default_factory=FaultPlan)  # tests only (scmm_atlas.faults)
+    fault_marker: str | None = None  # a file that marks the injected fault as done
     resume_from: str | None = None  # the checkpoint a resumed run starts from
     warm_start: dict[str, torch.Tensor] | None = None  # weights copied in where names and shapes agree
     progress: bool = False
@@ -310,8 +312,8 @@ def _report(w: _Worker, metrics: dict[str, float]) -> None:
 
 
 def _maybe_fail(job: WorkerJob, step: int, rank: int, world: int) -> None:
-    """Fault injection for tests: one worker raises once, at ``fault_at_step``."""
-    at = job.config.distributed.fault_at_step
+    """Fault injection for tests: the last worker raises once, at the plan's ``train_step``."""
+    at = job.faults.train_step
     if not at or step != at or rank != world - 1 or job.fault_marker is None:
         return
     marker = Path(job.fault_marker)

@@ -27,6 +27,7 @@ from ..data.cluster import ensure_ray
 from ..data.layout import LayoutInfo
 from ..data.loader import LoaderConfig
 from ..data.prepare import pin, prepare_layout
+from ..faults import FaultPlan
 from ..model import MMVAEConfig
 from ..model.training import TrainState
 from ..store import StoreError, open_store
@@ -193,8 +194,9 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
     log.info("global batch: %d cells per worker x %d workers x %d accumulation", config.train.batch_size,
              dist_cfg.num_workers, dist_cfg.grad_accum)
     job = WorkerJob(config=config, store=uri, layout=asdict(info), run_id=tracked.run_id, tracking_uri=tracked.uri,
-                    fault_marker=f"{run_dir.path}/fault_injected", resume_from=latest, warm_start=warm_start,
-                    progress=progress,  # Ray Train's per-epoch INFO lines only when this module logs INFO
+                    faults=FaultPlan.from_env(), fault_marker=f"{run_dir.path}/fault_injected", resume_from=latest,
+                    warm_start=warm_start, progress=progress,
+                    # Ray Train's per-epoch INFO lines only when this module logs INFO
                     log_level="INFO" if log.isEnabledFor(logging.INFO) else "WARNING")
     trainer = _trainer(job, run_dir, name)
     # The layout's shards stay while the workers read them. Pinned last, just before the workers

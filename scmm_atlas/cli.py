@@ -306,10 +306,31 @@ def _one_line(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
+class _PrintHandler(logging.Handler):
+    """A record's message on the current ``sys.stdout`` (looked up when written: tests and callers may
+    have replaced it since the handler was made)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), flush=True)
+        except Exception:
+            self.handleError(record)
+
+
+def _print_pipeline_progress() -> None:
+    """The pipeline's stage reports (logger ``scmm_atlas.pipeline``, INFO) printed as plain lines."""
+    log = logging.getLogger("scmm_atlas.pipeline")
+    if not any(isinstance(h, _PrintHandler) for h in log.handlers):
+        log.addHandler(_PrintHandler())
+    log.setLevel(logging.INFO)
+    log.propagate = False  # not a second time, prefixed, through the root's stderr handler
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
+    _print_pipeline_progress()
     if not args.verbose:  # INFO lines of MLflow (database setup) and Ray Data (execution plans) are noise here
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # read when ray.data sets up its logging

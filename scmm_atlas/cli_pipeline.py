@@ -59,8 +59,8 @@ def run_pipeline_cmd(args: argparse.Namespace) -> None:
                         workdir=args.workdir)
     result = run_pipeline(cfg, ray_address=args.ray_address, force=tuple(args.force), progress=not args.no_progress)
     rec = result.published.record
-    print(f"\npipeline finished: version {rec['version']} of {result.trained.model_name} published in "
-          f"{cfg.store} ({rec['n_cells']:,} cells)" + (f"; report: {result.reported.html}" if result.reported else ""))
+    print(f"\npipeline finished: version {rec.version} of {result.trained.model_name} published in "
+          f"{cfg.store} ({rec.n_cells:,} cells)" + (f"; report: {result.reported.html}" if result.reported else ""))
 
 
 def run_reprocess(args: argparse.Namespace) -> None:
@@ -73,6 +73,8 @@ def run_reprocess(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    from .pipeline.demo import TITLE
     from .pipeline.demo import run_demo as demo
 
-    demo(data=args.data, fresh=args.fresh, progress=not args.no_progress, overrides=tuple(args.overrides))
+    result = demo(data=args.data, fresh=args.fresh, progress=not args.no_progress, overrides=tuple(args.overrides))
+    print(f"\n== {TITLE} ==", *result.lines, f"demo finished in {result.wall_s:.0f} s", sep="\n")

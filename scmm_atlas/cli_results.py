@@ -94,9 +94,9 @@ def run_infer(args: argparse.Namespace) -> None:
     result = infer(args.store, trained, config=config, ray_address=args.ray_address, progress=not args.no_progress)
     rec = result.record
     motifs = f" (motifs {result.timings['motifs_s']:.1f} s)" if "motifs_s" in result.timings else ""
-    print(f"published version {rec['version']} ({rec['entry']}) of {args.store}: {result.cells:,} cells at "
+    print(f"published version {rec.version} ({rec.entry}) of {args.store}: {result.cells:,} cells at "
           f"{result.cells_per_s:,.0f} cells/s, programs in {result.programs_s:.1f} s{motifs}; predictions: "
-          f"{', '.join(f'{t} from {s}' for s, t in rec['pairs'])}")
+          f"{', '.join(f'{t} from {s}' for s, t in rec.pairs)}")
 
 
 def run_query(args: argparse.Namespace) -> None:

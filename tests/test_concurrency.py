@@ -105,7 +105,7 @@ def test_concurrent_publishers_lose_nothing_and_readers_see_complete_versions(tm
                     problems.append(repr(exc)[:500])
                     continue
                 if emb.shape != (300, 2) or not np.all(emb == emb[0, 0]) or emb[0, 0] == 0:
-                    problems.append((reader.record["entry"], np.unique(emb)[:5]))
+                    problems.append((reader.record.entry, np.unique(emb)[:5]))
                 seen.append(float(emb[0, 0]))
 
     reader = threading.Thread(target=read_throughout)
@@ -120,7 +120,7 @@ def test_concurrent_publishers_lose_nothing_and_readers_see_complete_versions(tm
     assert not problems, problems
     assert len(seen) > 0
     with open_store(uri) as store:
-        assert sorted(e["version"] for e in index(store)) == ["p0", "p1", "p2"]
+        assert sorted(e.version for e in index(store)) == ["p0", "p1", "p2"]
         for who in range(3):
             assert open_results(store, f"p{who}").embedding("joint")[0, 0] == 100 * (who + 1) + 4
 
@@ -236,8 +236,8 @@ def test_three_infer_commands_at_once_publish_every_version(tmp_path) -> None:
     alone = str(make_planted_stores(tmp_path / "alone", n=600, backends=("zarr",))["zarr"])
     with open_store(uri) as store:
         published = index(store)
-        assert sorted(r["version"] for r in published) == ["1", "2"]
-        assert sorted(zarr.open_group(f"{uri}/results", mode="r").group_keys()) == sorted(r["entry"] for r in published)
+        assert sorted(r.version for r in published) == ["1", "2"]
+        assert sorted(zarr.open_group(f"{uri}/results", mode="r").group_keys()) == sorted(r.entry for r in published)
         for v in ("1", "2"):
             infer(alone, load_trained(str(models[v]), version=v), config=InferConfig(top_n=3, executor="local"),
                   progress=False)

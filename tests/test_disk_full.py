@@ -184,6 +184,6 @@ def test_infer_write_fails_and_the_published_version_stays(tmp_path: Path) -> No
         np.testing.assert_array_equal(open_results(store).embedding("joint"), before)
     assert main([*infer, "--version", "2", "--no-progress"]) == 0
     with open_store(uri) as store:
-        assert [r["version"] for r in index(store)] == ["1", "2"]
+        assert [r.version for r in index(store)] == ["1", "2"]
         entries = sorted(zarr.open_group(f"{uri}/results", mode="r").group_keys())
-        assert entries == sorted(r["entry"] for r in index(store))  # the dead attempt's entry is gone
+        assert entries == sorted(r.entry for r in index(store))  # the dead attempt's entry is gone

@@ -229,7 +229,7 @@ def test_infer_stores_the_motif_table_and_query_reads_it(atac_store, genome, mot
                  "--no-progress"]) == 2
     assert "mm10.fa: genome: no such file" in capsys.readouterr().err
     with open_store(uri) as store:
-        assert [r["version"] for r in index(store)] == ["3"]
+        assert [r.version for r in index(store)] == ["3"]
         reader = open_results(store)
         stored, programs = reader.table("motifs"), reader.programs()
     # what the stage stored is the annotation of the programs it stored (seeded: reproducible)

@@ -13,6 +13,9 @@ from conftest import FAST_TRAIN, random_counts, write_h5ad
 
 from scmm_atlas import results
 from scmm_atlas.cli import main
+from scmm_atlas.pipeline.config import load_pipeline
+from scmm_atlas.pipeline.reprocess import reprocess
+from scmm_atlas.pipeline.run import run_pipeline
 from scmm_atlas.store import open_store
 from scmm_atlas.store.results import index
 
@@ -55,29 +58,31 @@ def grown(tmp_path_factory, ray_session):
     tmp = tmp_path_factory.mktemp("grow")
     store = str(tmp / "atlas.zarr")
     config = pipeline_config(tmp, store, write_dataset(tmp / "A", 300, 1, "A"))
-    assert main(["run", "--config", str(config), "--no-progress"]) == 0
+    result = run_pipeline(load_pipeline(config), progress=False)
+    assert result.ran == STAGES
     return {"tmp": tmp, "store": store, "config": config, "tracking": f"sqlite:///{tmp / 'mlflow.db'}",
-            "before": snapshot(store)}
+            "before": snapshot(store), "published": result.published.record}
 
 
 @pytest.mark.slow
 def test_a_second_run_skips_every_finished_stage(grown, capsys) -> None:
-    assert main(["run", "--config", str(grown["config"]), "--no-progress"]) == 0
+    result = run_pipeline(load_pipeline(grown["config"]), progress=False)
+    assert result.ran == ()
+    assert result.published.record == grown["published"] and result.trained.version == "1"
+    assert Path(grown["tmp"] / "work" / "report" / "index.html").exists()
+    assert main(["run", "--config", str(grown["config"]), "--no-progress"]) == 0  # the CLI prints what happened
     out = capsys.readouterr().out
     for stage in STAGES:
         assert f"[{stage}] skipped: already done for the same inputs and config" in out
     assert "[train] running" not in out
-    assert Path(grown["tmp"] / "work" / "report" / "index.html").exists()
 
 
-def test_a_changed_stage_config_reruns_that_stage_and_what_depends_on_it(grown, tmp_path, capsys) -> None:
+def test_a_changed_stage_config_reruns_that_stage_and_what_depends_on_it(grown, tmp_path) -> None:
     cfg = yaml.safe_load(grown["config"].read_text())
     cfg["report"]["max_cells"] = 400
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
-    assert main(["run", "--config", str(changed), "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    assert "[train] skipped" in out and "[infer] skipped" in out and "[report] running" in out
+    assert run_pipeline(load_pipeline(changed), progress=False).ran == ("report",)
 
 
 def test_reprocess_maps_appended_cells_and_leaves_published_results_unchanged(grown, capsys) -> None:
@@ -86,10 +91,8 @@ def test_reprocess_maps_appended_cells_and_leaves_published_results_unchanged(gr
     assert main(["ingest", "--store", store, "--append", "--dataset", "B", "--no-progress", *b_inputs]) == 0
     with results.open(store) as res:  # before reprocessing: the published version covers A only
         assert len(res.embeddings()) == 300
-    capsys.readouterr()
-    args = ["reprocess", "--store", store, "--model", "scmm-atlas", "--tracking-uri", tracking, "--no-progress"]
-    assert main(args) == 0
-    assert "mapped 150 new cells with version 1" in capsys.readouterr().out
+    done = reprocess(store, "scmm-atlas", tracking=tracking, progress=False)
+    assert (done.action, done.version, done.new_cells, done.record.n_cells) == ("extend", "1", 150, 450)
     after = snapshot(store)
     assert after["version"] == before["version"] == "1"
     assert len(after["joint"]) == 450 and list(after["ids"][300:]) == [f"B{i}" for i in range(150)]
@@ -99,36 +102,34 @@ def test_reprocess_maps_appended_cells_and_leaves_published_results_unchanged(gr
     assert after["programs"].equals(before["programs"])
     # B mapped with the same model as A: a B cell's embedding matches a fresh full inference
     with open_store(store) as s:
-        assert [r["n_cells"] for r in index(s)] == [450]
-    plain = ad.read_zarr(f"{store}/results/{index(open_store(store))[0]['entry']}/cells")
+        assert [r.n_cells for r in index(s)] == [450]
+    plain = ad.read_zarr(f"{store}/results/{index(open_store(store))[0].entry}/cells")
     assert plain.n_obs == 450 and np.array_equal(plain.obsm["X_scmm"], after["joint"], equal_nan=True)
-    # idempotent: nothing left to do, nothing written
+    # idempotent: nothing left to do, nothing written; the CLI says so
+    args = ["reprocess", "--store", store, "--model", "scmm-atlas", "--tracking-uri", tracking, "--no-progress"]
     assert main(args) == 0
     assert "nothing to do: version 1 (champion) has results for all 450 cells" in capsys.readouterr().out
     assert np.array_equal(snapshot(store)["joint"], after["joint"])
 
 
 @pytest.mark.slow
-def test_reprocess_retrains_warm_started_when_enough_cells_are_new(grown, capsys) -> None:
+def test_reprocess_retrains_warm_started_when_enough_cells_are_new(grown) -> None:
     store, tracking = grown["store"], grown["tracking"]
     if len(snapshot(store)["joint"]) != 450:
         pytest.fail("runs after the append test (module order)")
     c_inputs = write_dataset(grown["tmp"] / "C", 300, 11, "C")
     assert main(["ingest", "--store", store, "--append", "--dataset", "C", "--no-progress", *c_inputs]) == 0
-    capsys.readouterr()
-    args = ["reprocess", "--store", store, "--model", "scmm-atlas", "--tracking-uri", tracking, "--no-progress",
-            "--retrain-if-new-fraction", "0.3"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "retraining, warm-started from it" in out and "retrained version 2 and computed all 750 cells" in out
+    done = reprocess(store, "scmm-atlas", tracking=tracking, retrain_if_new_fraction=0.3, progress=False)
+    assert (done.action, done.version, done.new_cells) == ("retrain", "2", 750)
     client = mlflow.MlflowClient(tracking)
     assert str(client.get_model_version_by_alias("scmm-atlas", "champion").version) == "2"
     with open_store(store) as s:
-        assert {r["version"]: r["n_cells"] for r in index(s)} == {"1": 450, "2": 750}
+        assert {r.version: r.n_cells for r in index(s)} == {"1": 450, "2": 750}
     latest = snapshot(store)
     assert latest["version"] == "2" and np.isfinite(latest["joint"]).all()
-    assert main(args) == 0  # the new champion was trained on all 750 cells: no retrain, nothing to do
-    assert "nothing to do: version 2 (champion)" in capsys.readouterr().out
+    # the new champion was trained on all 750 cells: no retrain, nothing to do
+    again = reprocess(store, "scmm-atlas", tracking=tracking, retrain_if_new_fraction=0.3, progress=False)
+    assert (again.action, again.version, again.new_cells) == ("nothing", "2", 0)
 
 
 @pytest.mark.slow  # continues from the previous test's store (its published version 2)
@@ -140,19 +141,17 @@ def test_reprocess_recomputes_every_cell_when_the_champion_changed(grown, capsys
     args = ["reprocess", "--store", store, "--model", "scmm-atlas", "--tracking-uri", tracking, "--no-progress"]
     try:
         client.set_registered_model_alias("scmm-atlas", "champion", v3.version)
-        capsys.readouterr()
-        assert main(args) == 0
-        out = capsys.readouterr().out
-        assert f"champion version {v3.version} has no results (published: 1, 2): computing all 750 cells" in out
+        done = reprocess(store, "scmm-atlas", tracking=tracking, progress=False)
+        assert (done.action, done.version, done.new_cells) == ("recompute", str(v3.version), 750)
         with open_store(store) as s:
-            assert [(r["version"], r["n_cells"]) for r in index(s)] == [("1", 450), ("2", 750), ("3", 750)]
+            assert [(r.version, r.n_cells) for r in index(s)] == [("1", 450), ("2", 750), ("3", 750)]
         # same weights as version 1: its 450 published rows are reproduced
         np.testing.assert_allclose(snapshot(store, "3")["joint"][:450], snapshot(store, "1")["joint"], atol=1e-5)
         client.set_registered_model_alias("scmm-atlas", "champion", "1")  # roll back: v1 covers 450 of 750
-        assert main(args) == 0
-        assert "mapped 300 new cells with version 1" in capsys.readouterr().out
+        done = reprocess(store, "scmm-atlas", tracking=tracking, progress=False)
+        assert (done.action, done.version, done.new_cells) == ("extend", "1", 300)
         with open_store(store) as s:  # extended in place: the latest version is still 3
-            assert [(r["version"], r["n_cells"]) for r in index(s)] == [("1", 750), ("2", 750), ("3", 750)]
+            assert [(r.version, r.n_cells) for r in index(s)] == [("1", 750), ("2", 750), ("3", 750)]
         client.delete_registered_model_alias("scmm-atlas", "champion")
         assert main(args) == 2
         assert "no registered model 'scmm-atlas' with a 'champion' alias" in capsys.readouterr().err

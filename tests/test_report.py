@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import debian_packages
 from PIL import Image
 
 from scmm_atlas.cli import main
@@ -111,17 +113,18 @@ def test_report_links_the_mlflow_run(tmp_path) -> None:
     import mlflow
 
     from scmm_atlas.evaluate.report import MlflowRun, Page, _find_run, _log_artifacts
+    from scmm_atlas.store.results_base import ResultRecord
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking)
     experiment = client.create_experiment("atlas", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(experiment).info.run_id
-    record = {"version": "3", "model_uri": f"runs:/{run_id}/model", "time": "2026-01-02T03:04:05+00:00",
-              "n_cells": 6855}
+    record = ResultRecord(entry="v3-0123abcd", version="3", model_uri=f"runs:/{run_id}/model",
+                          time="2026-01-02T03:04:05+00:00", n_cells=6855, pairs=(), library_size=None)
     run = _find_run(record, tracking)
     assert run is not None and (run.run_id, run.experiment_id) == (run_id, experiment)
-    assert _find_run({**record, "model_uri": "runs:/0123abc/model"}, tracking) is None
-    assert _find_run({**record, "model_uri": "/models/folder"}, tracking) is None
+    assert _find_run(replace(record, model_uri="runs:/0123abc/model"), tracking) is None
+    assert _find_run(replace(record, model_uri="/models/folder"), tracking) is None
     (tmp_path / "index.html").write_text("page")
     assert _log_artifacts(run, [tmp_path / "index.html"])
     assert [a.path for a in client.list_artifacts(run_id, "report")] == ["report/index.html"]
@@ -154,22 +157,9 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 @pytest.fixture(scope="session")
 def chromium() -> tuple[str, str]:
-    """Debian's Chromium and its chromedriver, installed with apt when missing (CI runs as root on Debian 12):
-    the browser test must run, not skip. Selenium gets both paths, so Selenium Manager downloads nothing."""
-    import os
-    import shutil
-    import subprocess
-
-    if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
-        install = "apt-get update -qq && apt-get install -y -qq chromium chromium-driver"
-        sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else None)
-        if sudo is None or not shutil.which("apt-get"):
-            pytest.fail(f"Chromium for the report's browser test is missing and cannot be installed here: run "
-                        f"`{install}` as root (Debian 12), or provide {CHROMIUM} and {CHROMEDRIVER}")
-        done = subprocess.run([*sudo, "bash", "-c", install], capture_output=True, text=True, timeout=900,
-                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        if done.returncode != 0 or not Path(CHROMEDRIVER).is_file():
-            pytest.fail(f"`{install}` failed (exit {done.returncode}): {(done.stderr or done.stdout)[-2000:]}")
+    """Debian's Chromium and its chromedriver (installed with apt when missing: the browser test must run,
+    not skip). Selenium gets both paths, so Selenium Manager downloads nothing."""
+    debian_packages([CHROMIUM, CHROMEDRIVER], ["chromium", "chromium-driver"], "the report's browser test")
     return CHROMIUM, CHROMEDRIVER
 
 

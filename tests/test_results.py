@@ -49,7 +49,7 @@ def test_infer_writes_and_publishes_readable_results(ray_session, planted_stores
     uri = str(planted_stores[backend])
     trained = _trained(uri, **options)
     out = infer(uri, trained, config=InferConfig(**{**SMALL.__dict__, "executor": executor}), progress=False)
-    assert out.cells == 1000 and out.record["version"] == "1"
+    assert out.cells == 1000 and out.record.version == "1"
     want = _expected(uri, trained)
     with open_store(uri) as store:
         reader = open_results(store)
@@ -63,7 +63,7 @@ def test_infer_writes_and_publishes_readable_results(ray_session, planted_stores
         assert not np.isnan(pred[900:]).any()  # RNA-only cells get protein estimates
         table = reader.programs()
         assert set(table.modality) == {"RNA", "ADT"} and (table["rank"] <= 3).all()
-        entry = out.record["entry"]
+        entry = out.record.entry
 
     # plain readers: no project code
     if backend == "zarr":
@@ -99,6 +99,27 @@ def test_infer_writes_and_publishes_readable_results(ray_session, planted_stores
             res.cells(where={"tissue": ["x"]})
 
 
+def test_the_index_holds_typed_records_and_refuses_one_of_another_shape(planted_stores, tmp_path) -> None:
+    """Index records are ResultRecords (plain JSON in the store); a hand-edited or foreign record is
+    a one-line StoreError naming the index, not a KeyError somewhere downstream."""
+    import shutil
+
+    from scmm_atlas.errors import StoreError
+    from scmm_atlas.store import results_zarr
+    from scmm_atlas.store.results_base import ResultRecord
+
+    uri = str(tmp_path / "copy.zarr")
+    shutil.copytree(planted_stores["zarr"], uri)
+    record = ResultRecord(entry="v1-0123abcd", version="1", model_uri="models:/m/1", time="2026-01-02T03:04:05+00:00",
+                          n_cells=1000, pairs=(("RNA", "ADT"),), library_size=None)
+    with open_store(uri, writable=True) as store:
+        results_zarr.write_index(store, {"published": [record.to_json()]})
+        assert index(store) == [record] and record.to_json()["pairs"] == [["RNA", "ADT"]]
+        results_zarr.write_index(store, {"published": [{"entry": "v1-0123abcd", "version": "1"}]})
+        with pytest.raises(StoreError, match=r"scmm_results/published: a record of another shape \(KeyError"):
+            index(store)
+
+
 @pytest.mark.slow
 def test_killed_inference_keeps_the_previous_version_and_rerun_completes(ray_session, tmp_path) -> None:
     from conftest import make_planted_stores
@@ -108,14 +129,15 @@ def test_killed_inference_keeps_the_previous_version_and_rerun_completes(ray_ses
     with open_store(uri) as store:
         before = open_results(store).embedding("joint")
     v2 = _trained(uri, "2", seed=1)
-    for executor in ("ray", "local"):
-        with pytest.raises(Exception, match="injected inference fault"):
-            infer(uri, v2, config=InferConfig(**{**SMALL.__dict__, "fault_at_block": 2, "executor": executor}),
-                  progress=False)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SCMM_ATLAS_FAULTS", "infer_block=2")
+        for executor in ("ray", "local"):
+            with pytest.raises(Exception, match="injected inference fault at block 2"):
+                infer(uri, v2, config=InferConfig(**{**SMALL.__dict__, "executor": executor}), progress=False)
     with open_store(uri) as store:
-        assert [e["version"] for e in index(store)] == ["1"]  # the half-written v2 is not visible
+        assert [e.version for e in index(store)] == ["1"]  # the half-written v2 is not visible
         reader = open_results(store)
-        assert reader.record["entry"] == first.record["entry"]
+        assert reader.record.entry == first.record.entry
         np.testing.assert_array_equal(reader.embedding("joint"), before)
         with pytest.raises(Exception, match="no published results for version '2'"):
             open_results(store, "2")
@@ -124,7 +146,7 @@ def test_killed_inference_keeps_the_previous_version_and_rerun_completes(ray_ses
     clean_uri = str(make_planted_stores(tmp_path / "clean", backends=("zarr",))["zarr"])
     clean = infer(clean_uri, v2, config=SMALL, progress=False)
     with open_store(uri) as store, open_store(clean_uri) as ref:
-        assert [e["version"] for e in index(store)] == ["1", "2"]
+        assert [e.version for e in index(store)] == ["1", "2"]
         got, want = open_results(store, "2"), open_results(ref, "2")
         np.testing.assert_array_equal(got.embedding("joint"), want.embedding("joint"))
         np.testing.assert_array_equal(got.prediction("ADT", "RNA"), want.prediction("ADT", "RNA"))
@@ -132,7 +154,7 @@ def test_killed_inference_keeps_the_previous_version_and_rerun_completes(ray_ses
         import zarr
 
         entries = sorted(zarr.open_group(f"{uri}/results", mode="r").group_keys())
-        assert entries == sorted([first.record["entry"], rerun.record["entry"]])  # the dead attempt is gone
+        assert entries == sorted([first.record.entry, rerun.record.entry])  # the dead attempt is gone
     assert clean.cells == rerun.cells == 1000
 
 

@@ -107,7 +107,8 @@ def test_tampered_checkpoints_and_models_are_refused_without_running_code(tmp_pa
 def test_names_that_become_paths_cannot_escape(tmp_path) -> None:
     store = str(make_planted_stores(tmp_path, n=120, backends=("zarr",))["zarr"])
     with open_store(store) as s:  # a tampered index naming a folder outside results/
-        write_index(s, {"published": [{"entry": "../../escape", "version": "1", "n_cells": 1}]})
+        write_index(s, {"published": [{"entry": "../../escape", "version": "1", "n_cells": 1, "model_uri": "m",
+                                       "time": "t", "pairs": [], "library_size": None}]})
         with pytest.raises(StoreError, match=re.escape("scmm_results/entry: '../../escape' is not a valid name")):
             open_results(s)
         write_index(s, {})

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from scmm_atlas.pipeline.outputs import Ingested, Trained
+from scmm_atlas.pipeline.outputs import Ingested, Published, Trained
 from scmm_atlas.pipeline.stages import STATE_FILE, StageRecords
+from scmm_atlas.store.results_base import ResultRecord
 
 
 def test_a_finished_stage_is_read_back_as_its_record_and_skipped(tmp_path):
@@ -46,3 +47,21 @@ def test_a_record_of_another_shape_is_not_trusted(tmp_path):
                       train_s=2.0, model_uri="models:/m/1")
     assert StageRecords(str(tmp_path)).run("train", {"a": 1}, lambda: trained, lambda out: True,
                                            kind=Trained) == trained
+
+
+def test_nested_records_survive_pipeline_json_and_ran_lists_what_ran(tmp_path):
+    record = ResultRecord(entry="v2-0123abcd", version="2", model_uri="models:/m/2", time="t", n_cells=7,
+                          pairs=(("RNA", "ADT"),), library_size=1e4)
+    published = Published(record=record, cells_per_s=10.0)
+    first = StageRecords(str(tmp_path))
+    first.run("infer", {"a": 1}, lambda: published, lambda out: True, kind=Published)
+    assert first.ran == ["infer"]
+    again = StageRecords(str(tmp_path))
+    back = again.run("infer", {"a": 1}, lambda: None, lambda out: out.record.entry == "v2-0123abcd", kind=Published)
+    assert back == published and isinstance(back.record, ResultRecord) and again.ran == []
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    state["stages"]["infer"]["outputs"]["record"].pop("n_cells")  # a record of an older shape: run again
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+    rerun = StageRecords(str(tmp_path))
+    assert rerun.run("infer", {"a": 1}, lambda: published, lambda out: True, kind=Published) == published
+    assert rerun.ran == ["infer"]

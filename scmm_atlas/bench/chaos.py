@@ -192,10 +192,10 @@ class Reader:
                 self.problems.append(f"read failed: {exc!r}"[:300])
                 continue
             self.reads += 1
-            n = int(res.record["n_cells"])
+            n = res.record.n_cells
             for name, arr in (("embedding", emb), ("prediction", pred)):
                 if arr.shape[0] != n or not np.isfinite(arr).all() or (np.abs(arr).sum(axis=1) == 0).any():
-                    self.problems.append(f"{name} of {res.record['entry']}: partial ({arr.shape}, n_cells {n})")
+                    self.problems.append(f"{name} of {res.record.entry}: partial ({arr.shape}, n_cells {n})")
 
 
 def snapshot(store_uri: str, tracking: str) -> dict[str, Any]:
@@ -212,8 +212,8 @@ def snapshot(store_uri: str, tracking: str) -> dict[str, Any]:
         for mod in store.modalities:
             out[f"counts/{mod}"] = store.read(mod, 0, store.n_obs).toarray()
         published = index(store)
-        out["versions"] = [r["version"] for r in published]
-        out["unpublished"] = sorted(set(_backend(store).list_entries(store)) - {r["entry"] for r in published})
+        out["versions"] = [r.version for r in published]
+        out["unpublished"] = sorted(set(_backend(store).list_entries(store)) - {r.entry for r in published})
         res = open_results(store)
         out["results/joint"] = res.embedding("joint")
         for source, target in res.spec.pairs:

@@ -33,6 +33,7 @@ import pandas as pd
 from ..store import Store, open_store
 from ..store.base import HASH_CHUNK
 from ..store.results import ResultsReader, open_results
+from ..store.results_base import ResultRecord
 from .markers import markers
 
 log = logging.getLogger(__name__)
@@ -311,10 +312,10 @@ class MlflowRun:
         return None, None  # e.g. databricks: the run id is all we can say
 
 
-def _find_run(record: dict, tracking: str | None) -> MlflowRun | None:
+def _find_run(record: ResultRecord, tracking: str | None) -> MlflowRun | None:
     """The run of ``record``'s model (``runs:/`` or ``models:/``), found before the page is written
     so that the page can link to it; None for a model folder or a run MLflow does not know."""
-    uri = record.get("model_uri", "")
+    uri = record.model_uri
     if not uri.startswith(("models:/", "runs:/")):
         return None
     import mlflow
@@ -325,7 +326,7 @@ def _find_run(record: dict, tracking: str | None) -> MlflowRun | None:
             run_id = uri.split("/")[1]
         else:
             name = uri[len("models:/"):].split("@")[0].split("/")[0]
-            run_id = client.get_model_version(name, record["version"]).run_id
+            run_id = client.get_model_version(name, record.version).run_id
         experiment = client.get_run(run_id).info.experiment_id
     except mlflow.exceptions.MlflowException as exc:
         log.warning("report not logged to MLflow (%s)", str(exc).splitlines()[0])
@@ -438,7 +439,7 @@ class Page:
     store_uri: str
     backend: str
     store_cells: int
-    record: dict
+    record: ResultRecord
     numbers: dict[str, Any]
     label: str  # what the UMAP's right panel is coloured by: "label" or "batch"
     top: int
@@ -450,7 +451,7 @@ class Page:
 
     def html(self) -> str:
         name = html.escape(store_name(self.store_uri))
-        version = html.escape(str(self.record.get("version", "?")))
+        version = html.escape(self.record.version)
         body = [f"<h1>{name}</h1><p class='sub'>scmm-atlas report of results version <b>{version}</b></p>",
                 self._details(), self._summary(), self._mlflow(), "<h2 id='figures'>figures</h2>",
                 *map(self._figure, self.figures), self._protein_table(), self.extra]
@@ -463,15 +464,14 @@ class Page:
         r = self.record
         facts = [f"Store <code>{html.escape(self.store_uri)}</code> ({html.escape(self.backend)}, "
                  f"{_fmt(self.store_cells)} cells).",
-                 f"Results version {html.escape(str(r.get('version')))} published "
-                 f"{html.escape(_when(r.get('time', '')))}",
-                 f"for {_fmt(int(r.get('n_cells', 0)))} cells by model <code>{html.escape(str(r.get('model_uri', '')))}"
+                 f"Results version {html.escape(r.version)} published {html.escape(_when(r.time))}",
+                 f"for {_fmt(r.n_cells)} cells by model <code>{html.escape(r.model_uri)}"
                  "</code>."]
         return f"<p class='details'>{' '.join(facts)}</p>"
 
     def _summary(self) -> str:
         n = self.numbers
-        rows = [("cells shown", f"{_fmt(n['cells_shown'])} of {_fmt(int(self.record.get('n_cells', 0)))}",
+        rows = [("cells shown", f"{_fmt(n['cells_shown'])} of {_fmt(self.record.n_cells)}",
                  "a seeded random sample; every figure and table below is over these cells"),
                 ("Leiden clusters", _fmt(n["leiden_clusters"]), "of the joint embedding, resolution 1.0")]
         if self.protein is not None:

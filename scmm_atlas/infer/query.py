@@ -42,7 +42,7 @@ class Results:
         self.close()
 
     def versions(self) -> pd.DataFrame:
-        return pd.DataFrame(index(self.store))
+        return pd.DataFrame([r.to_json() for r in index(self.store)])
 
     def cells(self, *, where: Mapping[str, Sequence[str]] | None = None, ids: Sequence[str] | None = None
               ) -> np.ndarray:

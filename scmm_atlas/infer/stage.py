@@ -34,11 +34,13 @@ import torch
 
 from ..data.cluster import ensure_ray
 from ..errors import StoreError
+from ..faults import FaultPlan
 from ..memory import keep_freed_buffers
 from ..store import Store, open_store
 from ..store.base import modality_kind
 from ..store.regions import parse_regions
 from ..store.results import ResultSpec, begin, extend, open_writer, publish
+from ..store.results_base import ResultRecord
 from ..store.uri import aws_settings
 from .motifs import annotate, check_genome, load_motifs
 from .predict import check_pairs, default_pairs, infer_batch
@@ -66,7 +68,6 @@ class InferConfig:
     genome: str | None = None  # FASTA of the peaks' assembly: motif table of the ATAC programs (infer.motifs)
     motif_p: float = 1e-4  # p-value of a motif site's score (per position and strand)
     motif_background: int = 5  # GC-matched background peaks per program peak
-    fault_at_block: int = -1  # tests: the actor handling this block raises (the entry stays unpublished)
 
     def __post_init__(self) -> None:
         for name in ("block_cells", "batch_size", "top_n", "motif_background"):
@@ -85,7 +86,7 @@ class InferConfig:
 
 @dataclass
 class InferResult:
-    record: dict[str, Any]
+    record: ResultRecord
     cells: int
     cells_per_s: float
     programs_s: float
@@ -122,11 +123,28 @@ def block_edges(lo: int, hi: int, chunk: int, size: int) -> np.ndarray:
     return np.array([lo, *range((lo // step + 1) * step, hi, step), hi], dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class BlockWork:
+    """What every block worker needs: the entry it writes and the model that computes the rows."""
+
+    store: Store
+    entry: str
+    trained: TrainedModel
+    features: FeatureMap
+    cfg: InferConfig
+    fault_block: int = -1  # tests (scmm_atlas.faults): the worker handed this block raises
+
+    def worker_kwargs(self) -> dict[str, Any]:
+        """:class:`BlockInfer`'s arguments (an actor's are pickled: the store goes as its URI)."""
+        return {"store_uri": self.store.uri.uri, "entry": self.entry, "trained": self.trained,
+                "features": self.features, "config": self.cfg, "fault_block": self.fault_block}
+
+
 class BlockInfer:
     """A Ray Data actor: the model built once; each call reads, infers and writes whole blocks."""
 
     def __init__(self, store_uri: str, entry: str, trained: TrainedModel, features: FeatureMap,
-                 config: InferConfig) -> None:
+                 config: InferConfig, fault_block: int = -1) -> None:
         torch.set_num_threads(config.torch_threads)
         keep_freed_buffers()
         self.model, self.trained, self.features, self.cfg = trained.build(), trained, features, config
@@ -134,10 +152,11 @@ class BlockInfer:
         self.writer = open_writer(self.store, entry)
         self.codes = {b: i for i, b in enumerate(trained.batches)}
         self.pairs = list(self.writer.spec.pairs)
+        self.fault_block = fault_block  # this block raises (tests): the entry stays unpublished
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for index, start, stop in zip(batch["block"], batch["start"], batch["stop"], strict=True):
-            if int(index) == self.cfg.fault_at_block:
+            if int(index) == self.fault_block:
                 raise RuntimeError(f"injected inference fault at block {index}")
             self._block(int(start), int(stop))
         return {"cells": batch["stop"] - batch["start"]}
@@ -182,7 +201,7 @@ def _torch_csr(mat: sp.csr_matrix) -> torch.Tensor:
 
 
 def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None = None, ray_address: str | None = None,
-          progress: bool = True, extend_record: dict[str, Any] | None = None) -> InferResult:
+          progress: bool = True, extend_record: ResultRecord | None = None) -> InferResult:
     """Run the stage on ``store_uri`` with ``trained``; publish and return the index record.
 
     ``extend_record`` (a published record of ``trained``'s version) computes only the cells
@@ -205,8 +224,8 @@ def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None =
                               library_size=cfg.library_size, chunk_rows=math.gcd(cfg.block_cells, CHUNK_ROWS))
             writer = begin(store, spec)
         else:
-            if extend_record["version"] != trained.version:
-                raise StoreError(store.uri, "version", f"cannot extend version {extend_record['version']} with "
+            if extend_record.version != trained.version:
+                raise StoreError(store.uri, "version", f"cannot extend version {extend_record.version} with "
                                  f"model version {trained.version}")
             writer = extend(store, extend_record)
             spec = writer.spec
@@ -217,7 +236,8 @@ def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None =
                       for i, (a, b) in enumerate(itertools.pairwise(edges)) if b > a]
             t_cells = time.perf_counter()
             run_blocks = _run_blocks if cfg.uses_ray(ray_address) else _run_local
-            done = run_blocks(store, spec.entry, blocks, trained, features, cfg, ray_address, progress) if blocks else 0
+            work = BlockWork(store, spec.entry, trained, features, cfg, FaultPlan.from_env().infer_block)
+            done = run_blocks(work, blocks, ray_address, progress) if blocks else 0
             cells_s = time.perf_counter() - t_cells
             t_prog = time.perf_counter()
             if cfg.programs and extend_record is None:
@@ -260,16 +280,15 @@ def _motifs(found: Programs, trained: TrainedModel, mods: list[str], cfg: InferC
                       for m in mods], ignore_index=True)
 
 
-def _run_blocks(store: Store, entry: str, blocks: list[dict[str, int]], trained: TrainedModel, features: FeatureMap,
-                cfg: InferConfig, ray_address: str | None, progress: bool) -> int:
+def _run_blocks(work: BlockWork, blocks: list[dict[str, int]], ray_address: str | None, progress: bool) -> int:
     """Hand ``blocks`` to a pool of :class:`BlockInfer` actors; returns the cells they wrote."""
     import ray
 
     ensure_ray(ray_address, object_store_bytes=1 << 29)
-    actors = _workers(cfg, ray.cluster_resources().get("CPU", 1))
+    actors = _workers(work.cfg, ray.cluster_resources().get("CPU", 1))
     with warnings.catch_warnings():  # ray_remote_args_fn: deprecated in 2.60, the only way to set max_restarts
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = _pool(ray, blocks, store, entry, trained, features, cfg, actors)
+        ds = _pool(ray, blocks, work, actors)
     ds.context.enable_progress_bars = False
     done = 0
     with _progress(sum(b["stop"] - b["start"] for b in blocks), progress) as bar:
@@ -284,16 +303,15 @@ def _workers(cfg: InferConfig, cpus: float) -> int:
     return cfg.actors or max(1, min(4, int(cpus // cfg.cpus_per_actor)))
 
 
-def _run_local(store: Store, entry: str, blocks: list[dict[str, int]], trained: TrainedModel, features: FeatureMap,
-               cfg: InferConfig, ray_address: str | None, progress: bool) -> int:
+def _run_local(work: BlockWork, blocks: list[dict[str, int]], ray_address: str | None, progress: bool) -> int:
     """The blocks on threads of this process, each with its own :class:`BlockInfer`; the first
     failure stops the rest (the entry stays unpublished, as with actors)."""
     del ray_address
-    n_workers = min(_workers(cfg, os.cpu_count() or 1), len(blocks))
+    n_workers = min(_workers(work.cfg, os.cpu_count() or 1), len(blocks))
     threads = torch.get_num_threads()
     idle: queue.SimpleQueue[BlockInfer] = queue.SimpleQueue()
     for _ in range(n_workers):
-        idle.put(BlockInfer(store.uri.uri, entry, trained, features, cfg))
+        idle.put(BlockInfer(**work.worker_kwargs()))
 
     def run(block: dict[str, int]) -> int:
         worker = idle.get()
@@ -320,14 +338,11 @@ def _run_local(store: Store, entry: str, blocks: list[dict[str, int]], trained: 
     return done
 
 
-def _pool(ray: Any, blocks: list[dict[str, int]], store: Store, entry: str, trained: TrainedModel,
-          features: FeatureMap, cfg: InferConfig, actors: int) -> Any:
+def _pool(ray: Any, blocks: list[dict[str, int]], work: BlockWork, actors: int) -> Any:
     return ray.data.from_items(blocks, override_num_blocks=len(blocks)).map_batches(
-        BlockInfer, fn_constructor_kwargs={"store_uri": store.uri.uri, "entry": entry, "trained": trained,
-                                           "features": features, "config": cfg},
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(actors, len(blocks))), num_cpus=cfg.cpus_per_actor,
-        ray_remote_args_fn=_no_restarts,
-        runtime_env={"env_vars": aws_settings()} if store.uri.is_s3 else None)
+        BlockInfer, fn_constructor_kwargs=work.worker_kwargs(), batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(actors, len(blocks))), num_cpus=work.cfg.cpus_per_actor,
+        ray_remote_args_fn=_no_restarts, runtime_env={"env_vars": aws_settings()} if work.store.uri.is_s3 else None)
 
 
 def _no_restarts() -> dict[str, int]:

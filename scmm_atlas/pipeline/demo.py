@@ -16,19 +16,28 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
 from ..evaluate.summary import summarise
 from .config import data_dir, load_pipeline
-from .run import run_pipeline
+from .run import PipelineResult, run_pipeline
 
 CONFIG = "pbmc_demo"
+TITLE = "scmm-atlas demo: 10x PBMC 10k CITE-seq"
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    lines: list[str]  # the summary, a line each (``scmm-atlas demo`` prints them under :data:`TITLE`)
+    pipeline: PipelineResult
+    wall_s: float
 
 
 def run_demo(data: str | os.PathLike[str] | None = None, *, fresh: bool = False, progress: bool = True,
-             overrides: tuple[str, ...] = ()) -> list[str]:
-    """Run the demo pipeline and print its summary; returns the summary lines.
+             overrides: tuple[str, ...] = ()) -> DemoResult:
+    """Run the demo pipeline; its summary lines, the pipeline's result and the time taken.
     ``overrides`` are extra training ``KEY=VALUE`` items (tests use fewer epochs)."""
     folder = data_dir(data)
     if not (folder / "pbmc10k_cite" / "rna.h5ad").exists():
@@ -40,20 +49,16 @@ def run_demo(data: str | os.PathLike[str] | None = None, *, fresh: bool = False,
     t0 = time.perf_counter()
     result = run_pipeline(cfg, progress=progress)
     trained, record = result.trained, result.published.record
-    summary = summarise(cfg.store, version=record["version"])
+    summary = summarise(cfg.store, version=record.version)
     db = result.tracking_uri.removeprefix("sqlite:///")
     lines = [
         *summary.lines()[:1],
         f"training: {trained.epochs} epochs in {trained.train_s:.0f} s (best validation loss "
         f"{trained.best_val:,.2f}); registered {trained.model_name} version {trained.version}",
         *summary.lines()[1:],
-        f"results: version {record['version']} in {Path(cfg.store).resolve()} (entry {record['entry']}); "
+        f"results: version {record.version} in {Path(cfg.store).resolve()} (entry {record.entry}); "
         f"e.g. scmm-atlas query predictions --store {cfg.store} --target ADT",
         f"report: {Path(result.reported.html).resolve() if result.reported else 'off'}",
         f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{Path(db).resolve()} --host 127.0.0.1 --port 5000",
     ]
-    print("\n== scmm-atlas demo: 10x PBMC 10k CITE-seq ==")
-    for line in lines:
-        print(line)
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s")
-    return lines
+    return DemoResult(lines=lines, pipeline=result, wall_s=time.perf_counter() - t0)

@@ -3,8 +3,11 @@ JSON, :func:`dataclasses.asdict`) and read back when a finished stage is skipped
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..store.results_base import ResultRecord
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,12 @@ class Trained:
 
 @dataclass(frozen=True)
 class Published:
-    record: dict[str, Any]  # the results index record of the published version (version, entry, n_cells, ...)
+    record: ResultRecord  # the results index record of the published version
     cells_per_s: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.record, Mapping):  # read back from pipeline.json
+            object.__setattr__(self, "record", ResultRecord.from_json(self.record))
 
 
 @dataclass(frozen=True)

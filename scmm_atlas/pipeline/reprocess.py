@@ -14,6 +14,7 @@ Compares the store with the published results of the model's current champion ve
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -29,8 +30,11 @@ from ..infer.stage import InferConfig, infer
 from ..infer.trained import TrainedModel, load_trained
 from ..store import open_store
 from ..store.results import index
+from ..store.results_base import ResultRecord
 from ..train.run import train
 from ..train.tracking import CHAMPION, STORE_CELLS_TAG, tracking_uri
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,7 +43,7 @@ class ReprocessResult:
     message: str
     version: str
     new_cells: int
-    record: dict[str, Any] | None = None
+    record: ResultRecord | None = None
 
 
 def _champion(client: mlflow.MlflowClient, name: str) -> Any:
@@ -65,7 +69,8 @@ def _warm_weights(trained: TrainedModel, store_uri: str) -> dict[str, Any]:
         changed = [m for m, names in trained.features.items()
                    if m not in store.modalities or [str(f) for f in store.feature_names(m, "selected")] != names]
     if changed:
-        print(f"warm start: the feature selection of {', '.join(changed)} changed: its encoder and decoder start fresh")
+        log.info("warm start: the feature selection of %s changed: its encoder and decoder start fresh",
+                 ", ".join(changed))
     prefixes = tuple(f"{part}.{m}." for m in changed for part in ("encoders", "decoders"))
     return {k: v for k, v in trained.state.items() if not k.startswith(prefixes)}
 
@@ -81,8 +86,8 @@ def _retrain(client: mlflow.MlflowClient, champion: Any, trained: TrainedModel, 
     result = train(config, store_uri, ray_address=ray_address, run_name=time.strftime("reprocess-%Y%m%d-%H%M%S"),
                    tracking=tracking, progress=progress, warm_start=_warm_weights(trained, store_uri),
                    make_champion=True)
-    print(f"retrained: {result.epochs} epochs in {result.wall_s:.0f} s, best validation loss "
-          f"{result.best_val:,.2f}; version {result.model_version} is the champion")
+    log.info("retrained: %d epochs in %.0f s, best validation loss %s; version %s is the champion", result.epochs,
+             result.wall_s, f"{result.best_val:,.2f}", result.model_version)
     return str(result.model_version)
 
 
@@ -101,13 +106,13 @@ def reprocess(store_uri: str, model_name: str, *, tracking: str | None = None,
         n, published = store.n_obs, index(store)
     if infer_config is None and published:  # recomputed results keep the published pairs and library size
         last = published[-1]
-        infer_config = InferConfig(pairs=tuple(tuple(p) for p in last["pairs"]), library_size=last["library_size"])
+        infer_config = InferConfig(pairs=last.pairs, library_size=last.library_size)
     model_uri = f"models:/{model_name}/{champion.version}"
     trained_on = _trained_on(client, champion)
     new = max(0, n - trained_on)
     if retrain_if_new_fraction is not None and n and new / n >= retrain_if_new_fraction:
-        print(f"{new:,} of {n:,} cells ({new / n:.0%}) arrived after version {champion.version} was trained "
-              f"(>= {retrain_if_new_fraction:.0%}): retraining, warm-started from it")
+        log.info("%s of %s cells (%s) arrived after version %s was trained (>= %s): retraining, warm-started "
+                 "from it", f"{new:,}", f"{n:,}", f"{new / n:.0%}", champion.version, f"{retrain_if_new_fraction:.0%}")
         trained = load_trained(model_uri, tracking=uri)
         version = _retrain(client, champion, trained, store_uri, tracking=uri, storage_path=storage_path,
                            ray_address=ray_address, progress=progress)
@@ -115,20 +120,22 @@ def reprocess(store_uri: str, model_name: str, *, tracking: str | None = None,
                        ray_address=ray_address, progress=progress)
         return ReprocessResult("retrain", f"retrained version {version} and computed all {result.cells:,} cells",
                                version, result.cells, result.record)
-    record = next((r for r in published if r["version"] == str(champion.version)), None)
-    if record is not None and record["n_cells"] == n:
+    record = next((r for r in published if r.version == str(champion.version)), None)
+    if record is not None and record.n_cells == n:
         return ReprocessResult("nothing", f"nothing to do: version {champion.version} (champion) has results for "
                                f"all {n:,} cells", str(champion.version), 0, record)
     trained = load_trained(model_uri, tracking=uri)
     if record is None:
-        before = ", ".join(r["version"] for r in published) or "none"
-        print(f"champion version {champion.version} has no results (published: {before}): computing all {n:,} cells")
+        before = ", ".join(r.version for r in published) or "none"
+        log.info("champion version %s has no results (published: %s): computing all %s cells", champion.version,
+                 before, f"{n:,}")
         result = infer(store_uri, trained, config=infer_config, ray_address=ray_address, progress=progress)
         return ReprocessResult("recompute", f"computed all {result.cells:,} cells with version {champion.version}",
                                str(champion.version), result.cells, result.record)
-    print(f"{n - record['n_cells']:,} cells appended since version {champion.version} was published: mapping them")
+    log.info("%s cells appended since version %s was published: mapping them", f"{n - record.n_cells:,}",
+             champion.version)
     result = infer(store_uri, trained, config=infer_config, ray_address=ray_address, progress=progress,
                    extend_record=record)
     return ReprocessResult("extend", f"mapped {result.cells:,} new cells with version {champion.version}; its "
-                           f"results now cover {result.record['n_cells']:,} cells", str(champion.version),
+                           f"results now cover {result.record.n_cells:,} cells", str(champion.version),
                            result.cells, result.record)

@@ -8,6 +8,7 @@ stages are skipped; a training run that died is resumed from its last checkpoint
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,11 +17,13 @@ from typing import Any
 from ..errors import InputError
 from ..ingest.readers import SourceSpec
 from ..store import open_store, store_exists
+from ..store.results_base import ResultRecord
 from .config import PipelineConfig
 from .outputs import Ingested, Published, Reported, Selected, Trained
 from .stages import StageRecords, fingerprint
 
 STAGES = ("ingest", "stats", "train", "infer", "report")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +38,7 @@ class PipelineResult:
     trained: Trained
     published: Published
     reported: Reported | None  # None: the report is off
+    ran: tuple[str, ...] = ()  # the stages that ran this time; the others were skipped (already done)
 
 
 def _file_id(spec: str) -> dict[str, Any]:
@@ -66,7 +70,8 @@ def _ingest(cfg: PipelineConfig, records: StageRecords, progress: bool, force: b
                              modalities=ing.modalities, prefix_barcodes=ing.prefix_barcodes, stats=False,
                              progress=progress)
         report = ingest(cfg.store, ing.inputs, opts)
-        print(f"  {report.n_new:,} cells ingested ({', '.join(f'{m} {n:,}' for m, n in report.modalities.items())})")
+        log.info("  %s cells ingested (%s)", f"{report.n_new:,}",
+                 ", ".join(f"{m} {n:,}" for m, n in report.modalities.items()))
         return Ingested(n_new=report.n_new, n_total=report.n_total, modalities=report.modalities)
 
     inputs = {"store": cfg.store, "inputs": [_file_id(i) for i in ing.inputs], "options": asdict(ing)}
@@ -85,7 +90,7 @@ def _stats(cfg: PipelineConfig, records: StageRecords, progress: bool, force: bo
             selected = {m: int(sel["n_selected"]) for m, sel in store.info.selection.items()}
         with open_store(cfg.store) as store:  # reopened: the writer's cached var predates the selection
             chosen = selection_fingerprint(store)
-        print("  selected: " + ", ".join(f"{m} {n:,}" for m, n in selected.items()))
+        log.info("  selected: %s", ", ".join(f"{m} {n:,}" for m, n in selected.items()))
         return Selected(n_obs=n_obs, selected=selected, selection=chosen)
 
     with open_store(cfg.store) as store:
@@ -144,14 +149,16 @@ def _train(cfg: PipelineConfig, records: StageRecords, tracking: str, ray_addres
         if recorded is not None:
             done = _registered_version(tracking, dist.model_name, json.loads(recorded).get("run_id"), run_name)
             if done is not None:  # trained and registered, then stopped before the record was saved
-                print(f"  training run {run_name} already registered {dist.model_name} version {done.version}")
+                log.info("  training run %s already registered %s version %s", run_name, dist.model_name,
+                         done.version)
                 return done
-            print(f"  resuming training run {run_name} from its last checkpoint")
+            log.info("  resuming training run %s from its last checkpoint", run_name)
         resume = recorded is not None
         result = train(config, cfg.store, ray_address=ray_address, resume=resume, run_name=run_name,
                        tracking=tracking, progress=progress)
-        print(f"  {result.epochs} epochs in {result.wall_s:.0f} s, best validation loss {result.best_val:,.2f}; "
-              f"registered {dist.model_name} version {result.model_version}{' (champion)' * result.champion}")
+        log.info("  %d epochs in %.0f s, best validation loss %s; registered %s version %s%s", result.epochs,
+                 result.wall_s, f"{result.best_val:,.2f}", dist.model_name, result.model_version,
+                 " (champion)" * result.champion)
         return Trained(run_id=result.run_id, run_name=run_name, model_name=dist.model_name,
                        version=result.model_version, champion=result.champion, best_val=result.best_val,
                        epochs=result.epochs, train_s=round(result.wall_s, 1),
@@ -190,32 +197,32 @@ def _infer(cfg: PipelineConfig, records: StageRecords, model: Trained, tracking:
         trained = load_trained(model.model_uri, tracking=tracking)
         result = infer(cfg.store, trained, config=infer_cfg, ray_address=ray_address, progress=progress)
         rec = result.record
-        print(f"  published version {rec['version']} ({rec['entry']}): {result.cells:,} cells at "
-              f"{result.cells_per_s:,.0f} cells/s; programs in {result.programs_s:.1f} s")
+        log.info("  published version %s (%s): %s cells at %s cells/s; programs in %.1f s", rec.version,
+                 rec.entry, f"{result.cells:,}", f"{result.cells_per_s:,.0f}", result.programs_s)
         return Published(record=rec, cells_per_s=round(result.cells_per_s, 1))
 
     def still_there(out: Published) -> bool:
         with open_store(cfg.store) as store:
-            return any(r["entry"] == out.record["entry"] for r in index(store))
+            return any(r.entry == out.record.entry for r in index(store))
 
     inputs = {"store": cfg.store, "n_obs": _n_obs(cfg.store), "model_uri": model.model_uri,
               "run_id": model.run_id, "infer": asdict(sec)}
     return records.run("infer", inputs, work, still_there, kind=Published, force=force)
 
 
-def _report(cfg: PipelineConfig, records: StageRecords, published: dict[str, Any], tracking: str,
+def _report(cfg: PipelineConfig, records: StageRecords, published: ResultRecord, tracking: str,
             force: bool) -> Reported:
     from ..evaluate.report import report
 
     out_dir = cfg.report_dir
 
     def work() -> Reported:
-        done = Reported(**report(cfg.store, out_dir, version=published["version"], max_cells=cfg.report.max_cells,
+        done = Reported(**report(cfg.store, out_dir, version=published.version, max_cells=cfg.report.max_cells,
                                  tracking=tracking))
-        print(f"  {len(done.figures)} figures and {done.html}")
+        log.info("  %d figures and %s", len(done.figures), done.html)
         return done
 
-    inputs = {"entry": published["entry"], "n_cells": published["n_cells"], "out": str(Path(out_dir).resolve()),
+    inputs = {"entry": published.entry, "n_cells": published.n_cells, "out": str(Path(out_dir).resolve()),
               "max_cells": cfg.report.max_cells}
     return records.run("report", inputs, work, lambda out: Path(out.html).exists(), kind=Reported, force=force)
 
@@ -243,4 +250,5 @@ def run_pipeline(cfg: PipelineConfig, *, ray_address: str | None = None, force: 
     reported = (_report(cfg, records, published.record, tracking, "report" in force) if cfg.report.enabled
                 else None)
     return PipelineResult(store=cfg.store, tracking_uri=tracking, workdir=cfg.workdir, ingested=ingested,
-                          selected=selected, trained=trained, published=published, reported=reported)
+                          selected=selected, trained=trained, published=published, reported=reported,
+                          ran=tuple(records.ran))

@@ -4,7 +4,8 @@ A stage is skipped (and says so) when its record's fingerprint matches and its o
 there (the store, the registered model version, the published results, the report), so deleting
 an output or changing an input reruns that stage and, through the fingerprints, every later one.
 Records live in ``<workdir>/pipeline.json`` (a local folder or ``s3://``), rewritten whole after
-each stage.
+each stage. What happens is logged (logger ``scmm_atlas.pipeline``; the CLI prints it) and kept as
+data: :attr:`StageRecords.ran` lists the stages that ran this time.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -20,6 +22,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 STATE_FILE = "pipeline.json"
+log = logging.getLogger(__name__)
 
 
 def fingerprint(inputs: Mapping[str, Any]) -> str:
@@ -36,6 +39,7 @@ class StageRecords:
         self.path = f"{self.root.rstrip('/')}/{STATE_FILE}"
         self.records: dict[str, dict[str, Any]] = (json.loads(self.fs.cat_file(self.path))["stages"]
                                                    if self.fs.exists(self.path) else {})
+        self.ran: list[str] = []  # the stages that ran (not skipped) through this object, in order
 
     def _save(self) -> None:
         self.fs.makedirs(self.root, exist_ok=True)
@@ -51,17 +55,18 @@ class StageRecords:
         done = self.records.get(name)
         recorded = _as(kind, done["outputs"]) if done and done["fingerprint"] == fp and not force else None
         if recorded is not None and still_there(recorded):
-            print(f"[{name}] skipped: already done for the same inputs and config ({done['finished']}, "
-                  f"{done['wall_s']:.0f} s then)", flush=True)
+            log.info("[%s] skipped: already done for the same inputs and config (%s, %.0f s then)", name,
+                     done["finished"], done["wall_s"])
             return recorded
-        print(f"[{name}] running", flush=True)
+        log.info("[%s] running", name)
         t0 = time.perf_counter()
         outputs = work()
         wall = time.perf_counter() - t0
         self.records[name] = {"fingerprint": fp, "outputs": asdict(outputs), "wall_s": round(wall, 1),
                               "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         self._save()
-        print(f"[{name}] done in {wall:.0f} s", flush=True)
+        self.ran.append(name)
+        log.info("[%s] done in %.0f s", name, wall)
         return outputs
 
 
@@ -70,5 +75,5 @@ def _as(kind: type[T], outputs: Mapping[str, Any]) -> T | None:
     version of this program): the stage then runs again."""
     try:
         return kind(**outputs)
-    except TypeError:
+    except (TypeError, KeyError, ValueError):  # other fields, or a nested record of another shape
         return None

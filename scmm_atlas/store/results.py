@@ -30,13 +30,11 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
 
 from ..errors import StoreError
 from .base import Store
 from .lease import Lease, held, lock
-from .results_base import INDEX_KEY, ResultsBackend, ResultSpec, ResultsReader, ResultsWriter
+from .results_base import INDEX_KEY, ResultRecord, ResultsBackend, ResultSpec, ResultsReader, ResultsWriter
 
 # How long a superseded entry stays for readers that resolved it before it was superseded.
 RETAIN_S = float(os.environ.get("SCMM_ATLAS_RESULTS_RETAIN_S", 3600))
@@ -84,21 +82,21 @@ def open_writer(store: Store, entry: str) -> ResultsWriter:
     return _backend(store).open_entry(store, entry)
 
 
-def extend(store: Store, record: Mapping[str, Any]) -> ResultsWriter:
+def extend(store: Store, record: ResultRecord) -> ResultsWriter:
     """Reopen the published entry of ``record`` to add the rows of cells appended to the store since.
 
-    Rows ``record["n_cells"]`` onwards are written in place; readers bound every read by the
+    Rows ``record.n_cells`` onwards are written in place; readers bound every read by the
     record they resolved, so they keep seeing the published rows (unchanged, never rewritten)
     until :func:`publish` records the new count. The store must only have grown by appends.
     """
-    old = int(record["n_cells"])
+    old = record.n_cells
     if store.n_obs < old:
         raise StoreError(store.uri, INDEX_KEY, f"the store has {store.n_obs} cells, fewer than the {old} of "
-                         f"published version {record['version']}: it was rebuilt, recompute the results")
-    check_name(store, f"{INDEX_KEY}/entry", record["entry"], _ENTRY)
-    lease = Lease(store.uri.uri, ENTRY_LEASE + record["entry"]).acquire()  # one extension at a time
+                         f"published version {record.version}: it was rebuilt, recompute the results")
+    check_name(store, f"{INDEX_KEY}/entry", record.entry, _ENTRY)
+    lease = Lease(store.uri.uri, ENTRY_LEASE + record.entry).acquire()  # one extension at a time
     try:
-        writer = _backend(store).extend_entry(store, record["entry"], old, store.n_obs)
+        writer = _backend(store).extend_entry(store, record.entry, old, store.n_obs)
     except BaseException:
         lease.release()
         raise
@@ -106,12 +104,20 @@ def extend(store: Store, record: Mapping[str, Any]) -> ResultsWriter:
     return writer
 
 
-def index(store: Store) -> list[dict[str, Any]]:
-    """Published versions, oldest first: entry, version, model_uri, time, n_cells, pairs."""
-    return list(_backend(store).read_index(store).get("published", []))
+def index(store: Store) -> list[ResultRecord]:
+    """Published versions, oldest first."""
+    return [_record(store, raw) for raw in _backend(store).read_index(store).get("published", [])]
 
 
-def publish(store: Store, writer: ResultsWriter) -> dict[str, Any]:
+def _record(store: Store, raw: object) -> ResultRecord:
+    try:
+        return ResultRecord.from_json(raw)  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StoreError(store.uri, f"{INDEX_KEY}/published", f"a record of another shape ({type(exc).__name__}: "
+                         f"{exc}): written by another program?") from None
+
+
+def publish(store: Store, writer: ResultsWriter) -> ResultRecord:
     """Make the writer's entry the current results of its version (one metadata write, under the
     index lock), then remove entries that nobody holds and that are not published or retained."""
     spec = writer.spec
@@ -124,14 +130,14 @@ def publish(store: Store, writer: ResultsWriter) -> dict[str, Any]:
         retired = [r for r in current.get("retired", []) if r["entry"] != spec.entry]
         retired += [{"entry": e["entry"], "since": now} for e in published
                     if e["version"] == spec.version and e["entry"] != spec.entry]
-        record = {"entry": spec.entry, "version": spec.version, "model_uri": spec.model_uri,
-                  "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "n_cells": spec.n_obs,
-                  "pairs": [list(p) for p in spec.pairs], "library_size": spec.library_size}
+        record = ResultRecord(entry=spec.entry, version=spec.version, model_uri=spec.model_uri,
+                              time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), n_cells=spec.n_obs,
+                              pairs=tuple(spec.pairs), library_size=spec.library_size)
         same = [i for i, e in enumerate(published) if e["entry"] == spec.entry]
         if same:  # an extended entry keeps its place: which version is the latest does not change
-            published[same[0]] = record
+            published[same[0]] = record.to_json()
         else:
-            published = [*(e for e in published if e["version"] != spec.version), record]
+            published = [*(e for e in published if e["version"] != spec.version), record.to_json()]
         retained = [r for r in retired if now - float(r["since"]) < RETAIN_S]
         mod.write_index(store, {"published": published, "retired": retained})
         keep = {e["entry"] for e in published} | {r["entry"] for r in retained}
@@ -143,7 +149,7 @@ def publish(store: Store, writer: ResultsWriter) -> dict[str, Any]:
     return record
 
 
-def resolve(store: Store, version: str | None = None) -> dict[str, Any]:
+def resolve(store: Store, version: str | None = None) -> ResultRecord:
     """The index record of ``version`` (default: the latest published)."""
     published = index(store)
     if not published:
@@ -151,14 +157,14 @@ def resolve(store: Store, version: str | None = None) -> dict[str, Any]:
     if version is None:
         return published[-1]
     for record in published:
-        if record["version"] == str(version):
+        if record.version == str(version):
             return record
     raise StoreError(store.uri, INDEX_KEY, f"no published results for version {version!r} (published: "
-                     f"{', '.join(e['version'] for e in published)})")
+                     f"{', '.join(e.version for e in published)})")
 
 
 def open_results(store: Store, version: str | None = None) -> ResultsReader:
     """A reader for a published version (default: the latest)."""
     record = resolve(store, version)
-    check_name(store, f"{INDEX_KEY}/entry", record["entry"], _ENTRY)  # the index names a folder: no escapes
+    check_name(store, f"{INDEX_KEY}/entry", record.entry, _ENTRY)  # the index names a folder: no escapes
     return _backend(store).open_reader(store, record)

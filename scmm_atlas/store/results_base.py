@@ -60,6 +60,31 @@ class ResultSpec:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class ResultRecord:
+    """One published version in the results index: what readers resolve. Stored as plain JSON."""
+
+    entry: str  # the entry's folder: v<version>-<id>
+    version: str
+    model_uri: str
+    time: str  # when it was (last) published, UTC ISO 8601
+    n_cells: int  # its rows: the store's first n_cells cells
+    pairs: tuple[tuple[str, str], ...]  # (source, target) of each cross-modal prediction
+    library_size: float | None  # predictions per this many counts (None: the model's library scale)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "pairs": [list(p) for p in self.pairs]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ResultRecord:
+        """Raises KeyError, TypeError or ValueError on a record of another shape."""
+        size = data["library_size"]
+        return cls(entry=str(data["entry"]), version=str(data["version"]), model_uri=str(data["model_uri"]),
+                   time=str(data["time"]), n_cells=int(data["n_cells"]),
+                   pairs=tuple((str(s), str(t)) for s, t in data["pairs"]),
+                   library_size=None if size is None else float(size))
+
+
 class ResultsWriter(abc.ABC):
     """Writes one entry. Row blocks may come from many processes (reopened with :func:`open_writer`);
     blocks must not share a storage chunk (``spec.chunk_rows`` divides every block start, except
@@ -97,13 +122,13 @@ class ResultsWriter(abc.ABC):
 class ResultsReader(abc.ABC):
     """One published entry."""
 
-    def __init__(self, store: Store, record: Mapping[str, Any], spec: ResultSpec) -> None:
-        self.store, self.record, self.spec = store, dict(record), spec
+    def __init__(self, store: Store, record: ResultRecord, spec: ResultSpec) -> None:
+        self.store, self.record, self.spec = store, record, spec
 
     @property
     def n_obs(self) -> int:
         """Rows of this version: the store's first ``n_obs`` cells (cells appended later have none yet)."""
-        return int(self.record["n_cells"])
+        return self.record.n_cells
 
     @abc.abstractmethod
     def embedding(self, key: str = JOINT, rows: np.ndarray | None = None) -> np.ndarray:
@@ -150,7 +175,7 @@ class ResultsBackend(Protocol):
 
     def remove_entry(self, store: Store, entry: str) -> None: ...
 
-    def open_reader(self, store: Store, record: Mapping[str, Any]) -> ResultsReader: ...
+    def open_reader(self, store: Store, record: ResultRecord) -> ResultsReader: ...
 
 
 def sorted_rows(rows: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:

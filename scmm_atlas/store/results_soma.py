@@ -23,7 +23,16 @@ import tiledbsoma as soma
 
 from ..errors import StoreError
 from .base import Store
-from .results_base import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
+from .results_base import (
+    INDEX_KEY,
+    JOINT,
+    ResultRecord,
+    ResultSpec,
+    ResultsReader,
+    ResultsWriter,
+    pair_name,
+    sorted_rows,
+)
 from .soma_backend import context
 from .uri import filesystem
 
@@ -203,12 +212,12 @@ def _member(exp: soma.Experiment, path: tuple[str, ...]) -> soma.Collection:
 
 
 @_settled
-def open_reader(store: Store, record: Mapping[str, Any]) -> SomaReader:
+def open_reader(store: Store, record: ResultRecord) -> SomaReader:
     with _open(store) as exp:
         results = exp["results"]
-        if record["entry"] not in results:
-            raise StoreError(store.uri, f"results/{record['entry']}", "a published entry is missing")
-        g = results[record["entry"]]
+        if record.entry not in results:
+            raise StoreError(store.uri, f"results/{record.entry}", "a published entry is missing")
+        g = results[record.entry]
         spec = ResultSpec.from_json(json.loads(g.metadata[SPEC_KEY]))
         uri = g.uri
     return SomaReader(store, record, spec, uri)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import numpy as np
@@ -21,6 +21,9 @@ import zarr.codecs
 from ..errors import StoreError
 from .base import Store
 from .results_base import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
+
+if TYPE_CHECKING:
+    from .results_base import ResultRecord
 from .uri import zarr_store
 
 SPEC_KEY = "scmm_result_spec"
@@ -161,13 +164,13 @@ class ZarrResultsWriter(ResultsWriter):
         pass  # the index alone names the entry
 
 
-def open_reader(store: Store, record: Mapping[str, Any]) -> ZarrReader:
-    g = _entry(store, record["entry"], writable=False)
+def open_reader(store: Store, record: ResultRecord) -> ZarrReader:
+    g = _entry(store, record.entry, writable=False)
     return ZarrReader(store, record, ResultSpec.from_json(g.attrs[SPEC_KEY]), g)
 
 
 class ZarrReader(ResultsReader):
-    def __init__(self, store: Store, record: Mapping[str, Any], spec: ResultSpec, group: zarr.Group) -> None:
+    def __init__(self, store: Store, record: ResultRecord, spec: ResultSpec, group: zarr.Group) -> None:
         super().__init__(store, record, spec)
         self.group = group
 

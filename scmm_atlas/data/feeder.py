@@ -30,7 +30,7 @@ from .plan import LoadRequest
 
 
 @dataclass(frozen=True)
-class SourceSpec:
+class BlockSource:
     """Where blocks come from; small and picklable (it travels with every read request)."""
 
     store_uri: str
@@ -48,7 +48,7 @@ class BlockFeeder:
     def __init__(self) -> None:
         self._readers: dict[tuple, object] = {}
 
-    def _reader(self, spec: SourceSpec):
+    def _reader(self, spec: BlockSource):
         key = (spec.store_uri, spec.mode, spec.split, spec.n_cells, spec.batches, spec.shards)
         if key not in self._readers:
             if spec.mode == "layout":
@@ -60,7 +60,7 @@ class BlockFeeder:
                 self._readers[key] = StoreBlockReader(open_store(spec.store_uri), batches=list(spec.batches))
         return self._readers[key]
 
-    def read(self, spec: SourceSpec, request: LoadRequest) -> dict[str, np.ndarray]:
+    def read(self, spec: BlockSource, request: LoadRequest) -> dict[str, np.ndarray]:
         """One range as compact arrays (:func:`~.blocks.compact_arrays`)."""
         block = self._reader(spec).read(request.start, request.stop)
         return block if spec.mode == "layout" else compact_arrays(block)
@@ -86,13 +86,13 @@ class Feeders:
         actor = ray.remote(BlockFeeder).options(num_cpus=cpus, scheduling_strategy=strategy)
         self.actors = [actor.remote() for _ in range(readers)]
 
-    def warm_up(self, spec: SourceSpec) -> None:
+    def warm_up(self, spec: BlockSource) -> None:
         """Wait until every feeder is up and has opened ``spec`` (imports and metadata reads done)."""
         import ray
 
         ray.get([a.read.remote(spec, LoadRequest(0, 1)) for a in self.actors])
 
-    def stream(self, spec: SourceSpec, requests: Sequence[LoadRequest], *, read_ahead: int
+    def stream(self, spec: BlockSource, requests: Sequence[LoadRequest], *, read_ahead: int
                ) -> Iterator[dict[str, np.ndarray]]:
         """The blocks of ``requests`` in order, ``read_ahead`` requests in flight."""
         import ray

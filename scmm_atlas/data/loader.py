@@ -29,7 +29,7 @@ from ..errors import StoreError
 from ..store.uri import StoreURI, parse_uri
 from .batches import minibatches, to_dense
 from .blocks import CompactBlock, SparseBlock
-from .feeder import Feeders, SourceSpec
+from .feeder import BlockSource, Feeders
 from .layout import LayoutInfo, layout_uri, read_info
 from .plan import BlockShufflePlan
 
@@ -97,7 +97,7 @@ class ShardLoader:
         self.config = config or LoaderConfig()
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        self.spec = _source_spec(parse_uri(store_uri) if not isinstance(store_uri, StoreURI) else store_uri,
+        self.spec = _block_source(parse_uri(store_uri) if not isinstance(store_uri, StoreURI) else store_uri,
                                  self.config.mode, split, layout)
         self.n_cells = self.spec.n_cells
         self.plan = BlockShufflePlan(self.n_cells, block_size=self.config.block_cells, seed=self.config.seed)
@@ -205,7 +205,7 @@ class ShardLoader:
             self.stats.wait_s += made.wait_s
 
 
-def _blocks_from(feeders: Feeders, spec: SourceSpec, plan: BlockShufflePlan, epoch: int, *, rank: int,
+def _blocks_from(feeders: Feeders, spec: BlockSource, plan: BlockShufflePlan, epoch: int, *, rank: int,
                  world_size: int, read_ahead: int) -> Iterator[CompactBlock | _EpochEnd]:
     """Epoch after epoch of a rank's blocks, from ``epoch`` on (a function: the thread that runs it must not
     keep the loader alive)."""
@@ -280,7 +280,7 @@ class Prefetcher:
         self._thread.join(timeout=0.5)  # a producer blocked on its source exits by itself (daemon)
 
 
-def _source_spec(uri: StoreURI, mode: str, split: str, layout: Mapping[str, Any] | None = None) -> SourceSpec:
+def _block_source(uri: StoreURI, mode: str, split: str, layout: Mapping[str, Any] | None = None) -> BlockSource:
     pinned = LayoutInfo(**layout) if layout is not None else None
     info = None if mode == "store" else pinned or read_info(layout_uri(uri))
     if info is not None and mode == "auto" and layout is None:
@@ -295,12 +295,12 @@ def _source_spec(uri: StoreURI, mode: str, split: str, layout: Mapping[str, Any]
         raise StoreError(uri, "train_layout", f"no training layout: run `scmm-atlas prepare --store {uri}` "
                          "(or read in store order with mode='store')")
     if info is not None:
-        return SourceSpec(uri.uri, "layout", info.n_cells(split), split, dict(info.n_features),
+        return BlockSource(uri.uri, "layout", info.n_cells(split), split, dict(info.n_features),
                           tuple(info.batches), tuple((str(n), int(r)) for n, r in info.splits.get(split, [])))
     from ..store import open_store
     from .reading import StoreBlockReader
 
     with open_store(uri) as store:
         reader = StoreBlockReader(store)
-        return SourceSpec(uri.uri, "store", store.n_obs, split, reader.n_features, tuple(reader.batches))
+        return BlockSource(uri.uri, "store", store.n_obs, split, reader.n_features, tuple(reader.batches))
 

@@ -14,7 +14,7 @@ import functools
 import json
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -23,18 +23,12 @@ import tiledbsoma as soma
 
 from ..errors import StoreError
 from .base import Store
-from .results_base import (
-    INDEX_KEY,
-    JOINT,
-    ResultRecord,
-    ResultSpec,
-    ResultsReader,
-    ResultsWriter,
-    pair_name,
-    sorted_rows,
-)
+from .results_base import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
 from .soma_backend import context
 from .uri import filesystem
+
+if TYPE_CHECKING:  # annotations only
+    from .results_base import ResultRecord
 
 SPEC_KEY = "scmm_result_spec"
 T = TypeVar("T")

@@ -78,20 +78,62 @@ class ModelSection:
 class DistributedSection:
     """How ``scmm-atlas train`` runs: Ray Train workers, precision, checkpoints, tracking."""
 
-    num_workers: int = 1  # DDP workers (one per GPU on clusters)
+    num_workers: int | list[int] = 1  # DDP workers (one per GPU on clusters); [min, max]: elastic
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     torch_threads: int = 0  # intra-op threads per worker (0: the worker's CPUs, at least 1)
     bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU)
     grad_accum: int = 1  # micro-batches per optimizer step
     checkpoint_every_steps: int = 0  # extra checkpoints inside an epoch (0: only at epoch ends)
-    max_failures: int = 1  # worker-group restarts from the last checkpoint
+    max_failures: int = 1  # worker-group restarts from the last checkpoint (a lost host is one)
+    worker_wait_s: float = 600.0  # how long a run waits for its workers (elastic: the minimum) before it fails
+    resize_interval_s: float = 60.0  # how often an elastic run below its maximum looks for room to grow
     val_fraction: float = 0.1  # cells held out by a stable hash of their id
     storage_path: str = "runs/ray"  # Ray Train checkpoints (local folder or s3://)
     experiment: str = "scmm-atlas"  # MLflow experiment
     model_name: str = "scmm-atlas"  # MLflow registered model
     max_steps_per_epoch: int = 0  # cap the optimizer steps of an epoch (0: the whole epoch)
     loader: dict[str, Any] = field(default_factory=dict)  # LoaderConfig overrides
+
+    def __post_init__(self) -> None:
+        n = self.num_workers
+        if isinstance(n, (list, tuple)):
+            ints = all(isinstance(v, int) and not isinstance(v, bool) for v in n)
+            if len(n) != 2 or not ints or not 1 <= n[0] <= n[1]:
+                raise ValueError(f"distributed.num_workers must be N or [min, max] with 1 <= min <= max, got {n}")
+            self.num_workers = list(n) if n[0] != n[1] else n[0]
+        elif not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"distributed.num_workers must be N or [min, max] with 1 <= min <= max, got {n!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"distributed.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.worker_wait_s <= 0:
+            raise ValueError(f"distributed.worker_wait_s must be positive, got {self.worker_wait_s}")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+    def global_batch(self, batch_size: int) -> int:
+        """Cells per optimizer step as configured: ``batch_size`` per worker at the most workers, accumulated."""
+        return batch_size * self.max_workers * self.grad_accum
+
+    def step_shape(self, batch_size: int, world: int) -> tuple[int, int]:
+        """(cells per minibatch, minibatches per optimizer step) for each of ``world`` workers, so that an
+        elastic run keeps its global batch when it has fewer workers: more accumulation, the same
+        minibatch where the numbers divide (a smaller one where they do not; the global batch is then
+        the nearest that ``world`` can make)."""
+        total = self.global_batch(batch_size)
+        first = -(-total // (batch_size * world))
+        exact = next((a for a in range(first, 2 * first + 1) if total % (world * a) == 0), first)
+        return max(1, total // (world * exact)), exact
 
 
 @dataclass

@@ -13,3 +13,7 @@ class InputError(ValueError):
 
 class StoreError(InputError):
     """A store URI that cannot be used as asked (missing, not a store, already exists, ...)."""
+
+
+class ClusterError(InputError):
+    """A cluster that cannot run what was asked (too few hosts for the workers, say): ``where`` is the cluster."""

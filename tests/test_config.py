@@ -113,3 +113,29 @@ def test_every_shipped_pipeline_config_loads_and_names_a_shipped_run_config(tmp_
     assert load_pipeline(mine).stats.n_top_genes == 10
     with pytest.raises(InputError, match=r"pipeline config not found \(shipped: atlas, pbmc_demo\)"):
         load_pipeline("nope")
+
+
+@pytest.mark.parametrize("workers,world,expect", [(2, 2, (256, 1)), (2, 1, (256, 2)), ([1, 4], 4, (256, 1)),
+                                                  ([1, 4], 2, (256, 2)), ([2, 3], 2, (192, 2)), ([1, 3], 1, (256, 3)),
+                                                  ([1, 4], 3, (170, 2))])
+def test_an_elastic_run_keeps_its_global_batch_at_any_world_size(workers, world, expect) -> None:
+    from scmm_atlas.config import DistributedSection
+
+    d = DistributedSection(num_workers=workers)
+    assert d.global_batch(256) == 256 * d.max_workers
+    batch, accum = d.step_shape(256, world)
+    assert (batch, accum) == expect
+    # exact where the world size divides the global batch; else the nearest below it
+    assert 0 <= d.global_batch(256) - batch * world * accum < world * accum
+
+
+def test_num_workers_is_a_count_or_a_range() -> None:
+    from scmm_atlas.config import DistributedSection
+
+    assert DistributedSection(num_workers=[1, 3]).elastic
+    assert DistributedSection(num_workers=[2, 2]).num_workers == 2  # a range of one size is fixed
+    cfg = load_config("atlas_cite", ["distributed.num_workers=[1, 2]"])
+    assert (cfg.distributed.min_workers, cfg.distributed.max_workers) == (1, 2)
+    for bad in ("[2, 1]", "[0, 2]", "0", "[1, 2, 3]", "x"):
+        with pytest.raises(ValueError, match="num_workers must be N or"):
+            load_config("atlas_cite", [f"distributed.num_workers={bad}"])

@@ -24,7 +24,8 @@ from scmm_atlas.ingest.write import IngestOptions, ingest
 from scmm_atlas.store import open_store
 from scmm_atlas.train.run import train
 
-N, BATCH, BLOCK, RESUME_AT = 20_000, 64, 1024, 57
+N, BATCH, BLOCK, RESUME_ROUNDS = 20_000, 64, 1024, 3
+RESUME_AT = RESUME_ROUNDS * BLOCK // BATCH  # minibatches per rank before the resumed round (a round: one block)
 pytestmark = pytest.mark.slow
 
 
@@ -50,7 +51,7 @@ def _worker(cfg: dict) -> None:
         epochs = [[b.cells.tolist() for b in loader.epoch(e)] for e in range(2)]
     with ShardLoader.for_train_worker(cfg["store"], config) as fresh:  # as after a restart
         resumed = [(b.cells.tolist(), float(b.x["RNA"].sum()), float(b.x["ADT"].sum()))
-                   for b in fresh.epoch(1, skip=RESUME_AT)]
+                   for b in fresh.epoch(1, start=RESUME_ROUNDS * 2 * BLOCK)]
     with ShardLoader.for_train_worker(cfg["store"], config) as again:
         full = [(b.cells.tolist(), float(b.x["RNA"].sum()), float(b.x["ADT"].sum())) for b in again.epoch(1)]
     Path(cfg["out"], f"rank{rank}.json").write_text(json.dumps({"epochs": epochs, "resumed": resumed,

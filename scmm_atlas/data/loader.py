@@ -2,7 +2,10 @@
 
 Inside a Ray Train worker, :meth:`ShardLoader.for_train_worker` takes the rank and world size from
 the train context, so each worker streams exactly its share of the epoch's shuffle plan (each cell
-once per epoch across ranks, equal cells per rank, a reproducible order). Blocks are read by
+once per epoch across ranks, equal cells per rank, a reproducible order). The plan is dealt in
+rounds (:mod:`.plan`) that the shuffle buffer never mixes across, so a round's end is a point where
+the cells trained are a prefix of the epoch: :attr:`ShardLoader.batches_per_round` says where, and
+``epoch(e, start=cells)`` resumes there, with any world size. Blocks are read by
 feeder actors (:mod:`.feeder`) ``read_ahead`` requests ahead of the consumer; the training process
 only receives ready blocks: one thread takes them (``prefetch_blocks`` ahead, left in shared memory as
 they arrived), another gathers shuffled minibatches and makes them dense (``prefetch_batches`` ahead) on
@@ -56,10 +59,11 @@ class LoaderConfig:
     mode: str = "auto"  # "layout" (pre-shuffled), "store" (store order), "auto": layout if up to date
     seed: int = 0
     drop_last: bool = True  # drop each epoch's last partial minibatch (DDP needs equal steps)
+    accumulate: int = 1  # minibatches per optimizer step: a round is a whole number of optimizer steps
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "block_cells", "buffer_blocks", "read_ahead", "prefetch_blocks",
-                     "prefetch_batches", "readers"):
+                     "prefetch_batches", "readers", "accumulate"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"LoaderConfig.{name} must be positive, got {getattr(self, name)}")
         if self.mode not in MODES:
@@ -105,7 +109,7 @@ class ShardLoader:
         self.stats = LoaderStats()
         self._feeders, self._own_feeders = feeders, feeders is None
         self._stream: Prefetcher | None = None
-        self._stream_epoch = -1
+        self._stream_at = (-1, 0)  # (epoch, start) the running stream delivers next
 
     @classmethod
     def for_train_worker(cls, store_uri: str, config: LoaderConfig | None = None, *, split: str = "train",
@@ -127,6 +131,18 @@ class ShardLoader:
         return list(self.spec.batches)
 
     @property
+    def round_cells(self) -> int:
+        """Cells each rank takes per round: the shuffle buffer's size, rounded up to whole optimizer steps."""
+        cfg = self.config
+        buffer_blocks = cfg.buffer_blocks or (1 if self.spec.mode == "layout" else 8)
+        step = cfg.batch_size * cfg.accumulate
+        return -(-buffer_blocks * cfg.block_cells // step) * step
+
+    @property
+    def batches_per_round(self) -> int:
+        return self.round_cells // self.config.batch_size
+
+    @property
     def feeders(self) -> Feeders:
         if self._feeders is None:
             self._feeders = Feeders(readers=self.config.readers, cpus=self.config.read_cpus)
@@ -140,19 +156,26 @@ class ShardLoader:
         self.feeders.warm_up(self.spec)
         return time.perf_counter() - start
 
-    def blocks(self, epoch: int) -> Iterator[CompactBlock]:
-        """Received blocks of ``epoch``. A background thread streams epoch after epoch: the next epoch's
-        reads are requested as soon as this one's are, so epoch boundaries cost no wait."""
-        if self._stream is None or self._stream_epoch != epoch:
+    def rounds(self, epoch: int, *, start: int = 0) -> Iterator[list[CompactBlock]]:
+        """Received blocks of ``epoch`` from position ``start``, a list per round. A background thread
+        streams epoch after epoch: the next epoch's reads are requested as soon as this one's are, so
+        epoch boundaries cost no wait."""
+        if self._stream is None or self._stream_at != (epoch, start):
             self._stop_stream()
-            stream = _blocks_from(self.feeders, self.spec, self.plan, epoch, rank=self.rank, world_size=self.world_size,
+            stream = _blocks_from(self.feeders, self.spec, self.plan, epoch, start=start, rank=self.rank,
+                                  world_size=self.world_size, round_cells=self.round_cells,
                                   read_ahead=self.config.read_ahead)
-            self._stream, self._stream_epoch = Prefetcher(stream, self.config.prefetch_blocks), epoch
+            self._stream, self._stream_at = Prefetcher(stream, self.config.prefetch_blocks), (epoch, start)
+        pending: list[CompactBlock] = []
         for item in self._stream:
             if isinstance(item, _EpochEnd):
-                self._stream_epoch = item.epoch + 1
+                self._stream_at = (item.epoch + 1, 0)
                 return
-            yield item
+            if isinstance(item, _RoundEnd):
+                yield pending
+                pending = []
+            else:
+                pending.append(item)
 
     def _stop_stream(self) -> None:
         if self._stream is not None:
@@ -179,25 +202,28 @@ class ShardLoader:
             with contextlib.suppress(Exception):
                 self.close()
 
-    def sparse_batches(self, epoch: int) -> Iterator[SparseBlock]:
-        """Shuffled sparse minibatches of ``epoch`` (seeded by seed, epoch and rank)."""
-        rng = np.random.default_rng([self.config.seed, int(epoch), self.rank])
-        cfg = self.config
-        buffer_blocks = cfg.buffer_blocks or (1 if self.spec.mode == "layout" else 8)
-        return minibatches(self.blocks(epoch), batch_size=cfg.batch_size, buffer_cells=buffer_blocks *
-                           cfg.block_cells, rng=rng, drop_last=cfg.drop_last)
+    def sparse_batches(self, epoch: int, *, start: int = 0) -> Iterator[SparseBlock]:
+        """Shuffled sparse minibatches of ``epoch`` from position ``start``: each round's cells are shuffled
+        among themselves (seeded by seed, epoch, rank, world size and the round's position), so a round
+        ends with all its cells trained and a resumed epoch repeats an unbroken run's batches."""
+        cfg, cells = self.config, self.round_cells
+        for i, round_blocks in enumerate(self.rounds(epoch, start=start)):
+            at = self.plan.position_after(i, world_size=self.world_size, round_cells=cells, start=start)
+            rng = np.random.default_rng([cfg.seed, int(epoch), self.rank, self.world_size, at])
+            yield from minibatches(round_blocks, batch_size=cfg.batch_size, buffer_cells=cells, rng=rng,
+                                   drop_last=cfg.drop_last)
 
-    def epoch(self, epoch: int, *, skip: int = 0) -> Iterator[Minibatch]:
+    def epoch(self, epoch: int, *, start: int = 0) -> Iterator[Minibatch]:
         """Dense minibatches of ``epoch`` on the loader's device, made ahead in a background thread.
-        ``skip``: minibatches already trained (a resumed epoch): passed over sparse, never made dense."""
+        ``start``: cells of the epoch's sequence already trained (a resumed epoch, from a round's end)."""
         pin = self.device.type == "cuda"
-        start = time.perf_counter()
-        sparse = itertools.islice(self.sparse_batches(epoch), skip, None)
-        made = Prefetcher((_dense(b, self.device, pin) for b in sparse), self.config.prefetch_batches)
+        t0 = time.perf_counter()
+        made = Prefetcher((_dense(b, self.device, pin) for b in self.sparse_batches(epoch, start=start)),
+                          self.config.prefetch_batches)
         try:
             for i, batch in enumerate(made):
                 if i == 0:
-                    self.stats.first_batch_s.append(time.perf_counter() - start)
+                    self.stats.first_batch_s.append(time.perf_counter() - t0)
                 self.stats.batches += 1
                 yield batch
         finally:
@@ -205,14 +231,20 @@ class ShardLoader:
             self.stats.wait_s += made.wait_s
 
 
-def _blocks_from(feeders: Feeders, spec: BlockSource, plan: BlockShufflePlan, epoch: int, *, rank: int,
-                 world_size: int, read_ahead: int) -> Iterator[CompactBlock | _EpochEnd]:
-    """Epoch after epoch of a rank's blocks, from ``epoch`` on (a function: the thread that runs it must not
-    keep the loader alive)."""
+def _blocks_from(feeders: Feeders, spec: BlockSource, plan: BlockShufflePlan, epoch: int, *, start: int, rank: int,
+                 world_size: int, round_cells: int, read_ahead: int) -> Iterator[CompactBlock | _RoundEnd | _EpochEnd]:
+    """Epoch after epoch of a rank's blocks, from position ``start`` of ``epoch`` on, each round closed by a
+    marker (a function: the thread that runs it must not keep the loader alive). The reads run ahead across
+    rounds: one stream of requests, cut where each round ends."""
     for e in itertools.count(epoch):
-        requests = plan.epoch(e, rank=rank, world_size=world_size)
-        for arrays in feeders.stream(spec, requests, read_ahead=read_ahead):
+        rounds = plan.rounds(e, rank=rank, world_size=world_size, round_cells=round_cells, start=start if e == epoch
+                             else 0)
+        ends = set(itertools.accumulate(len(r) for r in rounds))  # request counts at which a round is complete
+        requests = [r for piece in rounds for r in piece]
+        for n, arrays in enumerate(feeders.stream(spec, requests, read_ahead=read_ahead), start=1):
             yield CompactBlock(arrays, spec.n_features)
+            if n in ends:
+                yield _RoundEnd()
         yield _EpochEnd(e)
 
 
@@ -225,6 +257,10 @@ def _dense(block: SparseBlock, device: torch.device, pin: bool) -> Minibatch:
 @dataclass(frozen=True)
 class _EpochEnd:
     epoch: int
+
+
+class _RoundEnd:
+    """Marks the end of a round's blocks in the stream."""
 
 
 _DONE = object()

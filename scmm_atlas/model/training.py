@@ -73,7 +73,7 @@ class TrainState:
     best_val: float | None = None
     best_epoch: int | None = None
     bad_epochs: int = 0
-    epoch_batches: int = 0  # batches of the current epoch already trained (mid-epoch checkpoints)
+    epoch_cells: int = 0  # cells of the current epoch's sequence already trained (mid-epoch checkpoints)
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics (rank 0)
 
 
@@ -122,7 +122,7 @@ class TrainingPlan:
         """Record ``epoch`` as done with validation loss ``val`` (None: no validation cells); keep the
         best weights; returns whether to stop early."""
         st, stop = self.state, False
-        st.epoch, st.epoch_batches = epoch, 0
+        st.epoch, st.epoch_cells = epoch, 0
         if val is not None and epoch > self.cfg.warmup_epochs:
             if st.best_val is None or val < st.best_val:
                 st.best_val, st.best_epoch, st.bad_epochs = val, epoch, 0

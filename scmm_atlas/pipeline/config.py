@@ -57,7 +57,7 @@ class StatsSection:
 class TrainSection:
     config: str = "atlas_cite"  # a file, or the name of a shipped run config (scmm_atlas/configs/)
     overrides: list[str] = field(default_factory=list)  # KEY=VALUE, as on `scmm-atlas train`
-    num_workers: int | None = None
+    num_workers: int | list[int] | None = None  # N, or [min, max] for an elastic run
     use_gpu: bool = False
 
 

@@ -4,6 +4,11 @@ The loss is computed inside one module's ``forward`` (:class:`LossModule`) so th
 forward per step and all-reduces the gradients in backward. Sums (losses, cells, data wait) are
 all-reduced so that every rank takes the same early-stopping decision. Rank 0 writes checkpoints
 (reported to Ray Train) and logs each epoch to MLflow.
+
+Elastic runs: a worker group of any size in ``[min, max]`` keeps the configured global batch (more
+accumulation with fewer workers, :meth:`~..config.DistributedSection.step_shape`) and the gradient's
+scale; the epoch's progress is counted in cells of the plan's sequence (checkpoints are taken where
+a round ends), so a run that lost or gained a host reads each cell once per epoch.
 """
 
 from __future__ import annotations
@@ -102,9 +107,11 @@ class _Worker:
     wrapped: torch.nn.Module
     opt: torch.optim.Optimizer
     plan: TrainingPlan
+    accum: int  # minibatches per optimizer step at this world size
     autocast: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
     tracker: _Tracker | None = None
     bar: _EpochBar | None = None
+    checkpointed_step: int = 0  # the optimizer step of the last checkpoint
 
     @property
     def run(self) -> RunConfig:
@@ -141,10 +148,11 @@ def _quiet_report_logs(level: str) -> None:
             logging.getLogger(name).setLevel(level)
 
 
-def _loaders(job: WorkerJob) -> tuple[Feeders, ShardLoader, ShardLoader]:
+def _loaders(job: WorkerJob, batch_size: int, accum: int) -> tuple[Feeders, ShardLoader, ShardLoader]:
     """The training and validation loaders of this worker, sharing one pool of feeders."""
     tr, dist_cfg = job.config.train, job.config.distributed
-    loader_cfg = LoaderConfig(**{"batch_size": tr.batch_size, "seed": tr.seed, "drop_last": True, **dist_cfg.loader})
+    loader_cfg = LoaderConfig(**{"seed": tr.seed, "drop_last": True, **dist_cfg.loader, "batch_size": batch_size,
+                                 "accumulate": accum})
     feeders = Feeders(readers=loader_cfg.readers, cpus=loader_cfg.read_cpus)
     train_data = ShardLoader.for_train_worker(job.store, loader_cfg, feeders=feeders, layout=job.layout)
     # validation reads its cells once per epoch in any order: small blocks, one read in flight
@@ -163,7 +171,8 @@ def _setup(job: WorkerJob) -> _Worker:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, dist_cfg.torch_threads or int(dist_cfg.cpus_per_worker)))
     keep_freed_buffers()
-    feeders, train_data, val_data = _loaders(job)
+    batch_size, accum = dist_cfg.step_shape(tr.batch_size, world)
+    feeders, train_data, val_data = _loaders(job, batch_size, accum)
     torch.manual_seed(tr.seed)
     model = MMVAE(run.model.build(train_data.n_features, len(train_data.batches)))
     if job.warm_start is not None:  # before DDP wraps it: rank 0's weights are broadcast
@@ -183,13 +192,14 @@ def _setup(job: WorkerJob) -> _Worker:
         opt.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["torch_rng"])
     train_data.warm_up()
-    w = _Worker(job, rank, world, feeders, train_data, val_data, loss, wrapped, opt, plan)
+    w = _Worker(job, rank, world, feeders, train_data, val_data, loss, wrapped, opt, plan, accum,
+                checkpointed_step=plan.state.step)
     if train_data.device.type == "cuda" and dist_cfg.bf16:
         w.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     if rank == 0 and job.run_id:
         w.tracker = _Tracker(job)
-        w.tracker.log_text(f"global batch {tr.batch_size} x {world} workers x {dist_cfg.grad_accum} accumulation = "
-                           f"{tr.batch_size * world * dist_cfg.grad_accum} cells per optimizer step")
+        w.tracker.log_text(f"global batch {batch_size} x {world} workers x {accum} accumulation = "
+                           f"{batch_size * world * accum} cells per optimizer step")
     if rank == 0 and job.progress:
         w.bar = _EpochBar(tr.epochs, plan.state.epoch)
     return w
@@ -198,34 +208,59 @@ def _setup(job: WorkerJob) -> _Worker:
 def _train_epoch(w: _Worker, epoch: int, beta: float) -> dict[str, float]:
     """This rank's share of ``epoch`` (from a mid-epoch checkpoint's position): sums of the loss parts
     and cells, data wait, wall and training-thread CPU seconds."""
-    st, dist_cfg, tr = w.plan.state, w.run.distributed, w.run.train
+    st, dist_cfg, tr, data = w.plan.state, w.run.distributed, w.run.train, w.train_data
     w.model.train()
-    parts = torch.zeros(len(w.loss.part_names), dtype=torch.float64, device=w.train_data.device)
-    cells, skip = 0, st.epoch_batches
-    wait0, t0, cpu0 = w.train_data.stats.wait_s, time.perf_counter(), time.thread_time()
-    for i, batch in enumerate(w.train_data.epoch(epoch - 1, skip=skip), start=skip):
-        if dist_cfg.max_steps_per_epoch and i >= dist_cfg.max_steps_per_epoch * dist_cfg.grad_accum:
+    parts = torch.zeros(len(w.loss.part_names), dtype=torch.float64, device=data.device)
+    cells, start, per_round = 0, st.epoch_cells, data.batches_per_round
+    # the summed loss scaled so that the gradient is the same at any world size: the configured minibatch's
+    # share of the global batch
+    scale = tr.batch_size / (data.config.batch_size * w.accum)
+    cap = dist_cfg.max_steps_per_epoch * dist_cfg.global_batch(tr.batch_size)  # in cells of the epoch (0: none)
+    wait0, t0, cpu0 = data.stats.wait_s, time.perf_counter(), time.thread_time()
+    pending = 0  # minibatches accumulated since the last optimizer step
+    for i, batch in enumerate(data.epoch(epoch - 1, start=start)):
+        if cap and start + i * data.config.batch_size * w.world >= cap:
             break
         _maybe_fail(w.job, st.step + 1, w.rank, w.world)
-        accumulate = (i + 1) % dist_cfg.grad_accum != 0
+        pending += 1
+        accumulate = pending < w.accum
         with w.wrapped.no_sync() if accumulate and hasattr(w.wrapped, "no_sync") else contextlib.nullcontext():
             with w.autocast:
                 loss, step_parts = w.wrapped(batch.x, batch.masks, _batch_codes(batch, w.model), beta)
-            (loss / dist_cfg.grad_accum).backward()
+            (loss * scale).backward()
         if not accumulate:
-            if tr.grad_clip:
-                torch.nn.utils.clip_grad_norm_(w.params, tr.grad_clip)
-            w.opt.step()
-            w.opt.zero_grad(set_to_none=True)
-            st.step += 1
-        st.epoch_batches = i + 1
+            _optimizer_step(w)
+            pending = 0
         parts += step_parts
         cells += len(batch.cells)
-        if dist_cfg.checkpoint_every_steps and st.step % dist_cfg.checkpoint_every_steps == 0 and not accumulate:
-            _report(w, {"epoch": st.epoch, "step": st.step})
+        if (i + 1) % per_round == 0:  # a round's end: the cells trained are a prefix of the epoch's sequence
+            st.epoch_cells = data.plan.position_after((i + 1) // per_round, world_size=w.world,
+                                                      round_cells=data.round_cells, start=start)
+            if dist_cfg.checkpoint_every_steps and st.step - w.checkpointed_step >= dist_cfg.checkpoint_every_steps:
+                _report(w, {"epoch": st.epoch, "step": st.step, "epoch_cells": st.epoch_cells})
+    if pending:  # the epoch's last minibatches, short of a whole accumulation: their gradients were not synced
+        _average_gradients(w)
+        _optimizer_step(w)
     return {**dict(zip(w.loss.part_names, parts.tolist(), strict=True)), "cells": float(cells),
             "wait": w.train_data.stats.wait_s - wait0, "epoch_s": time.perf_counter() - t0,
             "thread_cpu": time.thread_time() - cpu0}  # this (the training) thread's CPU time, from the OS
+
+
+def _optimizer_step(w: _Worker) -> None:
+    if w.run.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(w.params, w.run.train.grad_clip)
+    w.opt.step()
+    w.opt.zero_grad(set_to_none=True)
+    w.plan.state.step += 1
+
+
+def _average_gradients(w: _Worker) -> None:
+    """What DDP's backward does outside ``no_sync``: every rank's gradients averaged over the ranks."""
+    if w.world > 1 and dist.is_initialized():
+        for p in w.params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= w.world
 
 
 def _validate(w: _Worker, beta: float, epoch: int) -> tuple[float, float]:
@@ -253,6 +288,7 @@ def _end_of_epoch(w: _Worker, epoch: int, beta: float, sums: dict[str, float]) -
     n = max(reduced["cells"], 1.0)
     val = reduced["val_sum"] / reduced["val_cells"] if reduced["val_cells"] else None
     metrics = {"epoch": epoch, "step": w.plan.state.step, "beta": beta, "lr": w.run.train.lr_at(epoch),
+               "workers": w.world, "cells": reduced["cells"],
                "train_loss": reduced["loss"] / n,
                "kl": reduced["kl"] / n, "cells_per_s": reduced["cells"] / (reduced["epoch_s"] / w.world),
                "data_wait_frac": reduced["wait"] / max(reduced["epoch_s"], 1e-9),
@@ -309,6 +345,7 @@ def _report(w: _Worker, metrics: dict[str, float]) -> None:
             ckpt.save(Path(d), model=w.model, optimizer=w.opt, state=w.plan.state, best_model=w.plan.best)
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint)
+    w.checkpointed_step = w.plan.state.step
 
 
 def _maybe_fail(job: WorkerJob, step: int, rank: int, world: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -27,6 +28,7 @@ from ..data.cluster import ensure_ray
 from ..data.layout import LayoutInfo
 from ..data.loader import LoaderConfig
 from ..data.prepare import pin, prepare_layout
+from ..errors import ClusterError
 from ..faults import FaultPlan
 from ..model import MMVAEConfig
 from ..model.training import TrainState
@@ -34,6 +36,7 @@ from ..store import StoreError, open_store
 from ..store.uri import arrow_s3, aws_settings
 from . import state as ckpt
 from .loop import WorkerJob, train_loop
+from .netif import SETUP_HOOK
 
 log = logging.getLogger(__name__)
 RUN_FILE = "scmm_run.json"
@@ -58,11 +61,11 @@ def init_ray(address: str | None, dist_cfg: DistributedSection) -> DistributedSe
     cpus = ray.cluster_resources().get("CPU", 1.0)
     loader = LoaderConfig(**dist_cfg.loader)
     read = loader.read_cpus * loader.readers  # each worker's feeders (its training and validation loaders share them)
-    need = dist_cfg.num_workers * (dist_cfg.cpus_per_worker + read)
-    if not dist_cfg.use_gpu and need > cpus:
-        per = max(0.25, cpus / dist_cfg.num_workers - read)
+    need = dist_cfg.max_workers * (dist_cfg.cpus_per_worker + read)
+    if not address and not dist_cfg.use_gpu and need > cpus:  # a cluster keeps the size asked for: hosts may join
+        per = max(0.25, cpus / dist_cfg.max_workers - read)
         log.warning("%d workers x %.2f CPUs leave no CPU for reading on %.0f CPUs: %.2f CPUs per worker",
-                    dist_cfg.num_workers, dist_cfg.cpus_per_worker, cpus, per)
+                    dist_cfg.max_workers, dist_cfg.cpus_per_worker, cpus, per)
         dist_cfg = replace(dist_cfg, cpus_per_worker=per, torch_threads=dist_cfg.torch_threads or
                            max(1, int(dist_cfg.cpus_per_worker)))
     return dist_cfg
@@ -143,7 +146,7 @@ def _open_run(config: RunConfig, run_dir: RunDir, tracked: _Tracking, *, name: s
         from .tracking import flatten, start_run
 
         dist_cfg = config.distributed
-        global_batch = config.train.batch_size * dist_cfg.num_workers * dist_cfg.grad_accum
+        global_batch = dist_cfg.global_batch(config.train.batch_size)
         params = {**flatten(config.to_dict()), "store": uri, "global_batch": str(global_batch),
                   "layout.val_fraction": str(info.val_fraction),
                   "layout.train_cells": str(info.n_cells("train")), "layout.val_cells": str(info.n_cells("val"))}
@@ -153,18 +156,53 @@ def _open_run(config: RunConfig, run_dir: RunDir, tracked: _Tracking, *, name: s
 
 
 def _trainer(job: WorkerJob, run_dir: RunDir, name: str) -> TorchTrainer:
-    """The ``TorchTrainer`` of ``job``: its workers, storage, logging, retries and checkpoints."""
+    """The ``TorchTrainer`` of ``job``: its workers (elastic where ``num_workers`` is [min, max]), storage,
+    logging, retries and checkpoints. Each worker finds its host's interface for the collectives
+    (:mod:`.netif`). Ray Train's controller runs beside this driver (on the head under ``ray job
+    submit``), so the loss of a worker host costs its workers, never the run's state. A worker group
+    that cannot be placed within ``worker_wait_s`` ends the run (Ray Train would retry for ever)."""
     dist_cfg = job.config.distributed
+    workers = tuple(dist_cfg.num_workers) if dist_cfg.elastic else dist_cfg.num_workers
+    # S3 endpoint / region (never credentials: workers use their own or the node's role)
+    env = aws_settings() if job.store.startswith("s3://") else {}
+    os.environ[WORKER_START_TIMEOUT_ENV] = str(dist_cfg.worker_wait_s)  # read by the controller (Ray propagates it)
     return TorchTrainer(
         train_loop, train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=dist_cfg.num_workers, use_gpu=dist_cfg.use_gpu,
-                                     resources_per_worker={"CPU": dist_cfg.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=dist_cfg.use_gpu,
+                                     resources_per_worker={"CPU": dist_cfg.cpus_per_worker},
+                                     elastic_resize_monitor_interval_s=dist_cfg.resize_interval_s),
         run_config=RayRunConfig(name=name, **_storage(run_dir.storage), logging_config=LoggingConfig(job.log_level),
-                                # S3 endpoint / region (never credentials: workers use their own or the node's role)
-                                worker_runtime_env={"env_vars": aws_settings()} if job.store.startswith("s3://")
-                                else None,
-                                failure_config=FailureConfig(max_failures=dist_cfg.max_failures),
+                                worker_runtime_env={"env_vars": env, "worker_process_setup_hook": SETUP_HOOK},
+                                failure_config=FailureConfig(max_failures=dist_cfg.max_failures,
+                                                             controller_failure_limit=0),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+
+
+WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+def _fit(trainer: TorchTrainer, dist_cfg: DistributedSection) -> ray.train.Result:
+    """``trainer.fit()``, with a worker group that could not be placed in time as one line naming what is missing."""
+    from ray.train import ControllerError
+
+    try:
+        return trainer.fit()
+    except ControllerError as exc:
+        if type(exc.controller_failure).__name__ not in ("WorkerGroupStartupTimeoutError",
+                                                          "InsufficientClusterResourcesError"):
+            raise
+        raise ClusterError(ray.get_runtime_context().gcs_address, "distributed.num_workers",
+                           _missing(dist_cfg)) from None
+
+
+def _missing(dist_cfg: DistributedSection) -> str:
+    """What the cluster lacks for ``dist_cfg``'s workers, and what to change."""
+    per = dist_cfg.cpus_per_worker
+    room = sum(int(n["Resources"].get("CPU", 0) // per) for n in ray.nodes() if n["Alive"])
+    want = f"{dist_cfg.min_workers} workers" if dist_cfg.elastic else f"{dist_cfg.num_workers} workers"
+    return (f"{want} of {per:g} CPUs could not be placed within {dist_cfg.worker_wait_s:g} s "
+            f"(distributed.worker_wait_s); the {sum(n['Alive'] for n in ray.nodes())} live hosts have room for {room}: "
+            "add hosts, lower distributed.cpus_per_worker, or make the run elastic with num_workers=[min, max]")
 
 
 def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, resume: bool = False,
@@ -191,8 +229,9 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
     name = run_name or time.strftime("scmm-%Y%m%d-%H%M%S")
     run_dir, tracked = RunDir(dist_cfg.storage_path, name), _tracking(tracking, track)
     latest = _open_run(config, run_dir, tracked, name=name, uri=uri, info=info, resume=resume)
-    log.info("global batch: %d cells per worker x %d workers x %d accumulation", config.train.batch_size,
-             dist_cfg.num_workers, dist_cfg.grad_accum)
+    log.info("global batch: %d cells (%d per worker x %s workers x %d accumulation)",
+             dist_cfg.global_batch(config.train.batch_size), config.train.batch_size, dist_cfg.num_workers,
+             dist_cfg.grad_accum)
     job = WorkerJob(config=config, store=uri, layout=asdict(info), run_id=tracked.run_id, tracking_uri=tracked.uri,
                     faults=FaultPlan.from_env(), fault_marker=f"{run_dir.path}/fault_injected", resume_from=latest,
                     warm_start=warm_start, progress=progress,
@@ -203,7 +242,7 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
     # start: a failure in the set-up above cannot leave the lease renewed for the life of this process.
     pinned = pin(store, info)
     try:
-        result = trainer.fit()
+        result = _fit(trainer, dist_cfg)
     finally:
         pinned.release()
     with result.checkpoint.as_directory() as d:

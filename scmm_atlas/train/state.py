@@ -1,13 +1,14 @@
 """Checkpoint contents: everything needed to continue a run where it stopped.
 
 Saved with ``torch.save`` and loaded with ``torch.load(weights_only=True)``: only tensors and plain
-Python values, never pickled objects. The loader's position is the epoch (plans are pure
-functions of the seed and epoch), so resuming restarts the interrupted epoch's plan.
+Python values, never pickled objects. The loader's position is the epoch and the cells of its
+sequence already trained (plans are pure functions of the seed, epoch and that position), so a run
+resumes where the checkpoint was taken, with the same or another number of workers.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ def load(directory: Path) -> tuple[dict[str, Any], TrainState, dict[str, torch.T
     payload = torch.load(directory / STATE_FILE, weights_only=True, map_location="cpu")
     best = directory / BEST_FILE
     best_model = torch.load(best, weights_only=True, map_location="cpu") if best.exists() else None
-    return payload, TrainState(**payload["state"]), best_model
+    known = {f.name for f in fields(TrainState)}  # a field of an older release (a step count) is dropped
+    return payload, TrainState(**{k: v for k, v in payload["state"].items() if k in known}), best_model
 
 
 def warm_start(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "scmm_atlas"
 # A layer may import only layers of a lower rank (equal ranks do not import each other).
 LAYERS = {
-    "memory": 0, "errors": 0,
+    "memory": 0, "errors": 0, "netif": 0,
     "store": 1, "model": 1, "faults": 1,
     "data": 2, "config": 2, "ingest": 2,
     "evaluate": 3, "infer": 3,

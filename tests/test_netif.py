@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from scmm_atlas.train.netif import SOCKET_VARS, interface_of, use_node_interface
+from scmm_atlas.netif import SOCKET_VARS, interface_of, use_node_interface
 
 
 def test_the_interface_of_an_address_is_the_one_that_holds_it() -> None:

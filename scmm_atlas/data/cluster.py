@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from ..netif import SETUP_HOOK
+
 DASHBOARD_ENV = "SCMM_ATLAS_RAY_DASHBOARD"
 # Settings of a local Ray (a cluster keeps its own):
 # - Ray starts its workers at nice 15 (``worker_niceness``) so that a cluster node's daemons stay
@@ -35,12 +37,13 @@ def ensure_ray(address: str | None, *, object_store_bytes: int = 1 << 30) -> Non
     if ray.is_initialized():
         return
     quiet = not logging.getLogger().isEnabledFor(logging.INFO)  # then workers' Ray Data logs warnings only too
+    hook = {"worker_process_setup_hook": SETUP_HOOK}  # DDP's collectives on the interface of each host's address
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=hook)
     else:
         ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=object_store_bytes,
                  include_dashboard=os.environ.get(DASHBOARD_ENV) != "0", dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "2",
-                                           **({"RAY_DATA_LOG_LEVEL": "WARNING"} if quiet else {})}},
+                 runtime_env={**hook, "env_vars": {"MALLOC_ARENA_MAX": "2",
+                                                   **({"RAY_DATA_LOG_LEVEL": "WARNING"} if quiet else {})}},
                  configure_logging=False, logging_config=ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
                  _system_config=LOCAL_SYSTEM_CONFIG)

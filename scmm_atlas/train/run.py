@@ -36,7 +36,6 @@ from ..store import StoreError, open_store
 from ..store.uri import arrow_s3, aws_settings
 from . import state as ckpt
 from .loop import WorkerJob, train_loop
-from .netif import SETUP_HOOK
 
 log = logging.getLogger(__name__)
 RUN_FILE = "scmm_run.json"
@@ -158,9 +157,10 @@ def _open_run(config: RunConfig, run_dir: RunDir, tracked: _Tracking, *, name: s
 def _trainer(job: WorkerJob, run_dir: RunDir, name: str) -> TorchTrainer:
     """The ``TorchTrainer`` of ``job``: its workers (elastic where ``num_workers`` is [min, max]), storage,
     logging, retries and checkpoints. Each worker finds its host's interface for the collectives
-    (:mod:`.netif`). Ray Train's controller runs beside this driver (on the head under ``ray job
-    submit``), so the loss of a worker host costs its workers, never the run's state. A worker group
-    that cannot be placed within ``worker_wait_s`` ends the run (Ray Train would retry for ever)."""
+    (:mod:`scmm_atlas.netif`, the job's setup hook set by :func:`~..data.cluster.ensure_ray`). Ray
+    Train's controller runs beside this driver (on the head under ``ray job submit``), so the loss of
+    a worker host costs its workers, never the run's state. A worker group that cannot be placed
+    within ``worker_wait_s`` ends the run (Ray Train would retry for ever)."""
     dist_cfg = job.config.distributed
     workers = tuple(dist_cfg.num_workers) if dist_cfg.elastic else dist_cfg.num_workers
     # S3 endpoint / region (never credentials: workers use their own or the node's role)
@@ -172,7 +172,7 @@ def _trainer(job: WorkerJob, run_dir: RunDir, name: str) -> TorchTrainer:
                                      resources_per_worker={"CPU": dist_cfg.cpus_per_worker},
                                      elastic_resize_monitor_interval_s=dist_cfg.resize_interval_s),
         run_config=RayRunConfig(name=name, **_storage(run_dir.storage), logging_config=LoggingConfig(job.log_level),
-                                worker_runtime_env={"env_vars": env, "worker_process_setup_hook": SETUP_HOOK},
+                                worker_runtime_env={"env_vars": env},
                                 failure_config=FailureConfig(max_failures=dist_cfg.max_failures,
                                                              controller_failure_limit=0),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))

@@ -4,10 +4,11 @@ gloo (CPU) and NCCL's bootstrap pick an address by resolving the host's own name
 Debian/Ubuntu images and in many containers that name resolves to loopback (``127.0.1.1`` in
 ``/etc/hosts``), so a multi-host process group binds and advertises 127.0.0.1 and fails to connect
 (``Gloo connectFullMesh failed ... remote=[127.0.0.1]``). Ray already knows each node's routable
-address (``--node-ip-address`` or its own discovery), so every training worker sets
-``GLOO_SOCKET_IFNAME`` and ``NCCL_SOCKET_IFNAME`` to the interface that carries it, before Ray
-Train creates the process group. A value the user set is kept: it wins on hosts with several
-interfaces (e.g. a fast fabric for NCCL beside the management network Ray uses).
+address (``--node-ip-address`` or its own discovery), so every worker process of our Ray jobs sets
+``GLOO_SOCKET_IFNAME`` and ``NCCL_SOCKET_IFNAME`` to the interface that carries it when it starts,
+before Ray Train creates a process group in it: :data:`SETUP_HOOK` is the job's
+``worker_process_setup_hook`` (:func:`scmm_atlas.data.cluster.ensure_ray`). A value the user set
+is kept: it wins on hosts with several interfaces (e.g. a fast fabric for NCCL beside the management network Ray uses).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import psutil
 
 log = logging.getLogger(__name__)
 SOCKET_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
-SETUP_HOOK = f"{__name__}.use_node_interface"  # Ray's worker_process_setup_hook for the training workers
+SETUP_HOOK = f"{__name__}.use_node_interface"  # Ray's worker_process_setup_hook for every worker of a job
 
 
 def interface_of(address: str) -> str | None:

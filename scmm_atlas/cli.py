@@ -142,6 +142,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--datasets", metavar="D,...", help="unpaired: some of snare,a549 (default: both)")
     p.add_argument("--gpu", action="store_true",
                    help="on a GPU (train: 1 worker with bf16 autocast off and on, totalVI on the same GPU)")
+    p.add_argument("--steps", type=int, metavar="N", help="cluster: timed DDP steps per system")
+    p.add_argument("--batch", type=int, metavar="N", help="cluster: cells per worker per step")
+    p.add_argument("--gpu-step-ms", type=float, metavar="MS",
+                   help="cluster: one GPU's step time the 8x8 projection starts from (default: the GPU anchor's)")
 
 
 def build_parser() -> argparse.ArgumentParser:

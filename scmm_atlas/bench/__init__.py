@@ -36,6 +36,7 @@ BENCHES = {
     "chaos": "scmm_atlas.bench.chaos",
     "mapping": "scmm_atlas.bench.mapping",
     "unpaired": "scmm_atlas.bench.unpaired",
+    "cluster": "scmm_atlas.bench.cluster",
 }
 
 

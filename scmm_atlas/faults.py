@@ -1,7 +1,7 @@
 """Fault injection for the fault-tolerance tests, kept out of every config a user writes.
 
 The plan comes from the environment variable ``SCMM_ATLAS_FAULTS`` (``train_step=42``,
-``infer_block=2``, or both, comma-separated), read by the driver, which hands it to its workers
+``infer_block=2``, ``infer_block_s=3``, comma-separated), read by the driver, which hands it to its workers
 inside their job: Ray's workers need not share the driver's environment. Unset: no faults.
 """
 
@@ -20,6 +20,7 @@ ENV = "SCMM_ATLAS_FAULTS"
 class FaultPlan:
     train_step: int = 0  # the last training worker raises once at this global optimizer step (0: never)
     infer_block: int = -1  # the inference worker handed this block raises (-1: never)
+    infer_block_s: int = 0  # every inference block takes at least this many seconds (a host can be killed mid-run)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> FaultPlan:

@@ -132,19 +132,19 @@ class BlockWork:
     trained: TrainedModel
     features: FeatureMap
     cfg: InferConfig
-    fault_block: int = -1  # tests (scmm_atlas.faults): the worker handed this block raises
+    faults: FaultPlan = field(default_factory=FaultPlan)  # tests only (scmm_atlas.faults)
 
     def worker_kwargs(self) -> dict[str, Any]:
         """:class:`BlockInfer`'s arguments (an actor's are pickled: the store goes as its URI)."""
         return {"store_uri": self.store.uri.uri, "entry": self.entry, "trained": self.trained,
-                "features": self.features, "config": self.cfg, "fault_block": self.fault_block}
+                "features": self.features, "config": self.cfg, "faults": self.faults}
 
 
 class BlockInfer:
     """A Ray Data actor: the model built once; each call reads, infers and writes whole blocks."""
 
     def __init__(self, store_uri: str, entry: str, trained: TrainedModel, features: FeatureMap,
-                 config: InferConfig, fault_block: int = -1) -> None:
+                 config: InferConfig, faults: FaultPlan | None = None) -> None:
         torch.set_num_threads(config.torch_threads)
         keep_freed_buffers()
         self.model, self.trained, self.features, self.cfg = trained.build(), trained, features, config
@@ -152,13 +152,15 @@ class BlockInfer:
         self.writer = open_writer(self.store, entry)
         self.codes = {b: i for i, b in enumerate(trained.batches)}
         self.pairs = list(self.writer.spec.pairs)
-        self.fault_block = fault_block  # this block raises (tests): the entry stays unpublished
+        self.faults = faults or FaultPlan()  # tests: a block that raises leaves the entry unpublished
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for index, start, stop in zip(batch["block"], batch["start"], batch["stop"], strict=True):
-            if int(index) == self.fault_block:
+            if int(index) == self.faults.infer_block:
                 raise RuntimeError(f"injected inference fault at block {index}")
+            began = time.monotonic()
             self._block(int(start), int(stop))
+            time.sleep(max(0.0, self.faults.infer_block_s - (time.monotonic() - began)))
         return {"cells": batch["stop"] - batch["start"]}
 
     def _block(self, start: int, stop: int) -> None:
@@ -236,7 +238,7 @@ def infer(store_uri: str, trained: TrainedModel, *, config: InferConfig | None =
                       for i, (a, b) in enumerate(itertools.pairwise(edges)) if b > a]
             t_cells = time.perf_counter()
             run_blocks = _run_blocks if cfg.uses_ray(ray_address) else _run_local
-            work = BlockWork(store, spec.entry, trained, features, cfg, FaultPlan.from_env().infer_block)
+            work = BlockWork(store, spec.entry, trained, features, cfg, FaultPlan.from_env())
             done = run_blocks(work, blocks, ray_address, progress) if blocks else 0
             cells_s = time.perf_counter() - t_cells
             t_prog = time.perf_counter()
@@ -342,13 +344,14 @@ def _pool(ray: Any, blocks: list[dict[str, int]], work: BlockWork, actors: int) 
     return ray.data.from_items(blocks, override_num_blocks=len(blocks)).map_batches(
         BlockInfer, fn_constructor_kwargs=work.worker_kwargs(), batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=min(actors, len(blocks))), num_cpus=work.cfg.cpus_per_actor,
-        ray_remote_args_fn=_no_restarts, runtime_env={"env_vars": aws_settings()} if work.store.uri.is_s3 else None)
+        ray_remote_args_fn=_actor_restarts, runtime_env={"env_vars": aws_settings()} if work.store.uri.is_s3 else None)
 
 
-def _no_restarts() -> dict[str, int]:
-    """A failed actor fails the attempt (its entry stays unpublished; rerun to retry), and Ray need
-    not keep the actors' constructor arguments to restart them."""
-    return {"max_restarts": 0}
+def _actor_restarts() -> dict[str, int]:
+    """An actor lost with its host is restarted on a host that is left and redoes the block it held:
+    a block is written whole into chunks of its own, so a block written twice is written the same. An
+    error raised by the block itself is not retried (the entry stays unpublished; rerun to retry)."""
+    return {"max_restarts": 3, "max_task_retries": 3}
 
 
 def _progress(total: int, enabled: bool):

@@ -191,6 +191,10 @@ def _setup(job: WorkerJob) -> _Worker:
         model.load_state_dict(payload["model"])
         opt.load_state_dict(payload["optimizer"])
         torch.set_rng_state(payload["torch_rng"])
+        if rank == 0:
+            log.info("restored from %s: %d epochs done, step %d, %d cells into epoch %d, on %d workers",
+                     restored.path, plan.state.epoch, plan.state.step, plan.state.epoch_cells, plan.state.epoch + 1,
+                     world)
     train_data.warm_up()
     w = _Worker(job, rank, world, feeders, train_data, val_data, loss, wrapped, opt, plan, accum,
                 checkpointed_step=plan.state.step)
@@ -300,11 +304,9 @@ def _end_of_epoch(w: _Worker, epoch: int, beta: float, sums: dict[str, float]) -
     if w.plan.state.best_val is not None:
         metrics["best_val_loss"] = w.plan.state.best_val
     w.plan.state.history.append(metrics)
-    if w.tracker is not None:
-        w.tracker.log_epoch(metrics)
+    _report(w, metrics)  # MLflow gets the epoch from the controller once its checkpoint is registered (EpochLog)
     if w.bar is not None:
         w.bar.epoch(metrics)
-    _report(w, metrics)
     return stop
 
 
@@ -368,13 +370,25 @@ class _Tracker:
 
         self.client, self.run_id = MlflowClient(job.tracking_uri), job.run_id
 
-    def log_epoch(self, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        stamp = int(time.time() * 1000)
-        epoch = int(metrics["epoch"])
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), stamp, epoch) for k, v in metrics.items()
-                                                    if k != "epoch"])
-
     def log_text(self, text: str) -> None:
         self.client.set_tag(self.run_id, "global_batch", text)
+
+
+class EpochLog(ray.train.UserCallback):
+    """Each epoch's metrics into the MLflow run, from Ray Train's controller once it has registered the
+    epoch's checkpoint. A worker group lost after an epoch's report but before the controller took it
+    redoes that epoch from the checkpoint before: logged from the workers, the epoch would appear twice."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str) -> None:
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        epoch_end = metrics[0] if metrics else {}
+        if "train_loss" not in epoch_end:  # a checkpoint inside an epoch
+            return
+        stamp, epoch = int(time.time() * 1000), int(epoch_end["epoch"])
+        MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=[
+            Metric(k, float(v), stamp, epoch) for k, v in epoch_end.items() if k != "epoch"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -35,7 +36,7 @@ from ..model.training import TrainState
 from ..store import StoreError, open_store
 from ..store.uri import arrow_s3, aws_settings
 from . import state as ckpt
-from .loop import WorkerJob, train_loop
+from .loop import EpochLog, WorkerJob, train_loop
 
 log = logging.getLogger(__name__)
 RUN_FILE = "scmm_run.json"
@@ -165,7 +166,8 @@ def _trainer(job: WorkerJob, run_dir: RunDir, name: str) -> TorchTrainer:
     workers = tuple(dist_cfg.num_workers) if dist_cfg.elastic else dist_cfg.num_workers
     # S3 endpoint / region (never credentials: workers use their own or the node's role)
     env = aws_settings() if job.store.startswith("s3://") else {}
-    os.environ[WORKER_START_TIMEOUT_ENV] = str(dist_cfg.worker_wait_s)  # read by the controller (Ray propagates it)
+    start_s, retries = _start_budget(dist_cfg)
+    os.environ[WORKER_START_TIMEOUT_ENV] = str(start_s)  # read by the controller (Ray propagates it)
     return TorchTrainer(
         train_loop, train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=dist_cfg.use_gpu,
@@ -173,12 +175,26 @@ def _trainer(job: WorkerJob, run_dir: RunDir, name: str) -> TorchTrainer:
                                      elastic_resize_monitor_interval_s=dist_cfg.resize_interval_s),
         run_config=RayRunConfig(name=name, **_storage(run_dir.storage), logging_config=LoggingConfig(job.log_level),
                                 worker_runtime_env={"env_vars": env},
+                                callbacks=[EpochLog(job.tracking_uri, job.run_id)] if job.run_id else None,
                                 failure_config=FailureConfig(max_failures=dist_cfg.max_failures,
-                                                             controller_failure_limit=0),
+                                                             controller_failure_limit=retries),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
 
 
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+ELASTIC_START_S = 30.0  # an elastic start that hangs was sized on a stale view of the hosts: decide again soon
+
+
+def _start_budget(dist_cfg: DistributedSection) -> tuple[float, int]:
+    """(seconds one worker-group start may wait, starts that may time out) so that a run waits about
+    ``worker_wait_s`` for its workers. A fixed-size run waits once. An elastic run right after losing a
+    host may size its group on a view that still counts the lost host (Ray marks a silent host dead
+    after ~15 s): it waits in short starts and sizes each from what is alive then, with room for one
+    such start per failure it may recover from."""
+    if not dist_cfg.elastic:
+        return dist_cfg.worker_wait_s, 0
+    start_s = min(dist_cfg.worker_wait_s, ELASTIC_START_S)
+    return start_s, math.ceil(dist_cfg.worker_wait_s / start_s) + max(dist_cfg.max_failures, 0)
 
 
 def _fit(trainer: TorchTrainer, dist_cfg: DistributedSection) -> ray.train.Result:

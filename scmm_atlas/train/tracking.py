@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,7 @@ def log_model(run_id: str, *, weights: Path, model_config: MMVAEConfig, features
         meta = Path(d, "meta.json")
         meta.write_text(json.dumps({"model": asdict(model_config), "features": dict(features), "batches": batches}))
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(name="model", python_model=ScmmEmbedder(),
+            info = mlflow.pyfunc.log_model(name="model", python_model=ScmmEmbedder(), pip_requirements=_requirements(),
                                            artifacts={META: str(meta), WEIGHTS: str(weights)})
     client = MlflowClient()
     version = mlflow.register_model(info.model_uri, model_name).version
@@ -124,6 +125,12 @@ def log_model(run_id: str, *, weights: Path, model_config: MMVAEConfig, features
     if better:
         client.set_registered_model_alias(model_name, CHAMPION, version)
     return str(version), better
+
+
+def _requirements() -> list[str]:
+    """What loading the model imports (MLflow adds itself), pinned to this environment's versions. Given,
+    because inferring them loads the model in a subprocess: seconds of CPU at every registration."""
+    return [f"{dist}=={version(dist).split('+')[0]}" for dist in ("scmm-atlas", "torch", "numpy")]
 
 
 def _champion_val(client: MlflowClient, model_name: str) -> float | None:

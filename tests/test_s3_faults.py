@@ -186,7 +186,8 @@ def test_retry_settings_come_from_the_environment(monkeypatch) -> None:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     for name in (*RETRY_ENV, "SCMM_ATLAS_S3_CONNECT_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
-    assert fsspec_options() == {"config_kwargs": {"retries": {"total_max_attempts": 8, "mode": "standard"}}}
+    assert fsspec_options() == {"config_kwargs": {"retries": {"total_max_attempts": 8, "mode": "standard"}},
+                                "max_concurrency": 1}
     assert tiledb_config()["vfs.s3.connect_max_tries"] == "7" and "vfs.s3.request_timeout_ms" not in tiledb_config()
     monkeypatch.setenv("SCMM_ATLAS_S3_MAX_ATTEMPTS", "3")
     monkeypatch.setenv("SCMM_ATLAS_S3_CONNECT_TIMEOUT", "2")

@@ -157,8 +157,16 @@ def test_uri_normalisation(tmp_path: Path) -> None:
     assert parse_uri(f"file://{tmp_path}/x").uri == str(tmp_path / "x")
 
 
-def test_s3_store_both_backends(tmp_path: Path, pair, s3_bucket: str) -> None:
+def test_s3_store_both_backends(tmp_path: Path, pair, s3_bucket: str, monkeypatch) -> None:
+    import s3fs
+
     rna, adt = pair
+    sized: list[str] = []  # objects whose size s3fs asked for (a HEAD each)
+    size = s3fs.S3FileSystem._size
+
+    async def counted(self, path):
+        sized.append(path)
+        return await size(self, path)
     for b in ("soma", "zarr"):
         uri = f"s3://{s3_bucket}/atlas.{b}"
         ingest(uri, [f"RNA={rna}", f"ADT={adt}"], IngestOptions(backend=b, n_top_genes=10, progress=False))
@@ -168,6 +176,11 @@ def test_s3_store_both_backends(tmp_path: Path, pair, s3_bucket: str) -> None:
 
             np.testing.assert_array_equal(store.read("ADT", 0, 60).toarray(), ad.read_h5ad(adt).X.toarray())
             assert int(store.var("RNA")["selected"].sum()) == 10
+            with monkeypatch.context() as patched:
+                patched.setattr(s3fs.S3FileSystem, "_size", counted)
+                assert store.read("RNA", 0, 60).shape[0] == 60
+            if b == "zarr":  # each chunk read is one GET, not a HEAD (its size) and then a GET
+                assert sized == []
         with pytest.raises(StoreError, match="already exists"):
             ingest(uri, [f"RNA={rna}"], IngestOptions(progress=False))
     with pytest.raises(StoreError, match="no store here"):

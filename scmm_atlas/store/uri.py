@@ -161,7 +161,10 @@ def fsspec_options() -> dict[str, object]:
         config["connect_timeout"] = connect_s
     if read_s is not None:
         config["read_timeout"] = read_s
-    options: dict[str, object] = {"config_kwargs": config}
+    # max_concurrency 1: s3fs splits only objects over 50 MiB into parallel ranged reads, and to know
+    # the size it sends a HEAD before every GET; our chunks are far smaller, so that HEAD doubled the
+    # requests (and the round trips) of every chunk read.
+    options: dict[str, object] = {"config_kwargs": config, "max_concurrency": 1}
     endpoint = s3_endpoint()
     if endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}

@@ -532,7 +532,8 @@ class TestCluster:
                          "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                          "--artifacts-destination", "s3://mlflow/artifacts", "--serve-artifacts",
                          "--allowed-hosts", f"{svc.ip}:{MLFLOW_PORT},localhost:*,127.0.0.1:*"],
-                   log=self.root / "logs" / "svc.mlflow.log")
+                   # no job runner: its consumer processes (MLflow's GenAI jobs, unused here) cost CPU
+                   env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, log=self.root / "logs" / "svc.mlflow.log")
         svc.role = "svc"
 
     def _wait_services(self) -> None:

@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/scmm-atlas demo
 
+# The whole suite on two pytest-xdist workers (one per core; four saturated the CPUs and broke timing-bound
+# fault tests). Whole modules go to a worker (--dist loadscope: a module's fixtures start once), longest
+# first (tests/conftest.py: LONGEST_FIRST); each worker has its own local Ray.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 # The edit-test loop (under 2 minutes): no end-to-end runs, no Ray, no S3 server, no browser; one
 # pytest-xdist worker per core (these tests share no session fixture, so they run apart).

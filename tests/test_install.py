@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -18,6 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from scmm_atlas.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 # What a build must not see or copy: environments, outputs, caches, the tests themselves
@@ -57,7 +60,7 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_a_non_editable_install_ships_the_configs_and_runs_the_demo(data_dir: Path, tmp_path: Path) -> None:
+def test_a_non_editable_install_ships_the_configs_and_runs_the_demo_twice(data_dir: Path, tmp_path: Path) -> None:
     assert REPO not in tmp_path.parents
     python = _fresh_venv(tmp_path)
     venv = python.parent.parent
@@ -73,11 +76,41 @@ def test_a_non_editable_install_ships_the_configs_and_runs_the_demo(data_dir: Pa
             if p.is_file() and "__pycache__" not in p.parts}
     assert ours - {p.relative_to(installed) for p in installed.rglob("*")} == set(), "left out of the wheel"
     assert found["names"] and found["pipelines"] == ["atlas", "pbmc_demo"]
-    cli = venv / "bin" / "scmm-atlas"
-    run = subprocess.run([str(cli), "demo", "--data", str(data_dir), "--no-progress", "train.epochs=2",
-                          "train.warmup_epochs=1"], cwd=work, env=_env(), capture_output=True, text=True,
-                         timeout=780)
+    stale = work / "runs" / "demo" / "stale"
+    stale.mkdir(parents=True)
+    first = _demo(venv, data_dir, work, "--fresh")
+    assert not stale.exists()  # --fresh started over
+    lines = _check_summary(first, work)
+    # the demo again: every stage skipped, the same summary (the same model version and results version:
+    # a stage that ran again would register or publish a new one)
+    assert _check_summary(_demo(venv, data_dir, work), work) == lines
+
+
+def _demo(venv: Path, data_dir: Path, work: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """The installed ``scmm-atlas demo`` (3 epochs) run from ``work``, away from the checkout."""
+    run = subprocess.run([str(venv / "bin" / "scmm-atlas"), "demo", *flags, "--data", str(data_dir), "--no-progress",
+                          "train.epochs=3", "train.warmup_epochs=1"], cwd=work, env=_env(), capture_output=True,
+                         text=True, timeout=780)
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
-    assert "== scmm-atlas demo: 10x PBMC 10k CITE-seq ==" in run.stdout
-    assert "training: 2 epochs in" in run.stdout
-    assert (work / "runs" / "demo" / "report" / "index.html").is_file()
+    return run
+
+
+def _check_summary(run: subprocess.CompletedProcess[str], work: Path) -> list[str]:
+    """The demo's summary on the real data (README command 1): rough after 3 epochs, never random."""
+    out = run.stdout.split("== scmm-atlas demo: 10x PBMC 10k CITE-seq ==\n", 1)[1]
+    lines = out.splitlines()[:-1]  # all but the wall time
+    assert lines[0] == "cells: 6,855; modalities: RNA (6,855 cells), ADT (6,855 cells)"
+    assert re.search(r"training: 3 epochs in \d+ s", out)
+    ari = re.search(r"7 labels\): ARI (0\.\d+), NMI (0\.\d+) at the best-NMI resolution", out)
+    assert ari and float(ari.group(1)) > 0.2 and float(ari.group(2)) > 0.3, out
+    fair = re.search(r"15-NN accuracy (0\.\d+); bio-conservation (0\.\d+)", out)
+    assert fair and float(fair.group(1)) > 0.7 and 0.3 < float(fair.group(2)) < 1, out  # random labels: ~0.4 / ~0.2
+    held = re.search(r"RNA -> ADT on (\d+) held-out cells: mean Pearson r (0\.\d+)", out)
+    assert held and 500 < int(held.group(1)) < 900 and float(held.group(2)) > 0.15, out  # random: ~0
+    assert len(re.findall(r"program of dim \d+: RNA up: \S+, \S+, \S+; RNA down: ", out)) == 3, out
+    report = work / "runs" / "demo" / "report" / "index.html"
+    assert report.is_file() and f"report: {report}" in out
+    assert "MLflow UI: mlflow ui --backend-store-uri sqlite:///" in out and "--host 127.0.0.1" in out
+    with open_store(work / "runs" / "demo" / "pbmc10k_cite.soma") as store:
+        assert store.modalities == ["RNA", "ADT"] and store.info.selection["RNA"]["n_selected"] == 4000
+    return lines

@@ -1,0 +1,77 @@
+"""A multi-host Ray cluster whose worker host's link is cut for 30 s mid-training, then a worker host
+killed during inference (tests/clusterjobs.py).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from clusterjobs import check_finished, job_cluster, train, wait_epochs
+from conftest import random_counts, write_h5ad
+
+from scmm_atlas.bench.testcluster import TestCluster
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from job_cluster(tmp_path_factory)
+
+
+def test_a_worker_hosts_link_cut_for_30_s_mid_training_and_the_run_finishes(cluster) -> None:
+    job = train(cluster, "partition", "distributed.num_workers=[1, 2]", wait=False)
+    wait_epochs(cluster, "partition", 2)
+    w1 = cluster.host("w1").ip
+    before = {n["node_id"] for n in cluster.alive_nodes() if n["node_ip"] == w1}
+    cluster.cut_link("w1")
+    time.sleep(30)
+    cluster.restore_link("w1")
+    job = cluster.wait_job(job.job_id, timeout_s=600)
+    got = check_finished(cluster, "partition", job)
+    declared_dead = any(n["node_id"] in before and n["state"] == "DEAD" for n in cluster.nodes())
+    if declared_dead:  # Ray gave the host up (5 failed health checks): the run went on without its worker
+        assert 1.0 in got["workers"], got["workers"]
+    else:  # within Ray's health-check grace the collectives' TCP connections rode the cut out
+        assert set(got["workers"]) == {2.0}, got["workers"]
+        assert min(got["cells_per_s"]) < max(got["cells"]) / 20, got  # one epoch stalled for the cut
+
+
+def _embeddings(c: TestCluster, store: str, version: str, out: Path) -> list:
+    c.run("client", ["scmm-atlas", "query", "embeddings", "--store", store, "--version", version, "--out", out],
+          timeout=300)
+    import pandas as pd
+
+    frame = pd.read_parquet(out)
+    return frame.sort_index().round(5).to_numpy().tolist()
+
+
+def test_a_worker_host_killed_during_inference_leaves_a_complete_version_equal_to_an_unbroken_one(
+        cluster, tmp_path: Path) -> None:
+    """Ray Data actors on both hosts, each block slowed to 8 s (the fault plan) so that the kill lands mid-run:
+    the lost host's actor restarts on the head and redoes its block; nothing is published half."""
+    store = "s3://atlas/infer.zarr"
+    n = 5 * 4096  # five blocks of the results' chunk size
+    write_h5ad(tmp_path / "rna.h5ad", random_counts(n, 60, 1), obs={"donor": [f"b{i % 3}" for i in range(n)]})
+    write_h5ad(tmp_path / "adt.h5ad", random_counts(n, 8, 2), var_names=[f"p{j}" for j in range(8)])
+    cluster.run("client", ["scmm-atlas", "ingest", "--store", store, f"RNA={tmp_path / 'rna.h5ad'}",
+                           f"ADT={tmp_path / 'adt.h5ad'}", "--batch-key", "donor", "--no-progress"], timeout=300)
+    model = "models:/scmm-atlas/1"  # the cut run's registered model (the test above)
+    infer = ["python", "-m", "scmm_atlas.cli", "infer", "--store", store, "--model", model, "--actors", "2",
+             "--pairs", "RNA:ADT", "--no-progress"]
+    slow = {"env_vars": {"SCMM_ATLAS_FAULTS": "infer_block_s=8"}}
+    unbroken = cluster.submit([*infer, "--version", "unbroken"], timeout_s=400)
+    assert unbroken.status == "SUCCEEDED", unbroken.logs[-3000:]
+    job = cluster.submit([*infer, "--version", "broken"], runtime_env=slow, wait=False)
+    time.sleep(15)  # actors started (~5 s), the first blocks under way on both hosts
+    cluster.kill_host("w1")
+    job = cluster.wait_job(job.job_id, timeout_s=400)
+    assert job.status == "SUCCEEDED", job.logs[-3000:]
+    cluster.restart_host("w1")
+    versions = cluster.run("client", ["scmm-atlas", "query", "versions", "--store", store]).stdout
+    assert "broken" in versions and "unbroken" in versions
+    a = _embeddings(cluster, store, "unbroken", tmp_path / "a.parquet")
+    b = _embeddings(cluster, store, "broken", tmp_path / "b.parquet")
+    assert len(a) == len(b) == n and a == b

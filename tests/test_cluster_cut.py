@@ -69,6 +69,8 @@ def test_a_worker_host_killed_during_inference_leaves_a_complete_version_equal_t
     cluster.kill_host("w1")
     job = cluster.wait_job(job.job_id, timeout_s=400)
     assert job.status == "SUCCEEDED", job.logs[-3000:]
+    for run in (unbroken, job):  # on the job's cluster (RAY_ADDRESS), not a local Ray of the head's
+        assert "Connecting to existing Ray cluster at address: " + cluster.ray_address in run.logs, run.logs[-3000:]
     cluster.restart_host("w1")
     versions = cluster.run("client", ["scmm-atlas", "query", "versions", "--store", store]).stdout
     assert "broken" in versions and "unbroken" in versions

@@ -23,7 +23,8 @@ LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0, "free_objects_period_milliseconds":
 
 
 def ensure_ray(address: str | None, *, object_store_bytes: int = 1 << 30) -> None:
-    """Join ``address``, or start a local Ray sized to this machine. A no-op when Ray is already up.
+    """Join ``address`` (else ``RAY_ADDRESS``, as set under ``ray job submit``), or start a local Ray sized
+    to this machine. A no-op when Ray is already up.
 
     Locally: workers at the driver's priority (:data:`LOCAL_SYSTEM_CONFIG`); a bounded object store;
     MALLOC_ARENA_MAX=2 in its workers (glibc's per-thread arenas cost ~300 MB per threaded loader
@@ -36,6 +37,7 @@ def ensure_ray(address: str | None, *, object_store_bytes: int = 1 << 30) -> Non
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None  # a job's commands run on the job's cluster
     quiet = not logging.getLogger().isEnabledFor(logging.INFO)  # then workers' Ray Data logs warnings only too
     hook = {"worker_process_setup_hook": SETUP_HOOK}  # DDP's collectives on the interface of each host's address
     if address:

@@ -52,7 +52,8 @@ def hosts_up(c: TestCluster) -> None:
     c.wait_nodes(alive=[c.head.ip, c.host("w1").ip])
 
 
-def train(c: TestCluster, name: str, *extra: str, epochs: int = 8, wait: bool = True, runtime_env=None):
+def train(c: TestCluster, name: str, *extra: str, epochs: int = 8, wait: bool = True,
+          runtime_env: dict | None = None):
     hosts_up(c)
     return c.submit(["python", "-m", "scmm_atlas.jobs.train", "--store", STORE, "--name", name, "--no-progress",
                      f"train.epochs={epochs}", *TRAIN, *extra], wait=wait, timeout_s=600, runtime_env=runtime_env)

@@ -37,7 +37,7 @@ def ensure_ray(address: str | None, *, object_store_bytes: int = 1 << 30) -> Non
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None  # a job's commands run on the job's cluster
+    address = address or os.environ.get("RAY_ADDRESS")  # a job's commands run on the job's cluster
     quiet = not logging.getLogger().isEnabledFor(logging.INFO)  # then workers' Ray Data logs warnings only too
     hook = {"worker_process_setup_hook": SETUP_HOOK}  # DDP's collectives on the interface of each host's address
     if address:

@@ -161,10 +161,11 @@ def test_inside_two_ray_train_workers_each_gets_its_share(stores, tmp_path) -> N
 
     from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+
+    from scmm_atlas.train.run import Trainer
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests are not importable in Ray workers
-    TorchTrainer(_train_loop, train_loop_config={"store": str(stores["zarr"]), "out": str(tmp_path)},
+    Trainer(_train_loop, train_loop_config={"store": str(stores["zarr"]), "out": str(tmp_path)},
                  scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
                  run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="loader")).fit()
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -61,10 +61,11 @@ def _worker(cfg: dict) -> None:
 def test_two_workers_read_each_cell_once_per_epoch_and_resume_mid_epoch_exactly(store, tmp_path, ray_session) -> None:
     from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+
+    from scmm_atlas.train.run import Trainer
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests are not importable in Ray workers
-    TorchTrainer(_worker, train_loop_config={"store": str(store), "out": str(tmp_path)},
+    Trainer(_worker, train_loop_config={"store": str(store), "out": str(tmp_path)},
                  scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
                  run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="scale")).fit()
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -100,13 +100,14 @@ def _repeat(make: Callable[[int], Iterator[np.ndarray]]) -> Iterator[np.ndarray]
 def _ours(spec: dict) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+
+    from ..train.run import Trainer
 
     ray.init(address="local", num_cpus=2, object_store_memory=512 << 20, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING", _system_config=LOCAL_SYSTEM_CONFIG)
     out = Path(spec["workdir"], "worker_results")
     out.mkdir(exist_ok=True)
-    trainer = TorchTrainer(
+    trainer = Trainer(
         _train_worker, train_loop_config={**spec, "out": str(out)},
         scaling_config=ScalingConfig(num_workers=spec["workers"], use_gpu=False, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(name=f"bench_loader_{os.getpid()}", storage_path=str(Path(spec["workdir"], "ray"))))

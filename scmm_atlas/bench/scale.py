@@ -116,17 +116,17 @@ def _count_worker(cfg: dict) -> None:
 def _count_check(spec: dict) -> dict:
     """One epoch of the loader alone in 2 Ray Train workers: each cell once across ranks, equal batches."""
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from ..data.cluster import ensure_ray
     from ..data.layout import layout_uri, read_info
     from ..store.uri import parse_uri
+    from ..train.run import Trainer
 
     ensure_ray(None)
     out = Path(spec["workdir"], "counts")
     out.mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    TorchTrainer(_count_worker, train_loop_config={"store": spec["store"], "out": str(out)},
+    Trainer(_count_worker, train_loop_config={"store": spec["store"], "out": str(out)},
                  scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
                  run_config=RunConfig(name=f"count_{os.getpid()}", storage_path=str(Path(spec["workdir"], "ray")))
                  ).fit()

@@ -23,6 +23,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from ..config import DistributedSection, RunConfig
 from ..data.cluster import ensure_ray
@@ -155,6 +156,21 @@ def _open_run(config: RunConfig, run_dir: RunDir, tracked: _Tracking, *, name: s
     return None
 
 
+class Trainer(TorchTrainer):
+    """Ray Train's ``TorchTrainer`` without its placement-group cleaner where Ray runs no dashboard (a local
+    Ray with ``SCMM_ATLAS_RAY_DASHBOARD=0``, or one started so by the caller). The cleaner asks the
+    dashboard's state API every second whether the controller still lives; with no dashboard each question
+    hangs for 10 s, and every run ended ~18 s after its last epoch, waiting for the cleaner to stop. It only
+    acts if the controller dies while its driver lives on; the run's placement group goes with the driver's
+    job in any case."""
+
+    def _create_default_callbacks(self) -> list[Any]:
+        callbacks = super()._create_default_callbacks()
+        if ray._private.worker.get_dashboard_url():  # Ray's state API is served: keep Ray's default
+            return callbacks
+        return [cb for cb in callbacks if not isinstance(cb, PlacementGroupCleanerCallback)]
+
+
 def _trainer(job: WorkerJob, run_dir: RunDir, name: str) -> TorchTrainer:
     """The ``TorchTrainer`` of ``job``: its workers (elastic where ``num_workers`` is [min, max]), storage,
     logging, retries and checkpoints. Each worker finds its host's interface for the collectives
@@ -168,7 +184,7 @@ def _trainer(job: WorkerJob, run_dir: RunDir, name: str) -> TorchTrainer:
     env = aws_settings() if job.store.startswith("s3://") else {}
     start_s, retries = _start_budget(dist_cfg)
     os.environ[WORKER_START_TIMEOUT_ENV] = str(start_s)  # read by the controller (Ray propagates it)
-    return TorchTrainer(
+    return Trainer(
         train_loop, train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=dist_cfg.use_gpu,
                                      resources_per_worker={"CPU": dist_cfg.cpus_per_worker},

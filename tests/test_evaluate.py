@@ -192,3 +192,32 @@ def test_kbet_accepts_mixed_batches_and_rejects_separated_ones():
     shifted[mixed == 1] += 6  # batch 1 moved away from batch 0 inside every type
     assert embedding_scores(emb, labels, batch=mixed)["kbet"] > 0.6
     assert embedding_scores(shifted, labels, batch=mixed)["kbet"] < 0.2
+
+
+def test_numba_code_still_compiles_after_a_ray_progress_bar_in_this_process(ray_session, monkeypatch) -> None:
+    """A notebook that trained or inferred (Ray's progress bars drawn by this process) then scores with kBET or
+    scanpy's neighbours: pynndescent's numba code calls print, which Ray's bars would have replaced."""
+    import builtins
+
+    import numba
+    from ray.experimental import tqdm_ray
+
+    from scmm_atlas.data.cluster import ensure_ray
+
+    monkeypatch.delenv("RAY_TQDM_PATCH_PRINT", raising=False)
+    monkeypatch.setattr(tqdm_ray, "_manager", None)  # as in a fresh process: no Ray bar drawn here yet
+    monkeypatch.setattr(builtins, "print", builtins.print)  # put back after the test, whatever happens
+    original = builtins.print
+    ensure_ray(None)  # Ray is up: only this process's settings
+    bar = tqdm_ray.tqdm(total=2, desc="epochs")  # drawn by this process, as Ray Data's bars are
+    bar.update(2)
+    bar.close()
+    assert builtins.print is original
+
+    @numba.njit
+    def plus_one(n: int) -> int:
+        if n < 0:
+            print("negative")
+        return n + 1
+
+    assert plus_one(1) == 2

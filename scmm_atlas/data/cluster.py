@@ -8,6 +8,7 @@ import os
 from ..netif import SETUP_HOOK
 
 DASHBOARD_ENV = "SCMM_ATLAS_RAY_DASHBOARD"
+TQDM_PATCH_ENV = "RAY_TQDM_PATCH_PRINT"
 # Settings of a local Ray (a cluster keeps its own):
 # - Ray starts its workers at nice 15 (``worker_niceness``) so that a cluster node's daemons stay
 #   responsive. On one machine that puts the training workers below their own driver and anything
@@ -35,6 +36,10 @@ def ensure_ray(address: str | None, *, object_store_bytes: int = 1 << 30) -> Non
     """
     import ray
 
+    # Ray's progress bars drawn in this process (Ray Data's, the epoch bar relayed from a worker) replace
+    # builtins.print by their own unless told not to, and numba then cannot compile code that prints:
+    # pynndescent (kBET, scanpy's neighbours) fails in a notebook that trained or inferred first
+    os.environ.setdefault(TQDM_PATCH_ENV, "0")
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")  # a job's commands run on the job's cluster

@@ -1,7 +1,7 @@
 """What the cluster tests share (test_cluster*.py): a job cluster on network namespaces
 (bench/testcluster.py: hosts on a bridge, host names resolving to loopback, a Ray head with its job
 server, S3 and an MLflow server) with a small store on S3, the training job they submit, and the check
-of what a run produced. Each test module starts its own cluster, so that pytest-xdist runs them side by side.
+of what a run produced. Each test module starts its own cluster, so that pytest-xdist runs the modules side by side.
 
 Every run is a ``ray job submit`` of the user's entry point, as on a cluster; every test ends by
 checking what was produced: the job's state, the MLflow run and registered versions, the epochs'
@@ -52,7 +52,7 @@ def hosts_up(c: TestCluster) -> None:
     c.wait_nodes(alive=[c.head.ip, c.host("w1").ip])
 
 
-def train(c: TestCluster, name: str, *extra: str, epochs: int = 8, wait: bool = True,
+def train(c: TestCluster, name: str, *extra: str, epochs: int = 6, wait: bool = True,
           runtime_env: dict | None = None):
     hosts_up(c)
     return c.submit(["python", "-m", "scmm_atlas.jobs.train", "--store", STORE, "--name", name, "--no-progress",
@@ -113,7 +113,7 @@ def wait_epochs(c: TestCluster, name: str, epochs: int, timeout_s: float = 600) 
     raise AssertionError(f"{name}: fewer than {epochs} epochs after {timeout_s:.0f} s")
 
 
-def check_finished(c: TestCluster, name: str, job, epochs: int = 8) -> dict:
+def check_finished(c: TestCluster, name: str, job, epochs: int = 6) -> dict:
     assert job.status == "SUCCEEDED", job.logs[-4000:]
     got = produced(c, name)
     assert got["runs"] == 1 and got["status"] == "FINISHED" and got["versions"] == 1, got

@@ -14,6 +14,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from scmm_atlas.bench.testcluster import QUIET_RAY
+
 # Small tensors: one intra-op thread is as fast, and it does not collapse (100x) when another
 # process holds the second core, as OpenMP threads spinning for a busy core do.
 torch.set_num_threads(1)
@@ -24,6 +26,9 @@ torch.set_num_threads(1)
 TEST_SECRET = f"scmm-test-secret-{os.urandom(8).hex()}"
 os.environ.update({"AWS_ACCESS_KEY_ID": "scmm-test-key", "AWS_SECRET_ACCESS_KEY": TEST_SECRET,
                    "AWS_DEFAULT_REGION": "us-east-1"})
+# Every Ray the tests start (the shared one, the commands' own) without Ray's idle overheads on a 2-core
+# machine (bench/testcluster.py's QUIET_RAY: a log monitor globbing every 0.1 s, a preemption watcher per run)
+os.environ.update(QUIET_RAY)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SCMM_ATLAS_DATA", REPO.parent / "shared" / "data"))
@@ -189,7 +194,7 @@ TIER_FIXTURES = {"ray_session": "ray", "s3_server": "s3", "chromium": "browser"}
 
 # `make test` runs pytest-xdist with --dist loadscope: whole modules go to the workers in collection order, so
 # the longest modules (a CI run's durations) come first and the run does not end with one of them alone
-LONGEST_FIRST = ("test_cluster_head.py", "test_cluster_cut.py", "test_cluster.py", "test_train.py", "test_chaos.py",
+LONGEST_FIRST = ("test_cluster_faults.py", "test_cluster.py", "test_train.py", "test_chaos.py",
                  "test_fuzz.py", "test_install.py", "test_pipeline.py", "test_s3_faults.py", "test_scale.py",
                  "test_results.py", "test_shared_store.py", "test_bench_cluster.py", "test_testcluster.py")
 

@@ -58,6 +58,10 @@ NS_RE = re.compile(r"^scmm-([0-9a-f]{6})-[a-z0-9-]+$")
 NETNS_DIR = Path("/run/netns")
 ETC_NETNS = Path("/etc/netns")
 STATE_DIR = Path("/run/scmm-testcluster")  # owner records: which live process owns which cluster
+# Ray's own idle overheads, off where every host shares the same few cores: the log monitor's scan of its
+# log folder every 0.1 s (every 0.5 s then, Ray's back-off above 1,000 files) and Ray Train's per-run
+# preemption watcher (a process per run, for cloud spot-instance notices; none come here).
+QUIET_RAY = {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 RAY_TMP = Path("/tmp")  # Ray's temp dirs: short, for its Unix sockets' 107-byte path limit
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 S3_PORT, MLFLOW_PORT, GCS_PORT, DASHBOARD_PORT = 9000, 5000, 6379, 8265
@@ -280,7 +284,7 @@ class TestCluster:
                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3,
                 "MLFLOW_TRACKING_URI": f"http://{self._addr(2)}:{MLFLOW_PORT}",
                 "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-                "RAY_USAGE_STATS_ENABLED": "0"}
+                "RAY_USAGE_STATS_ENABLED": "0", **QUIET_RAY}
 
     # ---- endpoints
 

@@ -1,7 +1,7 @@
-"""What the cluster tests share (test_cluster*.py): a job cluster on network namespaces
-(bench/testcluster.py: hosts on a bridge, host names resolving to loopback, a Ray head with its job
-server, S3 and an MLflow server) with a small store on S3, the training job they submit, and the check
-of what a run produced. Each test module starts its own cluster, so that pytest-xdist runs the modules side by side.
+"""What the cluster tests (test_cluster.py) use: a job cluster on network namespaces (bench/testcluster.py:
+hosts on a bridge, host names resolving to loopback, a Ray head with its job server, S3 and an MLflow
+server) with a small store on S3, the training job they submit, and the check of what a run produced.
+One cluster serves the module's tests; each starts with both hosts up (hosts_up restarts one an earlier test lost).
 
 Every run is a ``ray job submit`` of the user's entry point, as on a cluster; every test ends by
 checking what was produced: the job's state, the MLflow run and registered versions, the epochs'
@@ -82,11 +82,12 @@ print(json.dumps(out))
     return json.loads(c.python("client", code, timeout=120).strip().splitlines()[-1])
 
 
-# The epochs a run has logged, from the MLflow server's REST API with the standard library only: polled every
-# few seconds, where an `import mlflow` would cost seconds of CPU each time on a 2-core machine.
+# The epochs a run has logged (those with a given world size, if one is given), from the MLflow server's REST API
+# with the standard library only: polled every few seconds, where an `import mlflow` would cost seconds of CPU
+# each time on a 2-core machine.
 EPOCHS_LOGGED = """
 import json, sys, urllib.error, urllib.parse, urllib.request
-api, name = sys.argv[1] + "/api/2.0/mlflow/", sys.argv[2]
+api, name, workers = sys.argv[1] + "/api/2.0/mlflow/", sys.argv[2], float(sys.argv[3])
 def call(path, body=None):
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(api + path, data=data, headers={"Content-Type": "application/json"})
@@ -98,19 +99,21 @@ except urllib.error.HTTPError:  # no run logged yet
     print(0); sys.exit()
 runs = call("runs/search", {"experiment_ids": [exp], "filter": f"attributes.run_name = '{name}'"}).get("runs", [])
 history = call("metrics/get-history?" + urllib.parse.urlencode(
-    {"run_id": runs[0]["info"]["run_id"], "metric_key": "val_loss"})).get("metrics", []) if runs else []
-print(len(history))
+    {"run_id": runs[0]["info"]["run_id"], "metric_key": "workers"})).get("metrics", []) if runs else []
+print(sum(workers == 0 or m["value"] == workers for m in history))
 """
 
 
-def wait_epochs(c: TestCluster, name: str, epochs: int, timeout_s: float = 600) -> None:
-    """Until the run has logged ``epochs`` epochs (a checkpoint is written with each)."""
+def wait_epochs(c: TestCluster, name: str, epochs: int, *, workers: int = 0, timeout_s: float = 600) -> None:
+    """Until the run has logged ``epochs`` epochs (a checkpoint is written with each), counting only those
+    trained by ``workers`` workers where that is given."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if int(c.python("client", EPOCHS_LOGGED, c.mlflow_uri, name, timeout=60).strip()) >= epochs:
+        if int(c.python("client", EPOCHS_LOGGED, c.mlflow_uri, name, str(workers), timeout=60).strip()) >= epochs:
             return
         time.sleep(3)
-    raise AssertionError(f"{name}: fewer than {epochs} epochs after {timeout_s:.0f} s")
+    raise AssertionError(f"{name}: fewer than {epochs} epochs{f' of {workers} workers' if workers else ''} "
+                         f"after {timeout_s:.0f} s")
 
 
 def check_finished(c: TestCluster, name: str, job, epochs: int = 6) -> dict:

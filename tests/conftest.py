@@ -194,7 +194,7 @@ TIER_FIXTURES = {"ray_session": "ray", "s3_server": "s3", "chromium": "browser"}
 
 # `make test` runs pytest-xdist with --dist loadscope: whole modules go to the workers in collection order, so
 # the longest modules (a CI run's durations) come first and the run does not end with one of them alone
-LONGEST_FIRST = ("test_cluster_faults.py", "test_cluster.py", "test_train.py", "test_chaos.py",
+LONGEST_FIRST = ("test_cluster.py", "test_train.py", "test_chaos.py",
                  "test_fuzz.py", "test_install.py", "test_pipeline.py", "test_s3_faults.py", "test_scale.py",
                  "test_results.py", "test_shared_store.py", "test_bench_cluster.py", "test_testcluster.py")
 

@@ -226,6 +226,8 @@ def _train_epoch(w: _Worker, epoch: int, beta: float) -> dict[str, float]:
         if cap and start + i * data.config.batch_size * w.world >= cap:
             break
         _maybe_fail(w.job, st.step + 1, w.rank, w.world)
+        if w.job.faults.train_batch_ms:
+            time.sleep(w.job.faults.train_batch_ms / 1000)
         pending += 1
         accumulate = pending < w.accum
         with w.wrapped.no_sync() if accumulate and hasattr(w.wrapped, "no_sync") else contextlib.nullcontext():

@@ -74,7 +74,9 @@ if runs:
     out["versions"] = len(client.search_model_versions(f"run_id='{{r.info.run_id}}'"))
     for key in ("workers", "cells", "val_loss", "step", "cells_per_s"):
         out[key] = [m.value for m in sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: m.step)]
-    out["epochs"] = [m.step for m in sorted(client.get_metric_history(r.info.run_id, "val_loss"), key=lambda m: m.step)]
+    history = sorted(client.get_metric_history(r.info.run_id, "val_loss"), key=lambda m: m.step)
+    out["epochs"] = [m.step for m in history]
+    out["logged_s"] = [m.timestamp / 1000 for m in history]  # when each epoch was logged
 listed = boto3.client("s3").list_objects_v2(Bucket="atlas", Prefix="ray/{name}/checkpoint_")
 out["checkpoints"] = sorted({{k["Key"].split("/")[2] for k in listed.get("Contents", [])}})
 print(json.dumps(out))

@@ -7,6 +7,7 @@ a new cluster).
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -71,7 +72,8 @@ def test_a_worker_hosts_link_cut_for_30_s_mid_training_and_the_run_finishes(clus
         assert 1.0 in got["workers"], got["workers"]
     else:  # within Ray's health-check grace the collectives' TCP connections rode the cut out
         assert set(got["workers"]) == {2.0}, got["workers"]
-        assert min(got["cells_per_s"]) < max(got["cells"]) / 20, got  # one epoch stalled for the cut
+        # the run stalled for the cut: in an epoch's collectives or at its checkpoint, between two epochs' logs
+        assert max(b - a for a, b in itertools.pairwise(got["logged_s"])) > 25, got
 
 
 def _embeddings(c: TestCluster, store: str, version: str, out: Path) -> list:

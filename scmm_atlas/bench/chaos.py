@@ -8,7 +8,9 @@ Data: generated CITE-like inputs (``--cells``, default 600 cells x 40 genes + 6 
 2. ``--runs N`` chaos runs: the same command, and one process is SIGKILLed: run ``i`` targets the
    kinds in turn (the driver, a Ray Train worker, a loader read actor, an inference actor; starting
    at ``SCMM_ATLAS_CHAOS_SEED`` mod 4), one of its processes drawn, at a moment after the first one
-   appears drawn uniformly over the first 80 % of the span that kind lived in the clean run. Then the
+   appears drawn uniformly over the first 80 % of the span that kind lived in the clean run (a run in which
+   no process of the kind lives then, having ended sooner than the clean run's, runs again with the moment
+   drawn over half that span, at most twice). Then the
    command is rerun (at most twice) until it exits 0. A reader thread reads the published results
    throughout;
 3. with ``--s3``, as many runs against a local moto S3 server behind
@@ -44,6 +46,7 @@ from . import format_table
 CELLS, GENES, PROTEINS = 600, 40, 6
 RUNS = 5
 KINDS = ("driver", "train worker", "read actor", "inference actor")
+REDRAWS = 2  # a run whose kind ended before its drawn moment runs again with a moment drawn earlier
 S3_FAULT_RATE = 0.03  # each fault costs a client backoff (~0.5 s in botocore's standard mode)
 S3_ENV = {"SCMM_ATLAS_S3_MAX_ATTEMPTS": "10", "SCMM_ATLAS_S3_READ_TIMEOUT": "0.3"}  # a held request: retried soon
 RTOL, ATOL = 1e-4, 1e-5
@@ -326,10 +329,15 @@ def run(args: argparse.Namespace) -> list[dict]:
             rng = random.Random(seed0 * 1000 + i + 1)
             kind = KINDS[(seed0 + i) % len(KINDS)]  # every kind in turn, at a moment drawn while it lives
             first, last = windows.get(kind, [0.0, 0.0])
-            folder = Path(tmp, f"kill{i}")
-            store = str(folder / "atlas.zarr")
-            got = _one(folder, inputs, store=store, env=env, kill=(kind, rng.uniform(0, 0.8 * (last - first))),
-                       rng=rng)
+            for attempt in range(REDRAWS + 1):  # a run faster than the clean one can end the kind before the moment
+                folder = Path(tmp, f"kill{i}" + (f"-{attempt}" if attempt else ""))
+                store = str(folder / "atlas.zarr")
+                moment = rng.uniform(0, 0.8 * (last - first)) / 2**attempt
+                got = _one(folder, inputs, store=store, env=env, kill=(kind, moment), rng=rng)
+                if got["killed"] is not None or kind not in windows:
+                    break
+                print(f"  run {i + 1}: no {kind} alive {moment:.0f} s after the first one; drawn again, earlier",
+                      flush=True)
             lost, issues = _judge(got, store, want)
             injected = got["killed"] is not None
             totals["kills_injected"] += injected

@@ -127,9 +127,9 @@ def _count_check(spec: dict) -> dict:
     out.mkdir(exist_ok=True)
     t0 = time.perf_counter()
     Trainer(_count_worker, train_loop_config={"store": spec["store"], "out": str(out)},
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                 run_config=RunConfig(name=f"count_{os.getpid()}", storage_path=str(Path(spec["workdir"], "ray")))
-                 ).fit()
+            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+            run_config=RunConfig(name=f"count_{os.getpid()}", storage_path=str(Path(spec["workdir"], "ray")))
+            ).fit()
     wall = time.perf_counter() - t0
     n_train = read_info(layout_uri(parse_uri(spec["store"]))).n_cells("train")
     seen = np.concatenate([np.load(out / f"rank{r}.npy") for r in range(2)])

@@ -96,18 +96,21 @@ def test_resume_continues_an_interrupted_run(baseline, store, tracking) -> None:
 def test_a_trainer_keeps_rays_placement_group_cleaner_only_where_the_state_api_is_served(ray_session,
                                                                                        monkeypatch) -> None:
     """Without a dashboard the cleaner's state queries hang 10 s each and a run ended ~18 s after its last
-    epoch; with one, Ray's default stands."""
+    epoch, with one Ray's default stands; Ray's datasets callback (an actor at every worker-group start)
+    only where the run has Ray Datasets."""
     import ray
     from ray.train import ScalingConfig
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
     from scmm_atlas.train.run import Trainer
 
-    def cleaners() -> int:
-        trainer = Trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1))
-        return sum(isinstance(cb, PlacementGroupCleanerCallback) for cb in trainer._create_default_callbacks())
+    def kept(kind: type, **datasets) -> int:
+        trainer = Trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1), datasets=datasets or None)
+        return sum(isinstance(cb, kind) for cb in trainer._create_default_callbacks())
 
     assert ray._private.worker.get_dashboard_url() == ""  # the tests' shared Ray runs no dashboard
-    assert cleaners() == 0
+    assert kept(PlacementGroupCleanerCallback) == 0
+    assert kept(DatasetsCallback) == 0 and kept(DatasetsCallback, train=ray.data.range(3)) == 1
     monkeypatch.setattr(ray._private.worker, "get_dashboard_url", lambda: "127.0.0.1:8265")
-    assert cleaners() == 1
+    assert kept(PlacementGroupCleanerCallback) == 1

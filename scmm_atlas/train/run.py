@@ -23,6 +23,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from ..config import DistributedSection, RunConfig
@@ -157,18 +158,21 @@ def _open_run(config: RunConfig, run_dir: RunDir, tracked: _Tracking, *, name: s
 
 
 class Trainer(TorchTrainer):
-    """Ray Train's ``TorchTrainer`` without its placement-group cleaner where Ray runs no dashboard (a local
-    Ray with ``SCMM_ATLAS_RAY_DASHBOARD=0``, or one started so by the caller). The cleaner asks the
-    dashboard's state API every second whether the controller still lives; with no dashboard each question
-    hangs for 10 s, and every run ended ~18 s after its last epoch, waiting for the cleaner to stop. It only
-    acts if the controller dies while its driver lives on; the run's placement group goes with the driver's
-    job in any case."""
+    """Ray Train's ``TorchTrainer`` without two of its default callbacks where they only cost:
+
+    - the datasets callback when the run has no Ray Datasets (ours reads the store itself): it starts a
+      ``DatasetManager`` actor, a process importing Ray Data, at every worker-group start;
+    - the placement-group cleaner where Ray runs no dashboard (a local Ray with ``SCMM_ATLAS_RAY_DASHBOARD=0``,
+      or one started so by the caller). It asks the dashboard's state API every second whether the
+      controller still lives; with no dashboard each question hangs for 10 s, and every run ended ~18 s
+      after its last epoch, waiting for it to stop. It only acts if the controller dies while its driver
+      lives on; the run's placement group goes with the driver's job in any case."""
 
     def _create_default_callbacks(self) -> list[Any]:
-        callbacks = super()._create_default_callbacks()
-        if ray._private.worker.get_dashboard_url():  # Ray's state API is served: keep Ray's default
-            return callbacks
-        return [cb for cb in callbacks if not isinstance(cb, PlacementGroupCleanerCallback)]
+        unused = () if self.datasets else (DatasetsCallback,)
+        if not ray._private.worker.get_dashboard_url():  # no state API: the cleaner would hang on it
+            unused += (PlacementGroupCleanerCallback,)
+        return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unused)]
 
 
 def _trainer(job: WorkerJob, run_dir: RunDir, name: str) -> TorchTrainer:
@@ -184,6 +188,7 @@ def _trainer(job: WorkerJob, run_dir: RunDir, name: str) -> TorchTrainer:
     env = aws_settings() if job.store.startswith("s3://") else {}
     start_s, retries = _start_budget(dist_cfg)
     os.environ[WORKER_START_TIMEOUT_ENV] = str(start_s)  # read by the controller (Ray propagates it)
+    os.environ.setdefault(POLL_ENV, str(POLL_S))
     return Trainer(
         train_loop, train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=dist_cfg.use_gpu,
@@ -198,6 +203,12 @@ def _trainer(job: WorkerJob, run_dir: RunDir, name: str) -> TorchTrainer:
 
 
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# How often Ray Train's controller polls the workers; it takes one report per worker per poll and a
+# worker's next report waits for it (a queue of one), so each epoch or mid-epoch checkpoint cost up to
+# Ray's default 2 s: most of a small run's epoch. A poll is one actor call per worker; one that hangs is
+# carried over (a worker is declared dead after 10 min of it), so polling often raises no false alarm.
+# Ray's variable wins where it is set.
+POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 0.25
 ELASTIC_START_S = 30.0  # an elastic start that hangs was sized on a stale view of the hosts: decide again soon
 
 

@@ -46,8 +46,9 @@ def job_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluste
 
 def hosts_up(c: TestCluster) -> None:
     """Both hosts in the cluster, whatever an earlier test did to the worker host (a raylet that Ray
-    declared dead across a cut exits: its host is restarted, as a node supervisor would)."""
-    if c.host("w1").ip not in {n["node_ip"] for n in c.alive_nodes()}:
+    declared dead across a cut exits: its host is restarted, as a node supervisor would; a host killed moments
+    ago may still look alive to Ray)."""
+    if c.host("w1").down or c.host("w1").ip not in {n["node_ip"] for n in c.alive_nodes()}:
         c.restart_host("w1")
     c.wait_nodes(alive=[c.head.ip, c.host("w1").ip])
 

@@ -117,11 +117,11 @@ def test_a_worker_host_killed_during_inference_leaves_a_complete_version_equal_t
 
 
 def test_a_fixed_size_run_without_room_for_its_workers_fails_with_one_line(cluster) -> None:
-    job = train(cluster, "too-big", "distributed.num_workers=3", "distributed.worker_wait_s=15")  # 2 hosts up
+    job = train(cluster, "too-big", "distributed.num_workers=3", "distributed.worker_wait_s=5")  # 2 hosts up
     assert job.status == "FAILED"
     errors = [line for line in job.logs.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, job.logs[-3000:]
-    assert "distributed.num_workers: 3 workers of 1.5 CPUs could not be placed within 15 s" in errors[0]
+    assert "distributed.num_workers: 3 workers of 1.5 CPUs could not be placed within 5 s" in errors[0]
     assert "room for 2" in errors[0] and "num_workers=[min, max]" in errors[0]
     assert produced(cluster, "too-big")["versions"] == 0
 

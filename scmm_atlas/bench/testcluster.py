@@ -84,6 +84,7 @@ class Host:
     veth: str  # the switch's end of the link: cut_link sets it down
     role: str = ""  # svc, client, head, worker, or "" for a bare host
     ray_tmp: Path | None = None
+    down: bool = False  # killed (kill_host) and not started again: Ray may not have noticed yet
 
 
 @dataclass(frozen=True)
@@ -538,7 +539,7 @@ class TestCluster:
                          "--allowed-hosts", f"{svc.ip}:{MLFLOW_PORT},localhost:*,127.0.0.1:*"],
                    # no job runner: its consumer processes (MLflow's GenAI jobs, unused here) cost CPU
                    env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, log=self.root / "logs" / "svc.mlflow.log")
-        svc.role = "svc"
+        svc.role, svc.down = "svc", False
 
     def _wait_services(self) -> None:
         """S3 answers and has the MLflow bucket (an unsigned PUT: moto checks no signature), MLflow is healthy."""
@@ -567,7 +568,7 @@ class TestCluster:
                 "--disable-usage-stats"]
         argv += (["--head", f"--port={GCS_PORT}", f"--dashboard-host={host.ip}", f"--dashboard-port={DASHBOARD_PORT}",
                   "--include-dashboard=true"] if head else [f"--address={self.ray_address}"])
-        host.role = "head" if head else "worker"
+        host.role, host.down = "head" if head else "worker", False
         return self.popen(host, argv, env={"RAY_gcs_server_port_wait_time_s": "60"},
                           log=self.root / "logs" / f"{name}.ray.log")
 
@@ -606,6 +607,7 @@ class TestCluster:
         """The machine dies: SIGKILL to everything in its namespace (the kernel closes its sockets, so
         peers see resets; cut_link first for a machine that vanishes silently). The namespace stays."""
         kill_namespaces([self.host(name).ns], grace_s=0)
+        self.host(name).down = True
         self._reap(name)
 
     def restart_host(self, name: str) -> None:

@@ -349,9 +349,12 @@ def _pool(ray: Any, blocks: list[dict[str, int]], work: BlockWork, actors: int) 
 
 def _actor_restarts() -> dict[str, int]:
     """An actor lost with its host is restarted on a host that is left and redoes the block it held:
-    a block is written whole into chunks of its own, so a block written twice is written the same. An
-    error raised by the block itself is not retried (the entry stays unpublished; rerun to retry)."""
-    return {"max_restarts": 3, "max_task_retries": 3}
+    a block is written whole into chunks of its own, so a block written twice is written the same. Its
+    block is retried without a count: until Ray declares the lost host dead (health checks, ~15-30 s),
+    each retry meets a refused connection at once, and a count of them ran out before the restart (a
+    job failed so; Ray's own chaos tests retry so, ray#59209). The restarts are counted; an error raised
+    by the block itself is not retried (the entry stays unpublished; rerun to retry)."""
+    return {"max_restarts": 3, "max_task_retries": -1}
 
 
 def _progress(total: int, enabled: bool):

@@ -221,3 +221,24 @@ def test_numba_code_still_compiles_after_a_ray_progress_bar_in_this_process(ray_
         return n + 1
 
     assert plus_one(1) == 2
+
+
+def test_a_saved_summary_reads_back_as_the_same_lines(tmp_path):
+    """The demo prints a rerun's summary from the saved one: numpy numbers and programs must survive."""
+    import pandas as pd
+
+    from scmm_atlas.evaluate.summary import Summary
+
+    clustering = {k: np.float32(0.123456) for k in ("ari", "nmi", "ari_k", "nmi_k", "silhouette", "clisi",
+                                                    "isolated_asw", "isolated_f1", "knn_acc", "bio")}
+    programs = pd.DataFrame({"dim": [3, 3], "modality": ["RNA", "ADT"], "direction": ["up", "up"],
+                             "features": [["A", "B"], ["p1"]]})
+    summary = Summary(n_cells=np.int64(12), modalities={"RNA": 12, "ADT": 9}, version="1",
+                      clustering={**clustering, "n_labels": np.int64(2)},
+                      heldout={"ADT_from_RNA": {"mean_pearson": 0.5, "median_pearson": 0.25, "features": 1,
+                                                "cells": 4}}, programs=programs)
+    summary.save(tmp_path / "s" / "v1.json")
+    again = Summary.load(tmp_path / "s" / "v1.json")
+    assert again.lines() == summary.lines() and len(again.lines()) == 4
+    assert Summary.load(tmp_path / "s" / "v1.json").programs["features"].tolist() == [["A", "B"], ["p1"]]
+    assert not list((tmp_path / "s").glob("*.part"))

@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,20 @@ class Summary:
     clustering: dict[str, Any] | None  # embedding_scores + n_labels (None: the store has no labels)
     heldout: dict[str, dict[str, float]]  # "ADT_from_RNA" -> mean / median Pearson, cells
     programs: pd.DataFrame = field(default_factory=pd.DataFrame)  # dim, modality, direction, features
+
+    def save(self, path: Path) -> None:
+        """As JSON (written whole, then renamed: a reader never sees half of it)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {**asdict(self), "programs": self.programs.to_dict(orient="records")}
+        part = path.with_name(path.name + ".part")
+        part.write_text(json.dumps(record, default=lambda x: x.item()))  # numpy scalars as numbers
+        part.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Summary:
+        record = json.loads(path.read_text())
+        return cls(**{**record, "programs": pd.DataFrame(record["programs"],
+                                                         columns=["dim", "modality", "direction", "features"])})
 
     def lines(self) -> list[str]:
         out = [f"cells: {self.n_cells:,}; modalities: " + ", ".join(f"{m} ({n:,} cells)"

@@ -61,6 +61,83 @@ def test_a_lease_held_on_another_host_counts_until_it_expires(tmp_path) -> None:
         assert 0.5 < time.monotonic() - t0 < 5
 
 
+# A holder whose work checks its lease every 0.1 s; told on stdout when it stops
+WORKER = textwrap.dedent("""
+    import sys, time
+    from scmm_atlas.store import StoreError
+    from scmm_atlas.store.lease import Lease
+    lease = Lease(sys.argv[1], "entry-x", data={"who": "stalled"}, ttl=float(sys.argv[2])).acquire()
+    print("held", flush=True)
+    for _ in range(300):
+        try:
+            lease.check()
+        except StoreError as exc:
+            print(exc, flush=True)
+            lease.release()
+            sys.exit(3)
+        time.sleep(0.1)
+""")
+
+
+def test_a_holder_stalled_past_its_ttl_learns_it_lost_the_lease_and_overwrites_nothing(tmp_path) -> None:
+    """SIGSTOP past the TTL, another process takes the lease, SIGCONT: the stalled holder's next heartbeat
+    must not write the lease again; its work stops with one error naming the lease."""
+    ttl = 1.5
+    child = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path), str(ttl)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        child.send_signal(signal.SIGSTOP)
+        time.sleep(ttl + 0.5)
+        with Lease(str(tmp_path), "entry-x", data={"who": "taker"}, ttl=60, wait_s=5) as taker:
+            child.send_signal(signal.SIGCONT)
+            assert child.wait(timeout=30) == 3
+            said = child.stdout.read().strip()
+            assert said.count("\n") == 0 and "_leases/entry-x" in said and "lease lost (not renewed for" in said
+            assert held(str(tmp_path)) == {"entry-x": {"who": "taker"}}  # neither rewritten nor removed
+            assert os.listdir(tmp_path / LEASE_DIR) == ["entry-x.1.json"]
+            taker.check()
+    finally:
+        child.kill()
+
+
+def test_a_lease_whose_file_was_taken_away_is_lost_and_its_with_block_fails(tmp_path) -> None:
+    with (pytest.raises(StoreError, match="lease lost \\(taken by another holder\\)"),
+          Lease(str(tmp_path), "lock-results-index", ttl=0.6) as lease):
+        (tmp_path / LEASE_DIR / "lock-results-index.0.json").unlink()  # e.g. removed by hand
+        deadline = time.monotonic() + 10
+        while lease.lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert os.listdir(tmp_path / LEASE_DIR) == []
+    with Lease(str(tmp_path), "lock-results-index", ttl=0.6) as again:  # taken anew, renewed while held
+        time.sleep(1.0)
+        again.check()
+
+
+
+def test_an_entry_whose_lease_was_lost_is_not_published(tmp_path) -> None:
+    """An inference that lost its entry's lease (a publish meanwhile may have removed the entry) must not
+    publish it: one error naming the lease, the index as it was."""
+    from scmm_atlas.store.results import ENTRY_LEASE, ResultSpec, begin, publish
+
+    uri = str(make_planted_stores(tmp_path, n=120, backends=("zarr",))["zarr"])
+    with open_store(uri) as store:
+        writer = begin(store, ResultSpec(version="1", model_uri="m", latent_dim=2, modalities=["RNA"], pairs=[],
+                                         target_features={}, library_size=None))
+        full = np.ones((store.n_obs, 2), dtype=np.float32)
+        writer.write_cells(0, full, {"RNA": full}, {})
+        writer.lease.release()  # held again with a short TTL, then taken away
+        writer.lease = Lease(uri, ENTRY_LEASE + writer.spec.entry, ttl=0.6).acquire()
+        (tmp_path / "cells.zarr" / LEASE_DIR / f"{ENTRY_LEASE}{writer.spec.entry}.0.json").unlink()
+        deadline = time.monotonic() + 10
+        while writer.lease.lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(StoreError, match=f"{LEASE_DIR}/{ENTRY_LEASE}{writer.spec.entry}: lease lost"):
+            publish(store, writer)
+        writer.close()
+        assert index(store) == []
+
+
 PUBLISHER = textwrap.dedent("""
     import random, sys, time
     import numpy as np

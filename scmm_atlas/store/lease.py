@@ -13,6 +13,13 @@ dead creates the next one; of several takers exactly one succeeds, the others re
 deletes the older generations. So one primitive serves both uses: short exclusive sections (the
 results index's read-modify-write) and long-lived claims (an entry being written; the layout shards
 a training run reads), which others query with :func:`held`.
+
+A holder knows when it has lost its lease: a heartbeat that comes after the lease expired (the
+process stalled past ``ttl``: another may have taken it meanwhile), or that finds the file gone, no
+longer its own or a newer generation beside it, stops renewing and marks the lease lost. The holder's
+work asks :meth:`Lease.check` before each step that relies on the lease (a publish, the next block)
+and stops with a :class:`~..errors.StoreError`; leaving a ``with`` block of a lost lease raises it.
+A heartbeat that cannot read or write (a flaky store) tries again at the next beat.
 """
 
 from __future__ import annotations
@@ -67,12 +74,31 @@ class Lease:
         self.fs, self.dir = _folder(store_uri)
         self.token = uuid.uuid4().hex
         self.path: str | None = None
+        self.lost: str | None = None  # why the lease was lost (None: held, or never taken)
+        self._expires = 0.0  # of the record last written
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
     def _record(self) -> dict[str, Any]:
         return {"host": _HOST, "pid": os.getpid(), "token": self.token, "expires": time.time() + self.ttl,
                 "data": self.data}
+
+    def _write(self, record: dict[str, Any], *, create: bool = False) -> bool:
+        assert self.path is not None
+        if create:
+            if not _create(self.fs, self.path, record):
+                return False
+        else:
+            with self.fs.open(self.path, "w") as f:
+                json.dump(record, f)
+        self._expires = float(record["expires"])
+        return True
+
+    def check(self) -> None:
+        """Raise a :class:`StoreError` if the lease was lost: the work it guards must stop."""
+        if self.lost is not None:
+            raise StoreError(self.store_uri, f"{LEASE_DIR}/{self.name}", f"lease lost ({self.lost}): another "
+                             "process may have taken over what it guarded; this work stopped, run it again")
 
     def acquire(self) -> Lease:
         """Take the lease, waiting up to ``wait_s`` for a live holder to let go; else a :class:`StoreError`."""
@@ -82,18 +108,19 @@ class Lease:
             gens = _generations(self.fs, self.dir).get(self.name, [])
             holder = _read(self.fs, f"{self.dir}/{self.name}.{gens[-1]}.json") if gens else None
             if holder is None or not is_live(holder):
-                path = f"{self.dir}/{self.name}.{gens[-1] + 1 if gens else 0}.json"
-                if _create(self.fs, path, self._record()):
-                    self.path = path
+                self.path = f"{self.dir}/{self.name}.{gens[-1] + 1 if gens else 0}.json"
+                if self._write(self._record(), create=True):
                     for gen in gens:  # dead or released holders before us
                         _remove(self.fs, f"{self.dir}/{self.name}.{gen}.json")
                     break
+                self.path = None
                 continue  # another taker won this generation: look again
             if time.monotonic() >= deadline:
                 raise StoreError(self.store_uri, f"{LEASE_DIR}/{self.name}", f"held by process {holder['pid']} on "
                                  f"{holder['host']} (another writer of this store): retry when it has finished")
             time.sleep(pause)
             pause = min(1.0, pause * 2)
+        self.lost = None
         self._stop.clear()
         self._beat = threading.Thread(target=self._renew, name=f"lease-{self.name}", daemon=True)
         self._beat.start()
@@ -102,19 +129,39 @@ class Lease:
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
-                with self.fs.open(self.path, "w") as f:
-                    json.dump(self._record(), f)
+                self.lost = self._beat_once()
             except OSError as exc:  # a flaky store: the next beat tries again, well within ttl
                 log.warning("%s: could not renew lease %s: %s", self.store_uri, self.name, exc)
+                continue
+            if self.lost is not None:
+                log.error("%s: lease %s lost: %s", self.store_uri, self.name, self.lost)
+                return
+
+    def _beat_once(self) -> str | None:
+        """Renew the lease if it is still ours; else why it is lost."""
+        assert self.path is not None
+        late = time.time() - self._expires
+        if late >= 0:
+            return f"not renewed for {late + self.ttl:.0f} s, past its {self.ttl:.0f} s TTL"
+        current = _read(self.fs, self.path, strict=True)
+        if current is None or current.get("token") != self.token:
+            return "taken by another holder"
+        gen = int(_FILE.fullmatch(self.path.rsplit("/", 1)[-1])["gen"])
+        if any(g > gen for g in _generations(self.fs, self.dir).get(self.name, [])):
+            return "a newer generation was taken"
+        self._write(self._record())
+        return None
 
     def release(self) -> None:
+        """Stop renewing and remove the lease file, if it is still this holder's."""
         if self.path is None:
             return
         self._stop.set()
         if self._beat is not None:
             self._beat.join()
         try:
-            _remove(self.fs, self.path)
+            if self.lost is None or (_read(self.fs, self.path) or {}).get("token") == self.token:
+                _remove(self.fs, self.path)
         except OSError as exc:  # storage failing: the lease expires by itself (nobody renews it now)
             log.warning("%s: could not release lease %s (it expires in %.0f s): %s", self.store_uri, self.name,
                         self.ttl, exc)
@@ -123,8 +170,10 @@ class Lease:
     def __enter__(self) -> Lease:
         return self.acquire()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self.release()
+        if exc_type is None:
+            self.check()
 
 
 def held(store_uri: str, prefix: str = "") -> dict[str, dict[str, Any]]:
@@ -165,14 +214,17 @@ def _generations(fs, folder: str) -> dict[str, list[int]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def _read(fs, path: str) -> dict[str, Any] | None:
-    """A lease file, or None when it is gone. One caught mid-write reads as held for a second more."""
+def _read(fs, path: str, *, strict: bool = False) -> dict[str, Any] | None:
+    """A lease file, or None when it is gone. One caught mid-write reads as held for a second more, or,
+    ``strict``, raises OSError (its holder's heartbeat looks again at the next beat)."""
     try:
         with fs.open(path, "r") as f:
             return json.load(f)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError) as exc:
+        if strict:
+            raise OSError(f"{path}: unreadable ({exc})") from exc
         return {"host": "?", "pid": -1, "expires": time.time() + 1.0}  # being written: look again shortly
 
 

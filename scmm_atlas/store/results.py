@@ -122,7 +122,9 @@ def publish(store: Store, writer: ResultsWriter) -> ResultRecord:
     index lock), then remove entries that nobody holds and that are not published or retained."""
     spec = writer.spec
     mod = _backend(store)
-    with lock(store.uri.uri, "results-index"):
+    with lock(store.uri.uri, "results-index") as index_lock:
+        if writer.lease is not None:  # lost while the entry was written: a publish may have removed it
+            writer.lease.check()
         writer._link()
         current = mod.read_index(store)
         published = list(current.get("published", []))
@@ -139,6 +141,7 @@ def publish(store: Store, writer: ResultsWriter) -> ResultRecord:
         else:
             published = [*(e for e in published if e["version"] != spec.version), record.to_json()]
         retained = [r for r in retired if now - float(r["since"]) < RETAIN_S]
+        index_lock.check()  # stalled past its TTL in this section: another may have written the index since
         mod.write_index(store, {"published": published, "retired": retained})
         keep = {e["entry"] for e in published} | {r["entry"] for r in retained}
         busy = {name[len(ENTRY_LEASE):] for name in held(store.uri.uri, ENTRY_LEASE)} - {spec.entry}

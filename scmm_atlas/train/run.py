@@ -288,6 +288,7 @@ def train(config: RunConfig, store_uri: str, *, ray_address: str | None = None, 
         result = _fit(trainer, dist_cfg)
     finally:
         pinned.release()
+    pinned.check()  # lost mid-run: a `prepare` may have replaced shards being read; nothing is registered
     with result.checkpoint.as_directory() as d:
         payload, st, best = ckpt.load(Path(d))
     version, champion = None, False

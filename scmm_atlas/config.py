@@ -9,6 +9,7 @@ so an installed package finds them wherever it runs, not only from a checkout.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from .errors import InputError
 from .model import MMVAEConfig, ModalitySpec
@@ -186,12 +188,27 @@ def _parse(raw: str) -> Any:
 
 
 def _section(cls: type, data: Mapping[str, Any] | None, where: str, name: str) -> Any:
+    """The section ``name`` as ``cls``, its values checked against the field types by pydantic: a value that
+    YAML read as a string (``1e-1``, ``3e-4`` in YAML 1.1) becomes the number its field wants; a key the
+    section does not have, or a value of another type, is one :class:`InputError` naming the key."""
     data = dict(data or {})
     known = {f.name for f in fields(cls)}
     unknown = set(data) - known
     if unknown:
         raise InputError(where, name, f"unknown keys {sorted(unknown)} (known: {sorted(known)})")
-    return cls(**data)
+    try:
+        return _adapter(cls).validate_python(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        if not first["loc"]:  # the section's own check (its __post_init__): the message names key and value
+            raise InputError(where, name, str(first["msg"]).removeprefix("Value error, ")) from None
+        key = ".".join([name, *(str(p) for p in first["loc"] if not isinstance(p, int))][:2])
+        raise InputError(where, key, f"{first['msg']} (got {first['input']!r})") from None
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
 
 
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:

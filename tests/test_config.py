@@ -136,6 +136,29 @@ def test_num_workers_is_a_count_or_a_range() -> None:
     assert DistributedSection(num_workers=[2, 2]).num_workers == 2  # a range of one size is fixed
     cfg = load_config("atlas_cite", ["distributed.num_workers=[1, 2]"])
     assert (cfg.distributed.min_workers, cfg.distributed.max_workers) == (1, 2)
-    for bad in ("[2, 1]", "[0, 2]", "0", "[1, 2, 3]", "x"):
+    for bad in ("[2, 1]", "[0, 2]", "0", "[1, 2, 3]"):
         with pytest.raises(ValueError, match="num_workers must be N or"):
             load_config("atlas_cite", [f"distributed.num_workers={bad}"])
+    with pytest.raises(ValueError, match=r"distributed\.num_workers: Input should be a valid integer"):
+        load_config("atlas_cite", ["distributed.num_workers=x"])
+
+
+def test_yaml_values_of_the_wrong_type_are_coerced_or_refused_in_one_line(tmp_path: Path) -> None:
+    """PyYAML reads ``1e-1`` and ``3e-4`` as strings (YAML 1.1): the float fields still get numbers; a value
+    that is no number is one error naming the file and the key, not a TypeError deep in training."""
+    own = tmp_path / "mine.yaml"
+    own.write_text("model: {latent_dim: 8}\ntrain: {kl_weight: 1e-1, lr: 3e-4, epochs: '12'}\n")
+    cfg = load_config(own)
+    assert (cfg.train.kl_weight, cfg.train.lr, cfg.train.epochs) == (0.1, 3e-4, 12)
+    assert isinstance(cfg.train.kl_weight, float) and isinstance(cfg.train.epochs, int)
+    for override, key, problem in (("train.epochs=abc", "train.epochs", "valid integer"),
+                                   ("model.latent_dim=2.5", "model.latent_dim", "fractional part"),
+                                   ("distributed.use_gpu=maybe", "distributed.use_gpu", "valid boolean"),
+                                   ("train.lr=fast", "train.lr", "valid number")):
+        with pytest.raises(InputError) as err:
+            load_config(own, [override])
+        assert str(err.value).startswith(f"{own}: {key}: ") and problem in str(err.value), str(err.value)
+        assert "\n" not in str(err.value)
+    own.write_text("model: {latent_dim: 8}\ntrain: {lr_schedule: step}\n")  # the section's own check
+    with pytest.raises(InputError, match=f"^{own}: train: train.lr_schedule must be one of .* got 'step'$"):
+        load_config(own)

@@ -124,13 +124,22 @@ def repeated_entries_past_int32(tmp):
     return [f"RNA={_rna(tmp, x, obs_names=['a', 'b'])}"], "bad_rna.h5ad", "X"
 
 
+def matrix_market(tmp):
+    """Named in the docs of other tools: refused with what to do instead."""
+    import scipy.io
+
+    p = tmp / "matrix.mtx"
+    scipy.io.mmwrite(p, random_counts(40, 30, 7))
+    return [f"RNA={p}", f"ADT={_adt(tmp)}"], "matrix.mtx", "path"
+
+
 def missing_batch_column(tmp):
     return [f"RNA={_rna(tmp)}", f"ADT={_adt(tmp)}", "--batch-key", "donor"], "bad_rna.h5ad", "obs/donor"
 
 
 CASES = [missing_file, corrupt_file, text_as_h5ad, h5mu_named_h5ad, h5ad_named_10x, nan_counts, inf_counts,
          negative_counts, fractional_counts, duplicate_barcodes, duplicate_features, no_overlap, empty_modality,
-         all_zero_modality, csc_matrix, missing_batch_column, repeated_entries_past_int32]
+         all_zero_modality, csc_matrix, missing_batch_column, repeated_entries_past_int32, matrix_market]
 
 
 def _error_line(capsys) -> str:

@@ -388,6 +388,9 @@ class SourceSpec:
             return "h5mu"
         if name.endswith(".h5"):
             return "10x"
+        if name.endswith((".mtx", ".mtx.gz")):
+            raise InputError(self.path, "path", "Matrix Market is not read: write an .h5ad first, e.g. "
+                             "scanpy.read_10x_mtx(FOLDER).write_h5ad('rna.h5ad')")
         raise InputError(self.path, "path", "unknown format: expected .h5ad, .h5mu or a 10x .h5 file")
 
 

@@ -10,12 +10,12 @@ import scipy.sparse as sp
 from scmm_atlas.bench.unpaired import ATAC_ONLY, PAIRED, RNA_ONLY, split_thirds, third, write_mosaic
 from scmm_atlas.evaluate.integration import (
     harmony_embedding,
-    log_normalise,
     max_mixing_entropy,
     mixing_entropy,
     pair_recall,
     transfer_accuracy,
 )
+from scmm_atlas.evaluate.metrics import log_normalise
 
 BARCODES = [f"cell{i:05d}_{'ACGT'[i % 4]}" for i in range(3000)]
 
@@ -127,6 +127,9 @@ def test_log_normalise_treats_counts_and_expression_per_10k_alike():
     assert np.allclose(log_normalise(sp.csr_matrix(counts)), log_normalise(per_10k))
     assert np.allclose(log_normalise(counts)[0], np.log1p([2500.0, 7500.0, 0.0]))
     assert np.all(log_normalise(counts)[1] == 0)  # an empty cell stays empty, not NaN
+    kept_sparse = log_normalise(counts, sparse=True)  # the markers' form, for many features
+    assert sp.isspmatrix_csr(kept_sparse) and kept_sparse.nnz == 5
+    assert np.allclose(kept_sparse.toarray(), log_normalise(counts), rtol=1e-6)
 
 
 def test_harmony_embedding_mixes_a_shifted_copy():

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..evaluate.metrics import knn_regression, panel_correlations
+from ..evaluate.metrics import knn_regression, log_normalise, panel_correlations
 from ..store import open_store
 from . import format_table
 from .quality import DATA, TOTALVI_MAX_EPOCHS
@@ -127,9 +127,7 @@ def unmeasured_by_cluster(embedding: np.ndarray, predicted: pd.DataFrame, observ
     sc.tl.leiden(a, resolution=resolution, flavor="igraph", n_iterations=2, random_state=0)
     clusters = a.obs["leiden"].astype(int).to_numpy()
     unmeasured = [p for p in predicted.columns if p not in MATCH]
-    logp = np.log1p(predicted.to_numpy(float) / predicted.to_numpy(float).sum(1, keepdims=True) * 1e4)
-    obs = observed.toarray().astype(float)
-    logo = np.log1p(obs / np.maximum(obs.sum(1, keepdims=True), 1) * 1e4)
+    logp, logo = log_normalise(predicted.to_numpy(float)), log_normalise(observed)
 
     def zscores(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return (x[rows].mean(0) - x.mean(0)) / np.maximum(x.std(0), 1e-9)

@@ -28,6 +28,8 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.neighbors import NearestNeighbors
 
+from .metrics import log_normalise
+
 ENTROPY_K = 50
 TRANSFER_K = 15
 N_PCS = 30
@@ -96,15 +98,6 @@ def pair_recall(embedding: np.ndarray, n_pairs: int, *, k: int = ENTROPY_K) -> f
     idx = NearestNeighbors(n_neighbors=k + 1).fit(embedding).kneighbors(embedding, return_distance=False)
     partner = (np.arange(2 * n_pairs) + n_pairs) % (2 * n_pairs)
     return float((_drop_self(idx, k) == partner[:, None]).any(axis=1).mean())
-
-
-def log_normalise(x: np.ndarray | sp.spmatrix, *, target: float = 1e4) -> np.ndarray:
-    """Dense log1p(x / cell total * ``target``); a cell with nothing stays 0. Scale-free per cell, so
-    counts and an expected expression per 10k (pseudo-RNA) are treated alike."""
-    x = x.toarray() if sp.issparse(x) else np.asarray(x)
-    x = x.astype(np.float64)
-    total = x.sum(axis=1, keepdims=True)
-    return np.log1p(x / np.where(total > 0, total, 1.0) * target)
 
 
 def harmony_embedding(blocks: list[np.ndarray | sp.spmatrix], *, n_pcs: int = N_PCS, seed: int = 0) -> np.ndarray:

@@ -22,6 +22,8 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 
+from .metrics import log_normalise
+
 COLUMNS = ["level", "group", "n_cells", "modality", "rank", "feature", "log2fc", "score", "pval_adj",
            "frac_in", "frac_out"]
 
@@ -34,13 +36,6 @@ def leiden(embedding: np.ndarray, resolution: float, *, seed: int = 0) -> np.nda
                     random_state=seed)
     sc.tl.leiden(adata, resolution=resolution, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
     return adata.obs["leiden"].astype(str).to_numpy()
-
-
-def _log_norm(x: np.ndarray | sp.spmatrix) -> sp.csr_matrix:
-    x = sp.csr_matrix(x, dtype=np.float32)
-    totals = np.asarray(x.sum(axis=1)).ravel()
-    scaled = sp.diags(np.where(totals > 0, 1e4 / np.maximum(totals, 1e-12), 0.0).astype(np.float32)) @ x
-    return scaled.log1p().tocsr()
 
 
 def _rank(x: sp.csr_matrix, names: list[str], groups: np.ndarray, top: int) -> pd.DataFrame:
@@ -74,7 +69,7 @@ def markers(embedding: np.ndarray, counts: Mapping[str, tuple[np.ndarray | sp.sp
     ``counts``: modality -> (cells x features counts, feature names), rows as ``embedding``'s.
     ``level`` is ``cluster`` (``group`` = cluster id) or ``subcluster`` (``group`` = 'label/id').
     """
-    normed = {m: (_log_norm(x), list(names)) for m, (x, names) in counts.items()}
+    normed = {m: (log_normalise(x, sparse=True), list(names)) for m, (x, names) in counts.items()}
     parts = []
     clusters = leiden(embedding, resolution, seed=seed)
     for mod, (x, names) in normed.items():

@@ -23,15 +23,23 @@ from sklearn.neighbors import NearestNeighbors
 TARGET_SUM = 1e4
 
 
-def _log_normalised(x: np.ndarray | sp.spmatrix) -> np.ndarray:
-    """Dense log1p of rows scaled to ``TARGET_SUM`` (all-zero rows stay zero)."""
+def log_normalise(x: np.ndarray | sp.spmatrix, *, target: float = TARGET_SUM, sparse: bool = False
+                  ) -> np.ndarray | sp.csr_matrix:
+    """log1p of each cell scaled to ``target`` in total (log1p CP10k); a cell with nothing stays 0. Scale-free
+    per cell, so counts and an expected expression per 10k (pseudo-RNA, predictions) are treated alike.
+    Dense float64, or with ``sparse`` a float32 CSR matrix (zeros stay zeros: for many features)."""
+    if sparse:
+        x = sp.csr_matrix(x, dtype=np.float32)
+        totals = np.asarray(x.sum(axis=1)).ravel()
+        scale = np.where(totals > 0, target / np.where(totals > 0, totals, 1.0), 0.0).astype(np.float32)
+        return (sp.diags(scale) @ x).log1p().tocsr()
     x = x.toarray() if sp.issparse(x) else np.asarray(x)
     x = x.astype(np.float64)
     totals = x.sum(axis=1, keepdims=True)
-    return np.log1p(x / np.where(totals > 0, totals, 1.0) * TARGET_SUM)
+    return np.log1p(x / np.where(totals > 0, totals, 1.0) * target)
 
 
-def _columnwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def columnwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pearson r per column; NaN where either column is constant."""
     a = a - a.mean(axis=0)
     b = b - b.mean(axis=0)
@@ -50,9 +58,9 @@ def feature_correlations(pred: np.ndarray | sp.spmatrix, observed: np.ndarray | 
     """
     if pred.shape != observed.shape:
         raise ValueError(f"prediction {pred.shape} and observation {observed.shape} differ in shape")
-    p, o = _log_normalised(pred), _log_normalised(observed)
-    pearson = _columnwise_pearson(p, o)
-    spearman = _columnwise_pearson(rankdata(p, axis=0), rankdata(o, axis=0))
+    p, o = log_normalise(pred), log_normalise(observed)
+    pearson = columnwise_pearson(p, o)
+    spearman = columnwise_pearson(rankdata(p, axis=0), rankdata(o, axis=0))
     return {
         "pearson": float(np.nanmean(pearson)) if np.isfinite(pearson).any() else float("nan"),
         "spearman": float(np.nanmean(spearman)) if np.isfinite(spearman).any() else float("nan"),
@@ -83,7 +91,7 @@ def open_region_scores(pred: np.ndarray | sp.spmatrix, observed: np.ndarray | sp
 
 def rna_pca(rna: np.ndarray | sp.spmatrix, *, n_pcs: int = 50, seed: int = 0) -> np.ndarray:
     """RNA embedded the baseline's way: log1p counts per 10k, then PCA (the kNN row's embedding)."""
-    x = _log_normalised(rna)
+    x = log_normalise(rna)
     n_components = min(n_pcs, x.shape[0] - 1, x.shape[1] - 1)
     return PCA(n_components=n_components, svd_solver="randomized", random_state=seed).fit_transform(x)
 
@@ -95,7 +103,7 @@ def knn_regression(train_rna: np.ndarray | sp.spmatrix, train_target: np.ndarray
     RNA counts -> log1p counts per 10k -> PCA fitted on the training cells; each test cell gets the mean of its
     ``k`` nearest training cells' target, normalised to 10k per cell. Returns a dense (n_test, n_target) array.
     """
-    train_x, test_x = _log_normalised(train_rna), _log_normalised(test_rna)
+    train_x, test_x = log_normalise(train_rna), log_normalise(test_rna)
     n_components = min(n_pcs, train_x.shape[0] - 1, train_x.shape[1] - 1)
     pca = PCA(n_components=n_components, svd_solver="randomized", random_state=seed).fit(train_x)
     index = NearestNeighbors(n_neighbors=min(k, train_x.shape[0])).fit(pca.transform(train_x))
@@ -122,10 +130,10 @@ def panel_correlations(pred: np.ndarray | sp.spmatrix, pred_names: list[str], ob
     pairs = [(p, o) for p, o in match.items() if p in pred_names and o in observed_names]
     if not pairs:
         raise ValueError("no protein of the match table is in both panels")
-    p = _log_normalised(pred)[:, [pred_names.index(a) for a, _ in pairs]]
-    o = _log_normalised(observed)[:, [observed_names.index(b) for _, b in pairs]]
-    pearson = _columnwise_pearson(p, o)
-    spearman = _columnwise_pearson(rankdata(p, axis=0), rankdata(o, axis=0))
+    p = log_normalise(pred)[:, [pred_names.index(a) for a, _ in pairs]]
+    o = log_normalise(observed)[:, [observed_names.index(b) for _, b in pairs]]
+    pearson = columnwise_pearson(p, o)
+    spearman = columnwise_pearson(rankdata(p, axis=0), rankdata(o, axis=0))
     with np.errstate(invalid="ignore", divide="ignore"):
         zp, zo = (p - p.mean(0)) / p.std(0), (o - o.mean(0)) / o.std(0)
     sse = np.where(np.isfinite(pearson), ((zp - zo) ** 2).sum(axis=0), np.nan)

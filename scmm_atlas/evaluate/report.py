@@ -35,6 +35,7 @@ from ..store.base import HASH_CHUNK
 from ..store.results import ResultsReader, open_results
 from ..store.results_base import ResultRecord
 from .markers import markers
+from .metrics import columnwise_pearson, log_normalise
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,6 @@ def read_counts(store: Store, mod: str, rows: np.ndarray, features: list[str]) -
             out[done : done + len(pick), found] = block
             done += len(pick)
     return out
-
-
-def _log_norm(x: np.ndarray) -> np.ndarray:
-    total = x.sum(1, keepdims=True)
-    return np.log1p(x / np.maximum(total, 1) * 1e4)
 
 
 def _umap(emb: np.ndarray, labels: pd.Series, path: Path, seed: int) -> np.ndarray:
@@ -171,10 +167,9 @@ def _protein(store: Store, reader: ResultsReader, rows: np.ndarray, clusters: np
     source, target = pairs[0]
     features = reader.spec.target_features[target]
     has = read_obs(store, rows, [f"has_{target}"])[f"has_{target}"].to_numpy(bool)
-    observed = _log_norm(read_counts(store, target, rows, features))[has]
-    predicted = _log_norm(reader.prediction(source, target, rows))[has]
-    r = np.array([np.corrcoef(observed[:, j], predicted[:, j])[0, 1] if observed[:, j].std() > 0 else np.nan
-                  for j in range(len(features))])
+    observed = log_normalise(read_counts(store, target, rows, features))[has]
+    predicted = log_normalise(reader.prediction(source, target, rows))[has]
+    r = columnwise_pearson(observed, predicted)
     figures = [_protein_clusters(observed, predicted, clusters[has], features, source, target, out),
                _protein_scatter(observed, predicted, r, features, source, target, out)]
     table = pd.DataFrame({"feature": features, "pearson_r": r, "observed_mean": observed.mean(0),

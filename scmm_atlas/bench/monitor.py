@@ -2,10 +2,11 @@
 
 The sampler runs in the bench's parent process (idle while a system runs), never inside the
 system measured, so it takes no GIL from it, and it is the same for every system. Reading a
-process's PSS (``/proc/PID/smaps_rollup``) walks its page tables: ~16 ms for an idle local Ray's
-ten processes, more for big ones, which at 5 reads a second cost ~40 % of a core. So it is read
-rarely: every ``every_s`` the sampler sums the processes' resident and anonymous-resident KiB from ``/proc/PID/statm``
-(kernel counters, ~0.1 ms for the tree) and reads the PSS only when the resident sum is a new high,
+process's PSS (psutil's ``memory_full_info``: ``/proc/PID/smaps_rollup``) walks its page tables:
+~16 ms for an idle local Ray's ten processes, more for big ones, which at 5 reads a second cost
+~40 % of a core. So it is read rarely: every ``every_s`` the sampler sums the processes' resident
+and anonymous-resident KiB (psutil's ``memory_info``: the kernel's statm counters, ~0.1 ms for the
+tree) and reads the PSS only when the resident sum is a new high,
 ``grow`` above the highest sum at which the PSS was read, at most once per ``pss_every_s``. Between
 readings the PSS is taken to have moved as the anonymous memory did (statm's resident minus shared:
 private growth counts in full, and shared pages, which PSS splits among their mappers, are left to the
@@ -27,7 +28,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+import psutil
+
 MARK_ENV = "SCMM_BENCH_MARK"
 T = TypeVar("T")
 
@@ -44,19 +46,14 @@ def mark() -> None:
         time.sleep(0.05)
 
 
-def _statm_kib(pid: int) -> tuple[int, int]:
-    """(resident, resident anonymous) KiB: statm's resident minus its shared (file-backed and shmem) pages."""
-    with open(f"/proc/{pid}/statm") as f:
-        fields = f.read().split()
-    return int(fields[1]) * PAGE_KIB, (int(fields[1]) - int(fields[2])) * PAGE_KIB
+def _resident_kib(proc: psutil.Process) -> tuple[int, int]:
+    """(resident, resident anonymous) KiB: the resident minus its shared (file-backed and shmem) pages."""
+    m = proc.memory_info()
+    return m.rss // 1024, (m.rss - m.shared) // 1024
 
 
-def _pss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    return 0
+def _pss_kib(proc: psutil.Process) -> int:
+    return proc.memory_full_info().pss // 1024
 
 
 class TreeMemory:
@@ -86,47 +83,45 @@ class TreeMemory:
         self._stop.set()
         self._thread.join()
 
-    def _tree(self) -> list[int]:
-        import psutil
-
+    def _tree(self) -> dict[int, psutil.Process]:
         try:
             root = psutil.Process(self.pid)
-            return [self.pid, *(p.pid for p in root.children(recursive=True))]
+            return {p.pid: p for p in (root, *root.children(recursive=True))}
         except psutil.Error:
-            return []
+            return {}
 
     @staticmethod
-    def _read(pids: list[int], read: Callable[[int], T]) -> dict[int, T]:
+    def _read(procs: dict[int, psutil.Process], read: Callable[[psutil.Process], T]) -> dict[int, T]:
         out = {}
-        for pid in pids:
+        for pid, proc in procs.items():
             try:
-                out[pid] = read(pid)
-            except (OSError, ValueError, IndexError):
+                out[pid] = read(proc)
+            except psutil.Error:
                 continue  # exited between listing and reading
         return out
 
-    def _pss(self, statm: dict[int, tuple[int, int]]) -> int:
+    def _pss(self, procs: dict[int, psutil.Process], statm: dict[int, tuple[int, int]]) -> int:
         """The tree's PSS, re-read only for processes whose resident memory moved since their last reading
         (an idle process's PSS moves only when others map or drop the pages it shares)."""
-        stale = [pid for pid, counts in statm.items() if self._pss_cache.get(pid, (None,))[0] != counts]
+        stale = {pid: procs[pid] for pid, counts in statm.items() if self._pss_cache.get(pid, (None,))[0] != counts}
         for pid, pss in self._read(stale, _pss_kib).items():
             self._pss_cache[pid] = (statm[pid], pss)
         return sum(self._pss_cache[pid][1] for pid in statm if pid in self._pss_cache)
 
     def _run(self) -> None:
         cpu0, wall0 = time.thread_time(), time.perf_counter()
-        pids, listed, last_pss, rss_high, last_pss_kib, anon_at_pss = [], -1e9, -1e9, 0, 0, 0
+        procs, listed, last_pss, rss_high, last_pss_kib, anon_at_pss = {}, -1e9, -1e9, 0, 0, 0
         while True:
             stopping = self._stop.wait(self._every)
             now = time.perf_counter()
             if now - listed >= self._tree_every or stopping:
-                pids, listed = self._tree(), now
-            statm = self._read(pids, _statm_kib)
+                procs, listed = self._tree(), now
+            statm = self._read(procs, _resident_kib)
             rss, anon = sum(r for r, _ in statm.values()), sum(a for _, a in statm.values())
             self.peak_kib = max(self.peak_kib, last_pss_kib + anon - anon_at_pss)
             marked = self.marked_at is None and self.mark is not None and os.path.exists(self.mark)
             if marked or (rss > rss_high * (1 + self._grow) and now - last_pss >= self._pss_every):
-                pss = self._pss(statm)
+                pss = self._pss(procs, statm)
                 self.peak_kib = max(self.peak_kib, pss)
                 self.samples.append((time.time(), pss))
                 last_pss, rss_high, last_pss_kib, anon_at_pss = now, max(rss_high, rss), pss, anon

@@ -114,3 +114,18 @@ def test_no_function_longer_than_a_screen_outside_the_benches():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(PACKAGE.parent)}: {node.name} ({lines} lines)")
     assert long == []
+
+
+def test_the_package_exports_its_public_api_on_first_use() -> None:
+    """``import scmm_atlas`` stays light (a Ray worker's setup hook imports it); the names load when asked."""
+    import subprocess
+    import sys
+
+    code = ("import sys, scmm_atlas; "
+            "light = not any(m.startswith(('scmm_atlas.store', 'torch')) for m in sys.modules); "
+            "from scmm_atlas.store import open_store; from scmm_atlas.data.dataset import StoreDataset; "
+            "assert scmm_atlas.open_store is open_store and scmm_atlas.StoreDataset is StoreDataset; "
+            "assert callable(scmm_atlas.results.open) and scmm_atlas.load_config('atlas_cite').train.epochs > 0; "
+            "assert set(scmm_atlas.__all__) <= set(dir(scmm_atlas)); print(light)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-2000:]

@@ -175,3 +175,31 @@ def test_inside_two_ray_train_workers_each_gets_its_share(stores, tmp_path) -> N
     for e in range(2):
         seen = np.concatenate([np.concatenate(r[e * per_epoch : (e + 1) * per_epoch]) for r in ranks])
         np.testing.assert_array_equal(np.sort(seen), np.arange(N))
+
+
+def test_a_torch_dataset_streams_each_ranks_share_and_reshuffles_per_epoch(stores) -> None:
+    """For torch users outside Ray Train (Lightning, scvi-tools): DataLoader(StoreDataset, batch_size=None)."""
+    from torch.utils.data import DataLoader
+
+    from scmm_atlas.data.dataset import StoreDataset
+
+    config = LoaderConfig(**SMALL, drop_last=False)
+    ranks = [StoreDataset(str(stores["zarr"]), config, rank=r, world_size=2) for r in range(2)]
+    try:
+        seen = {}
+        for epoch in (0, 1):
+            for data in ranks:
+                data.set_epoch(epoch)
+            seen[epoch] = [np.concatenate([b.cells for b in DataLoader(d, batch_size=None)]) for d in ranks]
+            assert len(seen[epoch][0]) == len(seen[epoch][1]) == N // 2
+            np.testing.assert_array_equal(np.sort(np.concatenate(seen[epoch])), np.arange(N))
+        assert not np.array_equal(seen[0][0], seen[1][0])  # another epoch, another order
+        ranks[0].set_epoch(0)
+        np.testing.assert_array_equal(np.concatenate([b.cells for b in ranks[0]]), seen[0][0])  # same epoch, same
+        batch = next(iter(ranks[1]))
+        assert batch.x["RNA"].shape == (50, 20) and set(batch.masks) == {"RNA", "ADT"}
+    finally:
+        for data in ranks:
+            data.close()
+    with pytest.raises(ValueError, match=r"rank must be within 0\.\.1"):
+        StoreDataset(str(stores["zarr"]), rank=2, world_size=2)

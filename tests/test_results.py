@@ -3,6 +3,7 @@ atomically, read back by plain readers (no project code) and by the query API.""
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -45,7 +46,8 @@ def _expected(store_uri, trained: TrainedModel):
 
 @pytest.mark.parametrize(("backend", "options", "executor"),
                          [("zarr", {"joint": "mopoe", "embedding": "concat"}, "local"), ("soma", {}, "ray")])
-def test_infer_writes_and_publishes_readable_results(ray_session, planted_stores, backend, options, executor) -> None:
+def test_infer_writes_and_publishes_readable_results(ray_session, planted_stores, backend, options, executor,
+                                                     tmp_path) -> None:
     uri = str(planted_stores[backend])
     trained = _trained(uri, **options)
     out = infer(uri, trained, config=InferConfig(**{**SMALL.__dict__, "executor": executor}), progress=False)
@@ -67,8 +69,6 @@ def test_infer_writes_and_publishes_readable_results(ray_session, planted_stores
 
     # plain readers: no project code
     if backend == "zarr":
-        import anndata as ad
-
         cells = ad.read_zarr(f"{uri}/results/{entry}/cells")
         np.testing.assert_allclose(cells.obsm["X_scmm"], want.joint, rtol=1e-5, atol=1e-6)
         assert cells.obs_names[0] == "c0" and cells.n_obs == 1000
@@ -97,6 +97,16 @@ def test_infer_writes_and_publishes_readable_results(ray_session, planted_stores
         assert len(res.programs(dim=0, modality="ADT", direction="up")) <= 3
         with pytest.raises(Exception, match="no column 'tissue'"):
             res.cells(where={"tissue": ["x"]})
+        # for scanpy: the selected cells' obs, embeddings and predictions, through an h5ad and back
+        res.to_anndata(where={"batch": ["b1"]}).write_h5ad(tmp_path / "b1.h5ad")
+        adata = ad.read_h5ad(tmp_path / "b1.h5ad")
+        assert adata.n_obs == 333 and list(adata.obs_names[:2]) == ["c1", "c4"] and set(adata.obs["batch"]) == {"b1"}
+        np.testing.assert_allclose(adata.obsm["X_scmm"], want.joint[1::3], rtol=1e-5, atol=1e-6)
+        adt = adata.obsm["ADT_from_RNA"]
+        assert list(adt.columns) == trained.features["ADT"] and list(adt.index) == list(adata.obs_names)
+        np.testing.assert_allclose(adt.to_numpy(), want.predictions[("RNA", "ADT")][1::3], rtol=1e-4)
+        assert {"X_scmm_RNA", "X_scmm_ADT"} <= set(adata.obsm) and adata.uns["scmm_atlas"]["version"] == res.version
+        assert res.to_anndata(ids=["c950", "c3"]).obs_names.tolist() == ["c3", "c950"]
 
 
 def test_the_index_holds_typed_records_and_refuses_one_of_another_shape(planted_stores, tmp_path) -> None:

@@ -6,6 +6,7 @@
 >>> res.predictions("ADT", source="RNA", ids=["AAAC-1"])   # predicted proteins, per 10k counts
 >>> res.programs(dim=3, modality="ADT")                    # the dim's top features
 >>> res.motifs(dim=3, direction="up")                     # JASPAR motifs enriched in its ATAC peaks
+>>> adata = res.to_anndata(where={"batch": ["donor1"]})    # for scanpy: obsm["X_scmm"], predictions in obsm
 
 Cells are selected out of core: the filter reads only the obs columns it names, a slice at a time.
 """
@@ -104,6 +105,40 @@ class Results:
                 raise StoreError(self.store.uri, f"{target}/features", f"not predicted: {', '.join(missing[:5])}")
             frame = frame[list(features)]
         return frame
+
+    def to_anndata(self, *, where: Mapping[str, Sequence[str]] | None = None, ids: Sequence[str] | None = None):
+        """The selected cells as an AnnData for scanpy: every obs column, the joint embedding in
+        ``obsm["X_scmm"]`` (each modality's own in ``obsm["X_scmm_<MOD>"]``), each prediction as a
+        cells x features DataFrame in ``obsm["<TARGET>_from_<SOURCE>"]``, and the version in
+        ``uns["scmm_atlas"]``. ``X`` has no columns: the counts stay in the store. Held in memory:
+        select with ``where`` / ``ids`` on an atlas."""
+        import anndata as ad
+
+        rows = self.cells(where=where, ids=ids)
+        obs = self._obs(rows)
+        obsm: dict[str, object] = {"X_scmm": self.reader.embedding(JOINT, rows)}
+        for mod in self.reader.spec.modalities:
+            obsm[f"X_scmm_{mod}"] = self.reader.embedding(mod, rows)
+        for source, target in self.reader.spec.pairs:
+            names = pd.Index(self.reader.spec.target_features[target])
+            obsm[f"{target}_from_{source}"] = pd.DataFrame(self.reader.prediction(source, target, rows),
+                                                           index=obs.index, columns=names)
+        record = self.reader.record
+        uns = {"scmm_atlas": {"store": str(self.store.uri.uri), "version": self.version, "entry": record.entry,
+                              "model_uri": record.model_uri}}
+        return ad.AnnData(np.zeros((len(rows), 0), dtype=np.float32), obs=obs, obsm=obsm, uns=uns)
+
+    def _obs(self, rows: np.ndarray) -> pd.DataFrame:
+        """Every obs column of ``rows`` (sorted store rows), indexed by obs_id; read one slice of the store
+        at a time, only the slices that hold selected rows."""
+        columns = ["obs_id", *self.store.obs_columns]
+        parts = []
+        for start in np.unique(rows // HASH_CHUNK) * HASH_CHUNK:
+            inside = rows[np.searchsorted(rows, start):np.searchsorted(rows, start + HASH_CHUNK)]
+            stop = min(self.reader.n_obs, int(start) + HASH_CHUNK)
+            parts.append(self.store.obs_slice(int(start), stop, columns).iloc[inside - start])
+        frame = pd.concat(parts) if parts else pd.DataFrame(columns=columns)
+        return frame.set_index(pd.Index(frame["obs_id"].astype(str), name=None)).drop(columns="obs_id")
 
     def programs(self, *, dim: int | None = None, modality: str | None = None, direction: str | None = None
                  ) -> pd.DataFrame:

@@ -7,11 +7,11 @@ hands it to its workers inside their job: Ray's workers need not share the drive
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from .errors import InputError
+from .settings import settings
 
 ENV = "SCMM_ATLAS_FAULTS"
 
@@ -25,7 +25,7 @@ class FaultPlan:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> FaultPlan:
-        text = (os.environ if environ is None else environ).get(ENV, "").strip()
+        text = (settings().faults if environ is None else environ.get(ENV, "")).strip()
         known = sorted(f.name for f in fields(cls))
         values: dict[str, int] = {}
         for item in filter(None, (part.strip() for part in text.split(","))):

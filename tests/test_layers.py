@@ -11,15 +11,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "scmm_atlas"
 # A layer may import only layers of a lower rank (equal ranks do not import each other).
 LAYERS = {
     "memory": 0, "errors": 0, "netif": 0,
-    "store": 1, "model": 1, "faults": 1,
-    "data": 2, "config": 2, "ingest": 2,
-    "evaluate": 3, "infer": 3,
-    "train": 4, "results": 4,
-    "pipeline": 5,
-    "cli_pipeline": 6, "cli_results": 6,
-    "bench": 7,  # runs the user's commands as processes, never imports the CLI
-    "cli": 8,
-    "jobs": 9,
+    "settings": 1,  # the environment's SCMM_ATLAS_* variables, read in one place
+    "store": 2, "model": 2, "faults": 2,
+    "data": 3, "config": 3, "ingest": 3,
+    "evaluate": 4, "infer": 4,
+    "train": 5, "results": 5,
+    "pipeline": 6,
+    "cli_pipeline": 7, "cli_results": 7,
+    "bench": 8,  # runs the user's commands as processes, never imports the CLI
+    "cli": 9,
+    "jobs": 10,
 }
 MAX_FUNCTION_LINES = 60
 

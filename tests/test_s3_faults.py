@@ -198,7 +198,12 @@ def test_retry_settings_come_from_the_environment(monkeypatch) -> None:
     assert (cfg["vfs.s3.connect_max_tries"], cfg["vfs.s3.connect_timeout_ms"], cfg["vfs.s3.request_timeout_ms"]) == (
         "2", "2000", "500")
     monkeypatch.setenv("SCMM_ATLAS_S3_MAX_ATTEMPTS", "0")
-    with pytest.raises(InputError, match="SCMM_ATLAS_S3_MAX_ATTEMPTS: environment: expected an integer >= 1"):
+    with pytest.raises(InputError, match="SCMM_ATLAS_S3_MAX_ATTEMPTS: environment: Input should be greater than or "
+                                         r"equal to 1 \(got '0'\)"):
+        fsspec_options()
+    monkeypatch.setenv("SCMM_ATLAS_S3_MAX_ATTEMPTS", "")  # empty: unset, the default
+    monkeypatch.setenv("SCMM_ATLAS_S3_READ_TIMEOUT", "soon")
+    with pytest.raises(InputError, match="SCMM_ATLAS_S3_READ_TIMEOUT: environment: Input should be a valid number"):
         fsspec_options()
 
 

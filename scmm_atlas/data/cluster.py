@@ -6,8 +6,8 @@ import logging
 import os
 
 from ..netif import SETUP_HOOK
+from ..settings import settings
 
-DASHBOARD_ENV = "SCMM_ATLAS_RAY_DASHBOARD"
 TQDM_PATCH_ENV = "RAY_TQDM_PATCH_PRINT"
 # Settings of a local Ray (a cluster keeps its own):
 # - Ray starts its workers at nice 15 (``worker_niceness``) so that a cluster node's daemons stay
@@ -49,7 +49,7 @@ def ensure_ray(address: str | None, *, object_store_bytes: int = 1 << 30) -> Non
         ray.init(address=address, log_to_driver=True, runtime_env=hook)
     else:
         ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=object_store_bytes,
-                 include_dashboard=os.environ.get(DASHBOARD_ENV) != "0", dashboard_host="127.0.0.1",
+                 include_dashboard=settings().ray_dashboard, dashboard_host="127.0.0.1",
                  runtime_env={**hook, "env_vars": {"MALLOC_ARENA_MAX": "2",
                                                    **({"RAY_DATA_LOG_LEVEL": "WARNING"} if quiet else {})}},
                  configure_logging=False, logging_config=ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"),

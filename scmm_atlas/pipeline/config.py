@@ -31,6 +31,7 @@ from ..config import config_names, find_config
 from ..errors import InputError
 from ..infer.stage import InferConfig
 from ..ingest.selection import ATAC_QUANTILE, N_TOP_GENES
+from ..settings import settings
 
 # Beside a checkout (scmm_atlas/pipeline/config.py -> <repo>/../shared/data); an installed package passes --data
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -128,7 +129,7 @@ def _section(cls: type, data: Any, where: str, name: str) -> Any:
 
 
 def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    return Path(explicit or os.environ.get("SCMM_ATLAS_DATA") or DEFAULT_DATA).expanduser().resolve()
+    return Path(explicit or settings().data or DEFAULT_DATA).expanduser().resolve()
 
 
 def load_pipeline(path: str | os.PathLike[str], *, store: str | None = None, tracking_uri: str | None = None,

@@ -37,11 +37,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..errors import StoreError
+from ..settings import settings
 from .uri import filesystem
 
 log = logging.getLogger(__name__)
 LEASE_DIR = "_leases"
-TTL_S = float(os.environ.get("SCMM_ATLAS_LEASE_TTL_S", 120))
 _FILE = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)\.(?P<gen>\d+)\.json")
 _HOST = socket.gethostname()
 
@@ -66,11 +66,12 @@ def is_live(record: Mapping[str, Any], now: float | None = None) -> bool:
 class Lease:
     """Hold ``name`` in the store at ``store_uri`` (``with`` block, or :meth:`acquire` / :meth:`release`)."""
 
-    def __init__(self, store_uri: str, name: str, *, data: Mapping[str, Any] | None = None, ttl: float = TTL_S,
+    def __init__(self, store_uri: str, name: str, *, data: Mapping[str, Any] | None = None, ttl: float | None = None,
                  wait_s: float = 0.0) -> None:
         if not _FILE.fullmatch(f"{name}.0.json"):
             raise ValueError(f"lease name {name!r}: letters, digits and _.- only")
-        self.store_uri, self.name, self.data, self.ttl, self.wait_s = store_uri, name, dict(data or {}), ttl, wait_s
+        self.store_uri, self.name, self.data, self.wait_s = store_uri, name, dict(data or {}), wait_s
+        self.ttl = ttl if ttl is not None else settings().lease_ttl_s
         self.fs, self.dir = _folder(store_uri)
         self.token = uuid.uuid4().hex
         self.path: str | None = None

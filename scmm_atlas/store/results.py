@@ -13,7 +13,7 @@ Several writers may work on one store at once (two ``infer`` runs, ``infer`` bes
 each holds a lease (:mod:`.lease`) on the entry it writes (exclusive: two extensions of one entry
 cannot interleave), and :func:`publish` updates the index under the store's index lock. Publish
 removes only entries that nobody holds and nobody can still be reading: an attempt that died (its
-lease dead) at once, a superseded version after :data:`RETAIN_S` seconds (``retired`` in the
+lease dead) at once, a superseded version after ``SCMM_ATLAS_RESULTS_RETAIN_S`` seconds (``retired`` in the
 index), so a reader that resolved it just before keeps its arrays.
 
 Both backends use layouts that plain readers open without this project: on Zarr each entry's
@@ -26,18 +26,17 @@ SOMA DataFrame.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import time
 import uuid
 
 from ..errors import StoreError
+from ..settings import settings
 from .base import Store
 from .lease import Lease, held, lock
 from .results_base import INDEX_KEY, ResultRecord, ResultsBackend, ResultSpec, ResultsReader, ResultsWriter
 
 # How long a superseded entry stays for readers that resolved it before it was superseded.
-RETAIN_S = float(os.environ.get("SCMM_ATLAS_RESULTS_RETAIN_S", 3600))
 ENTRY_LEASE = "entry-"
 
 
@@ -140,7 +139,7 @@ def publish(store: Store, writer: ResultsWriter) -> ResultRecord:
             published[same[0]] = record.to_json()
         else:
             published = [*(e for e in published if e["version"] != spec.version), record.to_json()]
-        retained = [r for r in retired if now - float(r["since"]) < RETAIN_S]
+        retained = [r for r in retired if now - float(r["since"]) < settings().results_retain_s]
         index_lock.check()  # stalled past its TTL in this section: another may have written the index since
         mod.write_index(store, {"published": published, "retired": retained})
         keep = {e["entry"] for e in published} | {r["entry"] for r in retained}

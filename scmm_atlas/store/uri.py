@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from ..errors import InputError, StoreError
+from ..errors import StoreError
+from ..settings import settings
 
 if TYPE_CHECKING:
     import zarr
@@ -93,30 +94,10 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
-MAX_ATTEMPTS_ENV, CONNECT_TIMEOUT_ENV, READ_TIMEOUT_ENV = (
-    "SCMM_ATLAS_S3_MAX_ATTEMPTS", "SCMM_ATLAS_S3_CONNECT_TIMEOUT", "SCMM_ATLAS_S3_READ_TIMEOUT")
-DEFAULT_MAX_ATTEMPTS = 8
-
-
-def _env_number(name: str, *, minimum: float, integer: bool = False) -> float | None:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return None
-    try:
-        value: float | None = int(text) if integer else float(text)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        raise InputError(name, "environment", f"expected {'an integer' if integer else 'a number'} >= {minimum:g}, "
-                         f"got {text!r}")
-    return value
-
-
 def s3_retry_settings() -> tuple[int, float | None, float | None]:
     """Attempts per request and the connect / read timeouts in seconds (None: the library's default)."""
-    attempts = _env_number(MAX_ATTEMPTS_ENV, minimum=1, integer=True)
-    return (DEFAULT_MAX_ATTEMPTS if attempts is None else int(attempts),
-            _env_number(CONNECT_TIMEOUT_ENV, minimum=0.001), _env_number(READ_TIMEOUT_ENV, minimum=0.001))
+    env = settings()
+    return env.s3_max_attempts, env.s3_connect_timeout, env.s3_read_timeout
 
 
 def tiledb_config() -> dict[str, str]:

@@ -72,10 +72,7 @@ class Results:
         return np.concatenate(rows) if rows else np.zeros(0, np.int64)
 
     def _ids(self, rows: np.ndarray) -> pd.Index:
-        if not len(rows):
-            return pd.Index([], name="obs_id")
-        ids = self.store.obs_slice(int(rows[0]), int(rows[-1]) + 1, ["obs_id"])["obs_id"].to_numpy()
-        return pd.Index(ids[rows - rows[0]], name="obs_id")
+        return self._obs(rows, []).index.rename("obs_id")
 
     def embeddings(self, key: str = JOINT, *, where: Mapping[str, Sequence[str]] | None = None,
                    ids: Sequence[str] | None = None, dim: int | None = None) -> pd.DataFrame:
@@ -115,7 +112,7 @@ class Results:
         import anndata as ad
 
         rows = self.cells(where=where, ids=ids)
-        obs = self._obs(rows)
+        obs = self._obs(rows, self.store.obs_columns)
         obsm: dict[str, object] = {"X_scmm": self.reader.embedding(JOINT, rows)}
         for mod in self.reader.spec.modalities:
             obsm[f"X_scmm_{mod}"] = self.reader.embedding(mod, rows)
@@ -128,10 +125,10 @@ class Results:
                               "model_uri": record.model_uri}}
         return ad.AnnData(np.zeros((len(rows), 0), dtype=np.float32), obs=obs, obsm=obsm, uns=uns)
 
-    def _obs(self, rows: np.ndarray) -> pd.DataFrame:
-        """Every obs column of ``rows`` (sorted store rows), indexed by obs_id; read one slice of the store
-        at a time, only the slices that hold selected rows."""
-        columns = ["obs_id", *self.store.obs_columns]
+    def _obs(self, rows: np.ndarray, columns: Sequence[str]) -> pd.DataFrame:
+        """The obs ``columns`` of ``rows`` (sorted store rows), indexed by obs_id; read one slice of the
+        store at a time, only the slices that hold selected rows."""
+        columns = ["obs_id", *columns]
         parts = []
         for start in np.unique(rows // HASH_CHUNK) * HASH_CHUNK:
             inside = rows[np.searchsorted(rows, start):np.searchsorted(rows, start + HASH_CHUNK)]

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from xdist_scheduling import pytest_xdist_make_scheduler  # noqa: F401 (the hook: loadscope that survives a crash)
 
 from scmm_atlas.bench.testcluster import QUIET_RAY
 

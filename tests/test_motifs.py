@@ -258,11 +258,12 @@ def test_infer_stores_the_motif_table_and_query_reads_it(atac_store, genome, mot
 
 
 def test_report_shows_the_top_motifs(atac_store, genome, tmp_path) -> None:
-    from scmm_atlas.evaluate.report import _motifs_html, report
+    from scmm_atlas.evaluate.page import motifs_html
+    from scmm_atlas.evaluate.report import report
 
     table = annotate(_programs({(0, "up"): genome["chosen"], (1, "down"): genome["peaks"][300:340]}),
                      genome["peaks"], genome["planted"], rng=np.random.default_rng(1))
-    page = _motifs_html(table)
+    page = motifs_html(table)
     assert "REST (MA0138.3, 40/40" in page and "1 of 2 program directions" in page and "JASPAR2026" in page
     assert page.count("<tr>") == 2  # the header and dim 0 up: nothing significant in the other
     done = report(atac_store["uri"], tmp_path / "rep", version="3", max_cells=200)

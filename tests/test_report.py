@@ -112,7 +112,8 @@ def test_report_links_the_mlflow_run(tmp_path) -> None:
     to serve it and links to mlflow ui's default address, a server's page links to the server."""
     import mlflow
 
-    from scmm_atlas.evaluate.report import MlflowRun, Page, _find_run, _log_artifacts
+    from scmm_atlas.evaluate.page import Page
+    from scmm_atlas.evaluate.tracking import MlflowRun, find_run, log_artifacts
     from scmm_atlas.store.results_base import ResultRecord
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -121,12 +122,12 @@ def test_report_links_the_mlflow_run(tmp_path) -> None:
     run_id = client.create_run(experiment).info.run_id
     record = ResultRecord(entry="v3-0123abcd", version="3", model_uri=f"runs:/{run_id}/model",
                           time="2026-01-02T03:04:05+00:00", n_cells=6855, pairs=(), library_size=None)
-    run = _find_run(record, tracking)
+    run = find_run(record, tracking)
     assert run is not None and (run.run_id, run.experiment_id) == (run_id, experiment)
-    assert _find_run(replace(record, model_uri="runs:/0123abc/model"), tracking) is None
-    assert _find_run(replace(record, model_uri="/models/folder"), tracking) is None
+    assert find_run(replace(record, model_uri="runs:/0123abc/model"), tracking) is None
+    assert find_run(replace(record, model_uri="/models/folder"), tracking) is None
     (tmp_path / "index.html").write_text("page")
-    assert _log_artifacts(run, [tmp_path / "index.html"])
+    assert log_artifacts(run, [tmp_path / "index.html"])
     assert [a.path for a in client.list_artifacts(run_id, "report")] == ["report/index.html"]
     page = Page("s3://bucket/atlas/pbmc.soma", "soma", 7000, record, {"cells_shown": 6855, "leiden_clusters": 21},
                 "label", 5, None, run=run).html()
@@ -138,16 +139,39 @@ def test_report_links_the_mlflow_run(tmp_path) -> None:
     assert MlflowRun(None, "r1", "4", "databricks").links() == (None, None)
 
 
+def test_report_escapes_what_the_store_says(ray_session, tmp_path) -> None:
+    """Markup in a store (a cell-type label, a protein's name) reaches the page as text: the template
+    escapes every value, so a store cannot run script in the reader's browser."""
+    from conftest import random_counts, write_h5ad, write_model_folder
+
+    from scmm_atlas.evaluate.report import report
+    from scmm_atlas.ingest.write import IngestOptions, ingest
+
+    evil, n = "<script>alert(1)</script>", 300
+    write_h5ad(tmp_path / "rna.h5ad", random_counts(n, 20, 1),
+               obs={"donor": [f"b{i % 3}" for i in range(n)], "kind": [evil if i % 2 else "T" for i in range(n)]})
+    write_h5ad(tmp_path / "adt.h5ad", random_counts(n, 4, 2), var_names=["p0", "p1", "p2", evil])
+    uri = str(tmp_path / "cells.zarr")
+    ingest(uri, [f"RNA={tmp_path / 'rna.h5ad'}", f"ADT={tmp_path / 'adt.h5ad'}"],
+           IngestOptions(batch_key="donor", label_key="kind", progress=False))
+    write_model_folder(uri, tmp_path / "model")
+    assert main(["infer", "--store", uri, "--model", str(tmp_path / "model"), "--no-progress"]) == 0
+    page = Path(report(uri, tmp_path / "rep", max_cells=n)["html"]).read_text()
+    assert "<td>&lt;script&gt;alert(1)&lt;/script&gt;</td>" in page  # the protein, in the per-protein table
+    assert "<td>&lt;script&gt;alert(1)&lt;/script&gt;/" in page  # its label's sub-clusters, in the markers table
+    assert "<script" not in page and "alert(1)</" not in page
+
+
 @pytest.mark.slow
 def test_report_umap_at_atlas_like_sizes(tmp_path) -> None:
     """More cells than scanpy's exact-neighbour cut-off (~10,000 cells, where its approximate path
     failed with scipy 1.17): the report's UMAP and clusters still come out."""
-    from scmm_atlas.evaluate.report import _umap
+    from scmm_atlas.evaluate.figures import umap
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(4), 3_000)
     emb = rng.normal(size=(12_000, 8)) + labels[:, None] * 4.0
-    clusters = _umap(emb, pd.Series(labels.astype(str), name="cell_type"), tmp_path / "umap.png", seed=0)
+    clusters = umap(emb, pd.Series(labels.astype(str), name="cell_type"), tmp_path / "umap.png", seed=0)
     assert clusters.shape == (12_000,) and len(np.unique(clusters)) >= 4
     assert (tmp_path / "umap.png").stat().st_size > 10_000
 

@@ -24,7 +24,7 @@ from ..store import StoreError, open_store
 from ..store.results import open_results
 from .embedding import embedding_scores
 from .metrics import feature_correlations
-from .report import read_counts, read_obs, sample_rows
+from .sampling import read_counts, read_obs, sample_rows
 
 
 @dataclass

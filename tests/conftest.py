@@ -122,10 +122,8 @@ def s3_bucket(s3_server, monkeypatch):
 
 def write_model_folder(store_uri: str, folder: Path, seed: int = 0) -> Path:
     """A small untrained model for the store's selected features, as a folder ``infer --model`` loads."""
-    import json
-    from dataclasses import asdict
-
     from scmm_atlas.model import MMVAE, MMVAEConfig
+    from scmm_atlas.model.saved import write_meta
     from scmm_atlas.store import open_store
 
     with open_store(store_uri) as store:
@@ -136,8 +134,7 @@ def write_model_folder(store_uri: str, folder: Path, seed: int = 0) -> Path:
     model_dir.mkdir(parents=True)
     torch.manual_seed(seed)
     torch.save(MMVAE(config).state_dict(), model_dir / "best_model.pt")
-    (model_dir / "meta.json").write_text(json.dumps({"model": asdict(config), "features": features,
-                                                     "batches": ["b0", "b1", "b2"]}))
+    write_meta(model_dir, config, features, ["b0", "b1", "b2"])
     return folder
 
 

@@ -294,3 +294,27 @@ def test_kl_weight_and_learning_rate_schedules() -> None:
         FitConfig(epochs=3, batch_size=20, lr=1e-2, lr_schedule="cosine", lr_min_factor=0.0, warmup_epochs=0),
         on_epoch=lambda r: seen.append(r.lr))
     assert seen == pytest.approx([1e-2, 5e-3, 0.0])
+
+
+def test_a_saved_model_reads_back_as_the_same_model_from_any_depth_of_its_folder(tmp_path) -> None:
+    """The one saved-model format (model/saved.py): what training writes, inference and the pyfunc read."""
+    from scmm_atlas.errors import InputError
+    from scmm_atlas.model.saved import find_saved, read_saved, write_meta
+
+    config = MMVAEConfig(modalities={"RNA": {"n_features": 6, "hidden": 8, "n_layers": 1},
+                                     "ADT": {"n_features": 3, "hidden": 8, "n_layers": 1}}, latent_dim=2)
+    torch.manual_seed(3)
+    model = MMVAE(config).eval()
+    folder = tmp_path / "run" / "artifacts"
+    folder.mkdir(parents=True)
+    with pytest.raises(InputError, match=r"no meta\.json under it"):
+        find_saved(tmp_path)
+    write_meta(folder, config, {"RNA": [f"g{i}" for i in range(6)], "ADT": ["a", "b", "c"]}, ["b0", "b1"])
+    with pytest.raises(InputError, match=r"no \.pt weights beside meta\.json"):
+        find_saved(tmp_path)
+    torch.save(model.state_dict(), folder / "best_model.pt")
+    saved = read_saved(*find_saved(tmp_path))
+    assert saved.config == config and saved.features["ADT"] == ["a", "b", "c"] and saved.batches == ["b0", "b1"]
+    x = {"RNA": torch.rand(4, 6) * 5, "ADT": torch.rand(4, 3) * 5}
+    with torch.no_grad():
+        torch.testing.assert_close(saved.build().embed(x), model.embed(x))

@@ -8,53 +8,25 @@ driver, and handed to the inference actors.
 
 from __future__ import annotations
 
-import json
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import InputError
-from ..model import MMVAE, MMVAEConfig
-
-META_FILE = "meta.json"
+from ..model.saved import SavedModel, find_saved, read_saved
 
 
 @dataclass
-class TrainedModel:
-    """A model's config, weights (CPU tensors), features and batches, and the version it is published as."""
+class TrainedModel(SavedModel):
+    """A saved model (:mod:`~..model.saved`) and the version its results are published as."""
 
-    config: MMVAEConfig
-    state: dict[str, torch.Tensor]
-    features: dict[str, list[str]]
-    batches: list[str]
-    version: str
-    uri: str
-
-    def build(self) -> MMVAE:
-        model = MMVAE(self.config)
-        model.load_state_dict(self.state)
-        return model.eval()
+    version: str = ""
+    uri: str = ""
 
 
 def _from_folder(folder: Path, version: str, uri: str) -> TrainedModel:
-    metas = list(folder.rglob(META_FILE))
-    if not metas:
-        raise InputError(str(folder), META_FILE, "not a scmm-atlas model (no meta.json under it)")
-    meta_path = metas[0]
-    weights = [p for p in meta_path.parent.iterdir() if p.suffix == ".pt"]
-    if not weights:
-        raise InputError(str(meta_path.parent), "weights", "no .pt weights beside meta.json")
-    meta = json.loads(meta_path.read_text())
-    try:  # tensors and plain values only: a pickled object (code) in a checkpoint is refused, never run
-        state = torch.load(weights[0], weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise InputError(str(weights[0]), "weights", f"not plain tensors, refused ({str(exc).splitlines()[0]})"
-                         ) from None
-    return TrainedModel(config=MMVAEConfig.from_dict(meta["model"]), state=state, features=meta["features"],
-                        batches=list(meta.get("batches", [])), version=version, uri=uri)
+    saved = read_saved(*find_saved(folder))
+    return TrainedModel(**vars(saved), version=version, uri=uri)
 
 
 def load_trained(model_uri: str, *, tracking: str | None = None, version: str | None = None) -> TrainedModel:

@@ -9,7 +9,6 @@ a cell) is left out of that cell's mixture, so RNA-only data embeds from RNA alo
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..model import MMVAE, MMVAEConfig
+from ..model import MMVAE
+from ..model.saved import read_saved
 
 META = "meta"
 WEIGHTS = "weights"
 
 
 def load_model(meta_path: str, weights_path: str) -> tuple[MMVAE, dict[str, Any]]:
-    meta = json.loads(Path(meta_path).read_text())
-    model = MMVAE(MMVAEConfig.from_dict(meta["model"]))
-    model.load_state_dict(torch.load(weights_path, weights_only=True, map_location="cpu"))
-    model.eval()
-    return model, meta
+    """The model and its features and batches, from the artifacts MLflow hands the flavour."""
+    saved = read_saved(Path(meta_path), Path(weights_path))
+    return saved.build(), {"features": saved.features, "batches": saved.batches}
 
 
 # MLflow warns, when the class is created, that predict() has no type hints (under its own "once"

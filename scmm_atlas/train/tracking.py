@@ -10,7 +10,6 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 
 from ..model import MMVAEConfig
+from ..model.saved import write_meta
 from .pyfunc import META, WEIGHTS, ScmmEmbedder
 
 DEFAULT_TRACKING = "sqlite:///runs/mlflow.db"
@@ -109,8 +109,7 @@ def log_model(run_id: str, *, weights: Path, model_config: MMVAEConfig, features
     ``force_champion``). The version is tagged with the store's cell count it was trained on
     (``store_n_obs``), which reprocessing compares with the store's. Returns (version, became champion)."""
     with tempfile.TemporaryDirectory() as d:
-        meta = Path(d, "meta.json")
-        meta.write_text(json.dumps({"model": asdict(model_config), "features": dict(features), "batches": batches}))
+        meta = write_meta(Path(d), model_config, features, batches)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(name="model", python_model=ScmmEmbedder(), pip_requirements=_requirements(),
                                            artifacts={META: str(meta), WEIGHTS: str(weights)})

@@ -33,7 +33,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto -m "not slow and not ray and not s3 and not browser"
 
 lint: $(STAMP)
-	$(BIN)/ruff check scmm_atlas tests
+	$(BIN)/ruff check scmm_atlas pipelines tests
 
 bench-deps: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"

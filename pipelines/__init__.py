@@ -1,7 +1,9 @@
-"""Jobs: the Ray Job entry points (``python -m scmm_atlas.jobs.run | train | reprocess``) and the demo.
+"""Pipelines: the pipeline configs (``*.yaml`` here) and the Ray Job entry points that run them.
 
-What ``ray job submit`` runs. They live in the package (not beside it) so that an installed
-``scmm-atlas`` has them too; the pipeline's stages are :mod:`scmm_atlas.pipeline`.
+``python -m pipelines.run | train | reprocess | demo`` is what ``ray job submit`` runs: from a
+checkout (``--working-dir .`` uploads this folder beside ``scmm_atlas/``) or from an installed wheel
+(which ships this package beside ``scmm_atlas``). Each is the matching ``scmm-atlas`` command; the
+stages themselves are :mod:`scmm_atlas.pipeline`. The run configs they name are in ``configs/``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``python -m scmm_atlas.jobs.reprocess --store URI --model NAME [--retrain-if-new-fraction F]``
+"""``python -m pipelines.reprocess --store URI --model NAME [--retrain-if-new-fraction F]``
 
 The scheduled job (a Kubernetes CronJob that submits a RayJob, or a cron / systemd timer running
 ``ray job submit``): maps the cells that have no results for the champion model yet and publishes
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from ..cli import main
+from scmm_atlas.cli import main
+
 from . import job_args
 
 if __name__ == "__main__":

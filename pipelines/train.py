@@ -1,14 +1,15 @@
-"""``ray job submit --working-dir . -- python -m scmm_atlas.jobs.train --store URI [--config YAML] [KEY=VALUE ...]``
+"""``ray job submit --working-dir . -- python -m pipelines.train --store URI [--config YAML] [KEY=VALUE ...]``
 
-The Ray Job entry point for training alone: the same options as ``scmm-atlas train``; inside a
-Ray job it joins the job's cluster (``RAY_ADDRESS`` is set by the job supervisor).
+Training alone: the same options as ``scmm-atlas train``; inside a Ray job it joins the job's
+cluster (``RAY_ADDRESS`` is set by the job supervisor).
 """
 
 from __future__ import annotations
 
 import sys
 
-from ..cli import main
+from scmm_atlas.cli import main
+
 from . import job_args
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""Typed run configs: the shipped ``scmm_atlas/configs/*.yaml`` plus ``key=value`` overrides (dotted keys).
+"""Typed run configs: the shipped ``configs/*.yaml`` plus ``key=value`` overrides (dotted keys).
 
 Example: ``load_config("atlas_cite", ["train.lr=3e-4", "model.latent_dim=30"])``; a path to a user's own
 YAML file works wherever a shipped name does. A key that the file does not have is an error, so a typo
-never silently does nothing. The shipped files are package data (read with :mod:`importlib.resources`),
-so an installed package finds them wherever it runs, not only from a checkout.
+never silently does nothing. The shipped run configs (``configs/``) and pipeline configs (``pipelines/``)
+sit at the top of a checkout and travel in the wheel (:func:`shipped_folder`), so an installed package
+finds them wherever it runs, not only from a checkout.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import copy
 import functools
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -21,19 +22,33 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from .data.loader import LoaderConfig
 from .errors import InputError
 from .model import MMVAEConfig, ModalitySpec
 from .model.training import FitConfig
 
-CONFIG_DIR: Traversable = resources.files(__package__) / "configs"  # run configs; pipeline configs in pipelines/
+SHIPPED = ("configs", "pipelines")  # run configs; pipeline configs (beside the Ray Job entry points)
 
 
-def find_config(path: str | os.PathLike[str], kind: str = "") -> Path | Traversable | None:
+def shipped_folder(kind: str = "configs") -> Path | Traversable:
+    """Where the shipped ``configs`` or ``pipelines`` are: the top-level folders of a checkout (also what
+    ``ray job submit --working-dir .`` uploads, whose ``scmm_atlas`` shadows an installed one), else those
+    of the installed wheel (``configs/`` inside the package, the ``pipelines`` package beside it)."""
+    if kind not in SHIPPED:
+        raise ValueError(f"kind must be one of {SHIPPED}, not {kind!r}")
+    root = Path(__file__).resolve().parents[1]
+    if kind == "configs" and not (root / "pyproject.toml").is_file():
+        return resources.files(__package__) / "configs"
+    return root / kind
+
+
+def find_config(path: str | os.PathLike[str], kind: str = "configs") -> Path | Traversable | None:
     """A user's file if ``path`` is one, else the shipped config of that name (``.yaml`` optional)
-    under ``configs/<kind>``: a user's file always wins, so a local copy can shadow a shipped one."""
+    in ``kind`` (``configs`` or ``pipelines``): a user's file always wins, so a local copy can shadow a
+    shipped one."""
     if Path(path).is_file():
         return Path(path)
-    folder = CONFIG_DIR / kind if kind else CONFIG_DIR
+    folder = shipped_folder(kind)
     name = os.fspath(path)
     for candidate in (name, f"{name}.yaml"):
         if "/" not in candidate and (folder / candidate).is_file():
@@ -41,13 +56,12 @@ def find_config(path: str | os.PathLike[str], kind: str = "") -> Path | Traversa
     return None
 
 
-def shipped_configs(kind: str = "") -> list[Traversable]:
-    """The YAML files shipped under ``configs/<kind>`` (tests check every one)."""
-    folder = CONFIG_DIR / kind if kind else CONFIG_DIR
-    return sorted((f for f in folder.iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
+def shipped_configs(kind: str = "configs") -> list[Path | Traversable]:
+    """The YAML files shipped in ``kind`` (tests check every one)."""
+    return sorted((f for f in shipped_folder(kind).iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
 
 
-def config_names(kind: str = "") -> list[str]:
+def config_names(kind: str = "configs") -> list[str]:
     """The names a shipped config is asked for by (what error messages list)."""
     return [f.name.removesuffix(".yaml") for f in shipped_configs(kind)]
 
@@ -77,6 +91,36 @@ class ModelSection:
 
 
 @dataclass
+class LoaderSection:
+    """``distributed.loader``: what a run may set of each worker's :class:`~.data.loader.LoaderConfig`
+    (unset: its default; ``seed`` unset follows ``train.seed``). The minibatch size, its accumulation
+    and dropping the last partial one follow from ``train`` and DDP, so they are not settable here."""
+
+    block_cells: int | None = None
+    buffer_blocks: int | None = None
+    read_ahead: int | None = None
+    prefetch_blocks: int | None = None
+    prefetch_batches: int | None = None
+    readers: int | None = None
+    read_cpus: float | None = None
+    mode: str | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.build()  # the loader's own checks, when the config is read rather than when a worker starts
+
+    def settings(self) -> dict[str, Any]:
+        """The keys this run sets."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+    def build(self, **fixed: Any) -> LoaderConfig:
+        """The worker's loader config: ``fixed`` values first, then what this run sets, over the defaults;
+        ``seed`` in ``fixed`` is only the fallback for a run that sets none."""
+        seed = {"seed": fixed.pop("seed")} if "seed" in fixed else {}
+        return LoaderConfig(**{**seed, **self.settings(), **fixed})
+
+
+@dataclass
 class DistributedSection:
     """How ``scmm-atlas train`` runs: Ray Train workers, precision, checkpoints, tracking."""
 
@@ -95,7 +139,7 @@ class DistributedSection:
     experiment: str = "scmm-atlas"  # MLflow experiment
     model_name: str = "scmm-atlas"  # MLflow registered model
     max_steps_per_epoch: int = 0  # cap the optimizer steps of an epoch (0: the whole epoch)
-    loader: dict[str, Any] = field(default_factory=dict)  # LoaderConfig overrides
+    loader: LoaderSection = field(default_factory=LoaderSection)
 
     def __post_init__(self) -> None:
         n = self.num_workers
@@ -146,14 +190,15 @@ class RunConfig:
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain values (what MLflow logs and ``config.yaml`` holds; :meth:`from_dict` reads it back)."""
         return {"model": copy.deepcopy(vars(self.model)), "train": dict(vars(self.train)),
-                "distributed": copy.deepcopy(vars(self.distributed))}
+                "distributed": {**copy.deepcopy(vars(self.distributed)), "loader": self.distributed.loader.settings()}}
 
     @classmethod
     def from_dict(cls, tree: Mapping[str, Any], where: str = "<config>") -> RunConfig:
-        return cls(model=_section(ModelSection, tree.get("model"), where, "model"),
-                   train=_section(FitConfig, tree.get("train"), where, "train"),
-                   distributed=_section(DistributedSection, tree.get("distributed"), where, "distributed"),
+        return cls(model=read_section(ModelSection, tree.get("model"), where, "model"),
+                   train=read_section(FitConfig, tree.get("train"), where, "train"),
+                   distributed=read_section(DistributedSection, tree.get("distributed"), where, "distributed"),
                    source=where)
 
 
@@ -187,23 +232,40 @@ def _parse(raw: str) -> Any:
     return value
 
 
-def _section(cls: type, data: Mapping[str, Any] | None, where: str, name: str) -> Any:
-    """The section ``name`` as ``cls``, its values checked against the field types by pydantic: a value that
-    YAML read as a string (``1e-1``, ``3e-4`` in YAML 1.1) becomes the number its field wants; a key the
-    section does not have, or a value of another type, is one :class:`InputError` naming the key."""
+def read_section(cls: type, data: Any, where: str, name: str) -> Any:
+    """The section ``name`` (of a run or a pipeline config) as ``cls``, its values checked against the field
+    types by pydantic: a value that YAML read as a string (``1e-1``, ``3e-4`` in YAML 1.1) becomes the number
+    its field wants; a key the section (or a section inside it) does not have, or a value of another type,
+    is one :class:`InputError` naming the key."""
+    if data is not None and not isinstance(data, Mapping):
+        raise InputError(where, name, f"expected a mapping, got {type(data).__name__}")
     data = dict(data or {})
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise InputError(where, name, f"unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    _refuse_unknown(cls, data, where, name)
     try:
         return _adapter(cls).validate_python(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        if not first["loc"]:  # the section's own check (its __post_init__): the message names key and value
-            raise InputError(where, name, str(first["msg"]).removeprefix("Value error, ")) from None
-        key = ".".join([name, *(str(p) for p in first["loc"] if not isinstance(p, int))][:2])
-        raise InputError(where, key, f"{first['msg']} (got {first['input']!r})") from None
+        msg, loc = str(first["msg"]).removeprefix("Value error, "), [str(p) for p in first["loc"]]
+        if first["type"] == "value_error":  # a section's own check (its __post_init__) names key and value
+            raise InputError(where, ".".join([name, *loc]), msg) from None
+        depth = 3 if loc and loc[0] in _subsections(cls) else 2  # past it: a union member's type name
+        raise InputError(where, ".".join([name, *loc][:depth]), f"{msg} (got {first['input']!r})") from None
+
+
+def _subsections(cls: type) -> dict[str, type]:
+    """The fields of ``cls`` that are sections of their own (a dataclass made by the default factory)."""
+    return {f.name: f.default_factory for f in fields(cls) if isinstance(f.default_factory, type)
+            and is_dataclass(f.default_factory)}
+
+
+def _refuse_unknown(cls: type, data: Mapping[str, Any], where: str, name: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise InputError(where, name, f"unknown keys {sorted(unknown)} (known: {sorted(known)})")
+    for key, sub in _subsections(cls).items():
+        if isinstance(data.get(key), Mapping):
+            _refuse_unknown(sub, data[key], where, f"{name}.{key}")
 
 
 @functools.cache
@@ -211,25 +273,36 @@ def _adapter(cls: type) -> TypeAdapter:
     return TypeAdapter(cls)
 
 
-def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML config (a path, or the name of a shipped one) and apply ``key=value`` overrides."""
-    p = find_config(path)
+def read_yaml(path: str | os.PathLike[str], kind: str = "configs") -> tuple[str, dict[str, Any]]:
+    """Where a config was found and its top-level mapping: a path, or the name of a shipped one in
+    ``kind`` (``configs``: run configs; ``pipelines``: pipeline configs). Both kinds are read here."""
+    p = find_config(path, kind)
     if p is None:
-        raise InputError(path, "path", f"config file not found (shipped: {', '.join(config_names())})")
+        what = "pipeline config" if kind == "pipelines" else "config file"
+        raise InputError(path, "path", f"{what} not found (shipped: {', '.join(config_names(kind))})")
+    where = str(p)
     try:
         tree = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise InputError(p, "yaml", f"not valid YAML ({str(exc).splitlines()[0]})") from None
-    tree = copy.deepcopy(tree)
+        raise InputError(where, "yaml", f"not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise InputError(where, "yaml", "expected a mapping at the top level")
+    return where, tree
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a run config (a path, or the name of a shipped one) and apply ``key=value`` overrides."""
+    where, tree = read_yaml(path)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise InputError(item, "override", "expected key=value")
-        _set(tree, key.strip(), value, str(p))
+        _set(tree, key.strip(), value, where)
     if "features" in tree:
-        raise InputError(p, "features", "feature selection belongs to the store, not to training: choose it at "
-                                        "ingest (--n-top-genes) or with `scmm-atlas stats`, and remove this section")
+        raise InputError(where, "features", "feature selection belongs to the store, not to training: choose it "
+                                            "at ingest (--n-top-genes) or with `scmm-atlas stats`, and remove this "
+                                            "section")
     unknown = set(tree) - {"model", "train", "distributed"}
     if unknown:
-        raise InputError(p, "sections", f"unknown sections {sorted(unknown)}")
-    return RunConfig.from_dict(tree, str(p))
+        raise InputError(where, "sections", f"unknown sections {sorted(unknown)}")
+    return RunConfig.from_dict(tree, where)

@@ -56,7 +56,7 @@ def hosts_up(c: TestCluster) -> None:
 def train(c: TestCluster, name: str, *extra: str, epochs: int = 6, wait: bool = True,
           runtime_env: dict | None = None):
     hosts_up(c)
-    return c.submit(["python", "-m", "scmm_atlas.jobs.train", "--store", STORE, "--name", name, "--no-progress",
+    return c.submit(["python", "-m", "pipelines.train", "--store", STORE, "--name", name, "--no-progress",
                      f"train.epochs={epochs}", *TRAIN, *extra], wait=wait, timeout_s=600, runtime_env=runtime_env)
 
 

@@ -127,7 +127,7 @@ def test_a_fixed_size_run_without_room_for_its_workers_fails_with_one_line(clust
 
 
 def test_the_head_killed_mid_pipeline_then_the_same_job_resubmitted_resumes(cluster, tmp_path: Path) -> None:
-    """A new head, the same ``jobs.run``: finished stages skipped, training continued from its S3 checkpoint,
+    """A new head, the same ``pipelines.run``: finished stages skipped, training continued from its S3 checkpoint,
     one MLflow run and one registered version for it."""
     config = tmp_path / "pipeline.yaml"
     config.write_text(json.dumps({  # YAML is a superset of JSON
@@ -136,7 +136,7 @@ def test_the_head_killed_mid_pipeline_then_the_same_job_resubmitted_resumes(clus
                   "overrides": [o for o in TRAIN if not o.startswith("distributed.storage_path")]
                   + ["train.epochs=5", "distributed.checkpoint_every_steps=5"]},
         "infer": {"pairs": ["RNA:ADT"]}, "report": {"enabled": False}}))  # its own tests: test_report.py
-    argv = ["python", "-m", "scmm_atlas.jobs.run", "--config", str(config), "--no-progress"]
+    argv = ["python", "-m", "pipelines.run", "--config", str(config), "--no-progress"]
     hosts_up(cluster)
     cluster.submit(argv, wait=False)
     deadline = time.monotonic() + 600

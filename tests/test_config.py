@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from scmm_atlas.config import CONFIG_DIR, config_names, find_config, load_config, shipped_configs
+from scmm_atlas.config import RunConfig, config_names, find_config, load_config, shipped_configs, shipped_folder
 from scmm_atlas.errors import InputError
 from scmm_atlas.model import MMVAE
 
@@ -52,7 +52,9 @@ def test_every_shipped_config_loads_and_the_gpu_one_is_set_for_a_cluster() -> No
     gpu = load_config("atlas_gpu").distributed
     assert gpu.use_gpu and gpu.num_workers == 8 and gpu.bf16 and gpu.storage_path.startswith("s3://")
     over = load_config("atlas_cite", ["distributed.num_workers=3", "distributed.loader.block_cells=1024"])
-    assert over.distributed.num_workers == 3 and over.distributed.loader == {"block_cells": 1024}
+    assert over.distributed.num_workers == 3 and over.distributed.loader.settings() == {"block_cells": 1024}
+    assert over.to_dict()["distributed"]["loader"] == {"block_cells": 1024}  # what MLflow logs, read back as is
+    assert RunConfig.from_dict(over.to_dict()).distributed.loader == over.distributed.loader
 
 
 def test_every_key_of_the_shipped_configs_is_a_field_that_training_reads(tmp_path) -> None:
@@ -75,23 +77,26 @@ def test_every_key_of_the_shipped_configs_is_a_field_that_training_reads(tmp_pat
             assert set(spec) <= {f.name for f in fields(ModalitySpec)}, path
         load_config(path.name)
     old = tmp_path / "old.yaml"
-    old.write_text((CONFIG_DIR / "atlas_cite.yaml").read_text() + "features:\n  n_top_genes: 4000\n")
+    old.write_text((shipped_folder() / "atlas_cite.yaml").read_text() + "features:\n  n_top_genes: 4000\n")
     with pytest.raises(InputError, match="feature selection belongs to the store"):
         load_config(old)
 
 
-def test_shipped_configs_are_package_data_and_a_users_file_wins(tmp_path: Path, monkeypatch) -> None:
-    """Names resolve inside the package (not a checkout's configs/); a path to a user's file is read as is,
-    even one that has a shipped config's name."""
-    import scmm_atlas
-
-    assert Path(str(CONFIG_DIR)) == Path(scmm_atlas.__file__).parent / "configs"
-    assert str(find_config("atlas_cite")) == str(find_config("atlas_cite.yaml")) == str(CONFIG_DIR / "atlas_cite.yaml")
-    assert find_config("pbmc_demo") is None and find_config("nope") is None
-    assert str(find_config("pbmc_demo", "pipelines")) == str(CONFIG_DIR / "pipelines" / "pbmc_demo.yaml")
+def test_shipped_configs_are_the_checkouts_top_level_folders_and_a_users_file_wins(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """In a checkout, names resolve in its top-level configs/ and pipelines/ (tests/test_install.py: in a
+    wheel, inside it), whatever the working directory; a path to a user's file is read as is, even one that
+    has a shipped config's name."""
+    root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
+    assert shipped_folder() == root / "configs" and shipped_folder("pipelines") == root / "pipelines"
+    assert find_config("atlas_cite") == find_config("atlas_cite.yaml") == root / "configs" / "atlas_cite.yaml"
+    assert find_config("pbmc_demo") is None and find_config("nope") is None
+    assert find_config("pbmc_demo", "pipelines") == root / "pipelines" / "pbmc_demo.yaml"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        shipped_folder("jobs")
     mine = tmp_path / "atlas_cite.yaml"
-    mine.write_text((CONFIG_DIR / "atlas_cite.yaml").read_text().replace("latent_dim: 20", "latent_dim: 7"))
+    mine.write_text((root / "configs" / "atlas_cite.yaml").read_text().replace("latent_dim: 20", "latent_dim: 7"))
     assert load_config("atlas_cite.yaml").model.latent_dim == 7 and load_config(mine).source == str(mine)
     assert load_config("atlas_cite").model.latent_dim == 20  # the bare name is the shipped one
     with pytest.raises(InputError, match=r"config file not found \(shipped: atlas_cite, atlas_gpu, "):
@@ -151,14 +156,35 @@ def test_yaml_values_of_the_wrong_type_are_coerced_or_refused_in_one_line(tmp_pa
     cfg = load_config(own)
     assert (cfg.train.kl_weight, cfg.train.lr, cfg.train.epochs) == (0.1, 3e-4, 12)
     assert isinstance(cfg.train.kl_weight, float) and isinstance(cfg.train.epochs, int)
-    for override, key, problem in (("train.epochs=abc", "train.epochs", "valid integer"),
-                                   ("model.latent_dim=2.5", "model.latent_dim", "fractional part"),
-                                   ("distributed.use_gpu=maybe", "distributed.use_gpu", "valid boolean"),
-                                   ("train.lr=fast", "train.lr", "valid number")):
+    _each_refused_in_one_line(own, [("train.epochs=abc", "train.epochs", "valid integer"),
+                                    ("model.latent_dim=2.5", "model.latent_dim", "fractional part"),
+                                    ("distributed.use_gpu=maybe", "distributed.use_gpu", "valid boolean"),
+                                    ("train.lr=fast", "train.lr", "valid number")])
+    own.write_text("model: {latent_dim: 8}\ntrain: {lr_schedule: step}\n")  # the section's own check
+    with pytest.raises(InputError, match=f"^{own}: train: train.lr_schedule must be one of .* got 'step'$"):
+        load_config(own)
+
+
+def test_the_loader_section_is_typed_and_checked_when_the_config_is_read(tmp_path: Path) -> None:
+    """``distributed.loader`` is a section like the others: coerced, unknown keys and the loader's own
+    checks refused at once (not when a Ray worker starts); what it leaves unset follows the run."""
+    own = tmp_path / "mine.yaml"
+    own.write_text("model: {latent_dim: 8}\ntrain: {seed: 7}\ndistributed: {loader: {read_cpus: 5e-1, readers: '2'}}\n")
+    loader = load_config(own).distributed.loader
+    assert loader.settings() == {"read_cpus": 0.5, "readers": 2}
+    built = loader.build(seed=7, batch_size=64, accumulate=2)
+    assert (built.seed, built.batch_size, built.accumulate, built.read_cpus, built.readers) == (7, 64, 2, 0.5, 2)
+    assert load_config(own, ["distributed.loader.seed=3"]).distributed.loader.build(seed=7).seed == 3  # set: wins
+    _each_refused_in_one_line(own, [("distributed.loader.block_cells=0", "distributed.loader", "must be positive"),
+                                    ("distributed.loader.mode=fast", "distributed.loader", "mode must be one of"),
+                                    ("distributed.loader.readers=x", "distributed.loader.readers", "valid integer"),
+                                    ("distributed.loader.batch_size=8", "distributed.loader", "unknown keys")])
+
+
+def _each_refused_in_one_line(own: Path, cases: list[tuple[str, str, str]]) -> None:
+    """Each (override, key, problem): ``own`` with the override is one error line naming file and key."""
+    for override, key, problem in cases:
         with pytest.raises(InputError) as err:
             load_config(own, [override])
         assert str(err.value).startswith(f"{own}: {key}: ") and problem in str(err.value), str(err.value)
         assert "\n" not in str(err.value)
-    own.write_text("model: {latent_dim: 8}\ntrain: {lr_schedule: step}\n")  # the section's own check
-    with pytest.raises(InputError, match=f"^{own}: train: train.lr_schedule must be one of .* got 'step'$"):
-        load_config(own)

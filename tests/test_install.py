@@ -28,12 +28,13 @@ SKIP = (".git", ".venv", "runs", "build", "tests", "*.egg-info", "__pycache__", 
         ".ruff_cache")
 
 PROBE = """\
-import json, scmm_atlas, scmm_atlas.pipeline.demo as demo
-from scmm_atlas.config import CONFIG_DIR, config_names, load_config
+import json, pipelines, scmm_atlas, scmm_atlas.pipeline.demo as demo
+from scmm_atlas.config import config_names, load_config, shipped_folder
 from scmm_atlas.pipeline.config import load_pipeline
 load_config("atlas_cite")
 load_pipeline("pbmc_demo")
-print(json.dumps({"package": scmm_atlas.__file__, "demo": demo.__file__, "configs": str(CONFIG_DIR),
+print(json.dumps({"package": scmm_atlas.__file__, "demo": demo.__file__, "configs": str(shipped_folder("configs")),
+                  "jobs": pipelines.__file__, "pipelines_folder": str(shipped_folder("pipelines")),
                   "names": config_names(), "pipelines": config_names("pipelines")}))
 """
 
@@ -69,13 +70,20 @@ def test_a_non_editable_install_ships_the_configs_and_runs_the_demo_twice(data_d
     probe = subprocess.run([str(python), "-c", PROBE], cwd=work, env=_env(), capture_output=True, text=True)
     assert probe.returncode == 0, probe.stderr[-3000:]
     found = json.loads(probe.stdout.splitlines()[-1])
-    for key in ("package", "demo", "configs"):
+    for key in ("package", "demo", "configs", "jobs", "pipelines_folder"):
         assert Path(found[key]).is_relative_to(venv) and not Path(found[key]).is_relative_to(REPO), found
+    # The wheel: scmm_atlas/ with configs/ inside it, pipelines/ beside it; every file of the checkout's
     installed = Path(found["package"]).parent
-    ours = {p.relative_to(REPO / "scmm_atlas") for p in (REPO / "scmm_atlas").rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts}
-    assert ours - {p.relative_to(installed) for p in installed.rglob("*")} == set(), "left out of the wheel"
-    assert found["names"] and found["pipelines"] == ["atlas", "pbmc_demo"]
+    for src, dest in (("scmm_atlas", installed), ("configs", installed / "configs"),
+                      ("pipelines", installed.parent / "pipelines")):
+        ours = {p.relative_to(REPO / src) for p in (REPO / src).rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts}
+        assert ours - {p.relative_to(dest) for p in dest.rglob("*")} == set(), f"{src}/: left out of the wheel"
+    assert found["names"] == ["atlas_cite", "atlas_gpu", "atlas_rna_atac", "faithful_scmm"]
+    assert found["pipelines"] == ["atlas", "pbmc_demo"]
+    job = subprocess.run([str(python), "-m", "pipelines.run", "--help"], cwd=work, env=_env(), capture_output=True,
+                         text=True)  # the Ray Job entry point, from the wheel
+    assert job.returncode == 0 and "--config" in job.stdout, job.stderr[-2000:]
     stale = work / "runs" / "demo" / "stale"
     stale.mkdir(parents=True)
     first = _demo(venv, data_dir, work, "--fresh")

@@ -1,5 +1,6 @@
-"""The package's shape, checked from its source: imports point down the layers, no import circle
-(function-level imports included), and no function longer than one screen outside the benches."""
+"""The package's shape, checked from its source: imports point down the layers (``pipelines/``, the Ray
+Job entry points beside the package, on top), no import circle (function-level imports included), no
+function longer than one screen outside the benches, and a wheel that ships every subpackage."""
 
 from __future__ import annotations
 
@@ -7,29 +8,32 @@ import ast
 import collections
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "scmm_atlas"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "scmm_atlas"
+PIPELINES = ROOT / "pipelines"
 # A layer may import only layers of a lower rank (equal ranks do not import each other).
 LAYERS = {
     "memory": 0, "errors": 0, "netif": 0,
     "settings": 1,  # the environment's SCMM_ATLAS_* variables, read in one place
     "store": 2, "model": 2, "faults": 2,
-    "data": 3, "config": 3, "ingest": 3,
-    "evaluate": 4, "infer": 4,
+    "data": 3, "ingest": 3,
+    "evaluate": 4, "infer": 4, "config": 4,  # run configs: their loader section is the data layer's LoaderConfig
     "train": 5, "results": 5,
     "pipeline": 6,
     "cli_pipeline": 7, "cli_results": 7,
     "bench": 8,  # runs the user's commands as processes, never imports the CLI
     "cli": 9,
-    "jobs": 10,
+    "pipelines": 10,  # the top-level pipelines/ package: python -m pipelines.run | train | reprocess | demo
 }
 MAX_FUNCTION_LINES = 60
 
 
-def _modules(root: Path = PACKAGE) -> dict[str, Path]:
+def _modules(*roots: Path) -> dict[str, Path]:
     out = {}
-    for path in root.rglob("*.py"):
-        parts = list(path.relative_to(root.parent).with_suffix("").parts)
-        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for root in roots or (PACKAGE, PIPELINES):
+        for path in root.rglob("*.py"):
+            parts = list(path.relative_to(root.parent).with_suffix("").parts)
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return out
 
 
@@ -52,6 +56,8 @@ def _imports(modules: dict[str, Path]) -> dict[str, set[str]]:
 
 
 def _layer(module: str) -> str:
+    if module.split(".")[0] == "pipelines":
+        return "pipelines"
     return module.split(".")[1] if "." in module else ""
 
 
@@ -102,6 +108,25 @@ def test_the_checks_see_an_upward_import_and_a_circle(tmp_path):
     assert _upward(modules) == ["scmm_atlas.store.base -> scmm_atlas.train",
                                 "scmm_atlas.store.base -> scmm_atlas.train.loop"]
     assert _circles(_imports(modules)) == ["scmm_atlas.store.base -> scmm_atlas.train.loop -> scmm_atlas.store.base"]
+
+
+def test_the_pipelines_sit_on_top_and_the_package_never_imports_them():
+    edges = _imports(_modules())
+    assert {t for m, targets in edges.items() if m.startswith("pipelines.") for t in targets} >= {"scmm_atlas.cli"}
+    assert not [f"{m} -> {t}" for m, targets in edges.items() if m.startswith("scmm_atlas")
+                for t in targets if t.startswith("pipelines")]
+
+
+def test_the_wheel_lists_every_subpackage_and_maps_configs_into_the_package():
+    """pyproject.toml names the packages one by one (configs/ is mapped into scmm_atlas): a new
+    subpackage left off the list would be missing from the wheel."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(ROOT).parts) for root in (PACKAGE, PIPELINES)
+             for p in root.rglob("__init__.py")}
+    assert set(setup["packages"]) == found | {"scmm_atlas.configs"}
+    assert setup["package-dir"] == {"scmm_atlas.configs": "configs"}
 
 
 def test_no_function_longer_than_a_screen_outside_the_benches():

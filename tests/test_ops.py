@@ -2,7 +2,7 @@
 pod templates too), hadolint, croniter, Ray's schema and `ray up`'s preparation, `systemd-analyze verify`
 (Debian's systemd, installed with apt when missing). The rest are our deployment rules: no literal secrets,
 private job server and services, one project image, the CronJob submits the RayJob, every
-`python -m scmm_atlas.jobs.X` command parses with our CLI."""
+`python -m pipelines.X` command parses with our CLI."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from croniter import croniter
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ROOT / "ops"
 README = ROOT / "README.md"
-JOBS = "python -m scmm_atlas.jobs."  # the Ray Job entry points (scmm_atlas/jobs/)
+JOBS = "python -m pipelines."  # the Ray Job entry points (pipelines/)
 SECTION = "## Running on a cluster"
 NAMESPACE = "scmm-atlas"
 K8S = "1.33"  # the Kubernetes minor the manifests target (the submitter's kubectl is alpine/k8s:1.33)
@@ -253,7 +253,7 @@ def test_cronjob_submits_the_rayjob():
         volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
         cm = _named("ConfigMap", volume["configMap"]["name"])
         (job,) = list(yaml.safe_load_all(cm["data"][path[len(mount["mountPath"].rstrip("/")) + 1:]]))
-        assert job["kind"] == "RayJob" and "python -m scmm_atlas.jobs.reprocess" in job["spec"]["entrypoint"]
+        assert job["kind"] == "RayJob" and "python -m pipelines.reprocess" in job["spec"]["entrypoint"]
         # The name it deletes and polls is the RayJob it creates.
         assert set(re.findall(r"kubectl (?:get|delete) rayjob (\S+)", script)) == {job["metadata"]["name"]}
         # Its service account may do exactly what the script does, on RayJobs only.
@@ -268,10 +268,10 @@ def test_cronjob_submits_the_rayjob():
         assert job["spec"]["activeDeadlineSeconds"] < spec["jobTemplate"]["spec"]["activeDeadlineSeconds"]
 
 
-# Entry points: python -m scmm_atlas.jobs.X, checked against the project's own CLI -------------------------------
+# Entry points: python -m pipelines.X, checked against the project's own CLI -------------------------------
 def _entrypoint_args(cmd: str) -> argparse.Namespace:
-    """Parse the `python -m scmm_atlas.jobs.X ARGS` of a shell command line (up to the next `&&`, `|`,
-    redirection...) with the subcommand X of `scmm-atlas`, which jobs/X.py calls."""
+    """Parse the `python -m pipelines.X ARGS` of a shell command line (up to the next `&&`, `|`,
+    redirection...) with the subcommand X of `scmm-atlas`, which pipelines/X.py calls."""
     from scmm_atlas.cli import build_parser
 
     assert JOBS in cmd, cmd
@@ -279,13 +279,13 @@ def _entrypoint_args(cmd: str) -> argparse.Namespace:
     ends = [n for n, t in enumerate(tokens) if t in ("&&", "||", ";", "|") or t.startswith((">", "2>"))]
     module, *argv = tokens[:ends[0]] if ends else tokens
     try:
-        return build_parser().parse_args([module.removeprefix("scmm_atlas.jobs."), *argv])
+        return build_parser().parse_args([module.removeprefix("pipelines."), *argv])
     except SystemExit:
         pytest.fail(f"`scmm-atlas {module}` rejects {argv}")
 
 
 def _commands() -> list[tuple[str, str]]:
-    """Every concrete `python -m scmm_atlas.jobs...` command line in ops/ and in the README section."""
+    """Every concrete `python -m pipelines...` command line in ops/ and in the README section."""
     out = [(w, j["spec"]["entrypoint"]) for w, j in _by_kind("RayJob")]
     env = _env_file(OPS / "cron" / "reprocess.env.example")
     out.append(("scmm-reprocess.service", _expand(_unit("scmm-reprocess.service")["Service"]["ExecStart"], env)))
@@ -308,7 +308,7 @@ def test_command_arguments_and_configs(where: str, cmd: str):
     if getattr(args, "config", None):  # a file (an absolute path in the image is the repository's), or shipped
         workdir = [a for i, a in _dockerfile(OPS / "docker" / "Dockerfile") if i == "WORKDIR"][-1]
         value = args.config.removeprefix(workdir.rstrip("/") + "/")
-        path = find_config(ROOT / value) or find_config(value, "pipelines" if args.command == "run" else "")
+        path = find_config(ROOT / value) or find_config(value, "pipelines" if args.command == "run" else "configs")
         assert path and yaml.safe_load(path.read_text()), f"{where}: --config {value} names no config"
 
 
@@ -385,7 +385,8 @@ def test_project_dockerfile():
     # The project: sources copied (they exist), then `pip install .` after them and after torch.
     copies = [(n, a.split()[:-1]) for n, (i, a) in enumerate(instrs) if i == "COPY" and not a.startswith("--from")]
     copied = {src for _, srcs in copies for src in srcs}
-    assert {"pyproject.toml", "scmm_atlas"} <= copied and all((ROOT / src).exists() for src in copied), copied
+    assert {"pyproject.toml", "scmm_atlas", "configs", "pipelines"} <= copied, copied
+    assert all((ROOT / src).exists() for src in copied), copied
     installs = [n for n, (i, a) in enumerate(instrs) if i == "RUN" and re.search(r"pip install [^&]*\.(\s|$)", a)]
     assert installs and installs[-1] > max(n for n, _ in copies) and installs[-1] > instrs.index(("RUN", torch_run))
     # Non-root at run time, with HOME set in the image (`ray up` reads it from `docker inspect`).
@@ -491,7 +492,7 @@ def test_systemd_units_and_crontab_submit_the_reprocessing():
         assert "%" not in command, "cron turns % into a newline"
         assert "/etc/scmm-atlas/reprocess.env" in command
     for command in [service["ExecStart"], *(c for _, c in _crontab())]:
-        assert "ray job submit" in command and "python -m scmm_atlas.jobs.reprocess" in command
+        assert "ray job submit" in command and "python -m pipelines.reprocess" in command
 
 
 # Documentation --------------------------------------------------------------------------------------------------
@@ -509,10 +510,11 @@ def test_readme_section_paths_and_job_modules():
         assert (ROOT / ref).exists(), f"{ref} is mentioned but does not exist"
     for p in _ops_files():
         assert p.name in ("README.md", ".gitignore") or str(p.relative_to(OPS)) in listed, f"ops/README.md: {p}"
-    # Every `python -m scmm_atlas.jobs.X` mentioned is a module; no stale pipelines/ or top-level configs/.
+    # Every `python -m pipelines.X` mentioned is a module; no stale name from before configs/ and pipelines/
+    # moved to the top level (scmm_atlas.jobs, scmm_atlas/configs).
     texts = {p: p.read_text() for p in _ops_files()} | {README: text}
-    modules = {m for t in texts.values() for m in re.findall(r"python -m scmm_atlas\.jobs\.(\w+)", t)}
+    modules = {m for t in texts.values() for m in re.findall(r"python -m pipelines\.(\w+)", t)}
     assert {"run", "train", "reprocess"} <= modules
-    assert all(importlib.util.find_spec(f"scmm_atlas.jobs.{m}") for m in modules), modules
-    stale = {str(p): re.findall(r"python -m pipelines\.\w+|(?<![\w/])configs/[\w/.]+", t) for p, t in texts.items()}
+    assert all(importlib.util.find_spec(f"pipelines.{m}") for m in modules), modules
+    stale = {str(p): re.findall(r"scmm_atlas[./](?:jobs|configs)\b", t) for p, t in texts.items()}
     assert not {p: hits for p, hits in stale.items() if hits}

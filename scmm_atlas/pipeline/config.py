@@ -1,6 +1,6 @@
 """The pipeline's config: one YAML naming the store, what to ingest, and each stage's options.
 
-Example (the shipped ``pbmc_demo``, ``scmm_atlas/configs/pipelines/pbmc_demo.yaml``)::
+Example (the shipped ``pbmc_demo``, ``pipelines/pbmc_demo.yaml``)::
 
     store: runs/demo/pbmc10k_cite.soma
     workdir: runs/demo                  # stage records, Ray Train checkpoints, the report
@@ -21,13 +21,10 @@ command line win over the file. An unknown key is an error naming the file and t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from ..config import config_names, find_config
+from ..config import read_section, read_yaml
 from ..errors import InputError
 from ..infer.stage import InferConfig
 from ..ingest.selection import ATAC_QUANTILE, N_TOP_GENES
@@ -56,7 +53,7 @@ class StatsSection:
 
 @dataclass
 class TrainSection:
-    config: str = "atlas_cite"  # a file, or the name of a shipped run config (scmm_atlas/configs/)
+    config: str = "atlas_cite"  # a file, or the name of a shipped run config (configs/)
     overrides: list[str] = field(default_factory=list)  # KEY=VALUE, as on `scmm-atlas train`
     num_workers: int | list[int] | None = None  # N, or [min, max] for an elastic run
     use_gpu: bool = False
@@ -113,38 +110,14 @@ class PipelineConfig:
         return f"{self.workdir.rstrip('/')}/report" if "://" not in self.workdir else "runs/report"
 
 
-def _section(cls: type, data: Any, where: str, name: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise InputError(where, name, f"expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise InputError(where, f"{name}.{sorted(unknown)[0]}", f"unknown key (known: {', '.join(sorted(known))})")
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise InputError(where, name, str(exc)) from None
-
-
 def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(explicit or settings().data or DEFAULT_DATA).expanduser().resolve()
 
 
 def load_pipeline(path: str | os.PathLike[str], *, store: str | None = None, tracking_uri: str | None = None,
                   data: str | os.PathLike[str] | None = None, workdir: str | None = None) -> PipelineConfig:
-    """Read a pipeline YAML (a path, or the name of a shipped one under ``scmm_atlas/configs/pipelines/``)."""
-    p = find_config(path, "pipelines")
-    if p is None:
-        raise InputError(path, "path", f"pipeline config not found (shipped: {', '.join(config_names('pipelines'))})")
-    where = str(p)
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(where, "yaml", f"not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise InputError(where, "yaml", "expected a mapping at the top level")
+    """Read a pipeline YAML (a path, or the name of a shipped one under ``pipelines/``)."""
+    where, tree = read_yaml(path, "pipelines")
     sections = {"ingest": IngestSection, "stats": StatsSection, "train": TrainSection, "infer": InferSection,
                 "report": ReportSection}
     unknown = set(tree) - {*sections, "store", "workdir", "tracking_uri"}
@@ -154,7 +127,7 @@ def load_pipeline(path: str | os.PathLike[str], *, store: str | None = None, tra
     store = store or tree.get("store")
     if not store:
         raise InputError(where, "store", "no store: set it in the file or pass --store")
-    built = {name: _section(cls, tree.get(name), where, name) for name, cls in sections.items()
+    built = {name: read_section(cls, tree.get(name), where, name) for name, cls in sections.items()
              if name != "ingest"}
     try:  # the infer options are checked now, not after training
         built["infer"].build()
@@ -162,7 +135,7 @@ def load_pipeline(path: str | os.PathLike[str], *, store: str | None = None, tra
         raise InputError(where, "infer", str(exc)) from None
     ingest = None
     if tree.get("ingest") is not None:
-        ingest = _section(IngestSection, tree["ingest"], where, "ingest")
+        ingest = read_section(IngestSection, tree["ingest"], where, "ingest")
         folder = str(data_dir(data))
         ingest.inputs = [str(i).replace("{data}", folder) for i in ingest.inputs]
     workdir = str(workdir or tree.get("workdir") or f"runs/pipeline/{Path(str(store).rstrip('/')).stem}")

@@ -3,13 +3,13 @@
 10x PBMC 10k (RNA + 14 proteins, labelled cell types) is ingested into a TileDB-SOMA store under
 ``runs/demo/``, then feature statistics, training on a local Ray with SQLite MLflow, registration,
 batch inference and the report run as in the shipped pipeline config ``pbmc_demo``
-(``scmm_atlas/configs/pipelines/pbmc_demo.yaml``). Run it again and the
+(``pipelines/pbmc_demo.yaml``). Run it again and the
 finished stages are skipped (``--fresh`` starts over), and so is the summary's scoring of a results version
 already summarised. It ends with a summary: the data, the
 training time, ARI/NMI of the joint embedding against the labels, RNA -> ADT correlation on held-out
 cells, the top program features of three latent dims, and where everything is.
 
-Run: ``make demo``, ``scmm-atlas demo`` or ``python -m scmm_atlas.jobs.demo``.
+Run: ``make demo``, ``scmm-atlas demo`` or ``python -m pipelines.demo``.
 """
 
 from __future__ import annotations

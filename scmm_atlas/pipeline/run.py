@@ -1,6 +1,6 @@
 """The end-to-end pipeline: ingest (optional) -> feature statistics -> train + register -> infer -> report.
 
-``scmm-atlas run --config FILE`` and ``python -m scmm_atlas.jobs.run`` (the ``ray job submit`` entry point)
+``scmm-atlas run --config FILE`` and ``python -m pipelines.run`` (the ``ray job submit`` entry point)
 call :func:`run_pipeline`. Every stage is resumable (:mod:`.stages`): run it again and finished
 stages are skipped; a training run that died is resumed from its last checkpoint.
 """

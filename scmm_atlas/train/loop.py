@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ..config import RunConfig
 from ..data.feeder import Feeders
-from ..data.loader import LoaderConfig, Minibatch, ShardLoader
+from ..data.loader import Minibatch, ShardLoader
 from ..faults import FaultPlan
 from ..memory import keep_freed_buffers
 from ..model import MMVAE
@@ -151,8 +151,7 @@ def _quiet_report_logs(level: str) -> None:
 def _loaders(job: WorkerJob, batch_size: int, accum: int) -> tuple[Feeders, ShardLoader, ShardLoader]:
     """The training and validation loaders of this worker, sharing one pool of feeders."""
     tr, dist_cfg = job.config.train, job.config.distributed
-    loader_cfg = LoaderConfig(**{"seed": tr.seed, "drop_last": True, **dist_cfg.loader, "batch_size": batch_size,
-                                 "accumulate": accum})
+    loader_cfg = dist_cfg.loader.build(seed=tr.seed, drop_last=True, batch_size=batch_size, accumulate=accum)
     feeders = Feeders(readers=loader_cfg.readers, cpus=loader_cfg.read_cpus)
     train_data = ShardLoader.for_train_worker(job.store, loader_cfg, feeders=feeders, layout=job.layout)
     # validation reads its cells once per epoch in any order: small blocks, one read in flight

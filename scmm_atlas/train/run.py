@@ -1,6 +1,6 @@
 """The training driver: layout, Ray, a ``TorchTrainer`` with N DDP workers, then MLflow's model.
 
-What ``scmm-atlas train`` and ``python -m scmm_atlas.jobs.train`` (the ``ray job submit`` entry point)
+What ``scmm-atlas train`` and ``python -m pipelines.train`` (the ``ray job submit`` entry point)
 call. Locally it starts Ray sized to the machine (its dashboard and job server on 127.0.0.1
 only, :func:`~..data.cluster.ensure_ray`); with ``ray_address`` it joins a cluster. The run's
 MLflow id is kept beside its Ray Train checkpoints so that ``resume=True`` continues both.
@@ -29,7 +29,6 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 from ..config import DistributedSection, RunConfig
 from ..data.cluster import ensure_ray
 from ..data.layout import LayoutInfo
-from ..data.loader import LoaderConfig
 from ..data.prepare import pin, prepare_layout
 from ..errors import ClusterError
 from ..faults import FaultPlan
@@ -61,7 +60,7 @@ def init_ray(address: str | None, dist_cfg: DistributedSection) -> DistributedSe
     per-worker CPUs shrunk if the workers would leave no CPU for the loader's read tasks."""
     ensure_ray(address)
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    loader = LoaderConfig(**dist_cfg.loader)
+    loader = dist_cfg.loader.build()
     read = loader.read_cpus * loader.readers  # each worker's feeders (its training and validation loaders share them)
     need = dist_cfg.max_workers * (dist_cfg.cpus_per_worker + read)
     if not address and not dist_cfg.use_gpu and need > cpus:  # a cluster keeps the size asked for: hosts may join

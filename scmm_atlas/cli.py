@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-from . import cli_pipeline, cli_results
+from . import cli_infer, cli_pipeline
 from .errors import InputError
 from .ingest.selection import ATAC_QUANTILE, N_TOP_GENES
 
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_ingest(sub)
     _add_store_cmds(sub)
-    cli_results.add_commands(sub)
+    cli_infer.add_commands(sub)
     cli_pipeline.add_commands(sub)
     _add_gene_activity(sub)
     _add_bench(sub)
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_pairs(items: Sequence[str], flag: str) -> dict[str, str]:
-    from .ingest.readers import canonical_modality
+    from .ingest.input_files import canonical_modality
 
     out = {}
     for item in items:
@@ -216,7 +216,7 @@ def _run_stats(args: argparse.Namespace) -> None:
 
 def _run_train(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .train.run import train
+    from .train.driver import train
 
     overrides = list(args.overrides)
     if args.num_workers is not None:
@@ -266,7 +266,7 @@ def _run_bench(args: argparse.Namespace) -> None:
 
 
 HANDLERS = {"ingest": _run_ingest, "stats": _run_stats, "prepare": _run_prepare, "train": _run_train,
-            "infer": cli_results.run_infer, "query": cli_results.run_query, "report": cli_results.run_report,
+            "infer": cli_infer.run_infer, "query": cli_infer.run_query, "report": cli_infer.run_report,
             "info": _run_info, "run": cli_pipeline.run_pipeline_cmd, "reprocess": cli_pipeline.run_reprocess,
             "demo": cli_pipeline.run_demo, "bench": _run_bench,
             "gene-activity": _run_gene_activity}

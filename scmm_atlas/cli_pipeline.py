@@ -53,7 +53,7 @@ def _common(p: argparse.ArgumentParser, *, store_required: bool) -> None:
 
 def run_pipeline_cmd(args: argparse.Namespace) -> None:
     from .pipeline.config import load_pipeline
-    from .pipeline.run import run_pipeline
+    from .pipeline.runner import run_pipeline
 
     cfg = load_pipeline(args.config, store=args.store, tracking_uri=args.tracking_uri, data=args.data,
                         workdir=args.workdir)

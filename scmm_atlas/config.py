@@ -260,9 +260,9 @@ def _subsections(cls: type) -> dict[str, type]:
 
 def _refuse_unknown(cls: type, data: Mapping[str, Any], where: str, name: str) -> None:
     known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
+    unknown = sorted(set(data) - known)
     if unknown:
-        raise InputError(where, name, f"unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        raise InputError(where, f"{name}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(known))})")
     for key, sub in _subsections(cls).items():
         if isinstance(data.get(key), Mapping):
             _refuse_unknown(sub, data[key], where, f"{name}.{key}")

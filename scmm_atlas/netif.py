@@ -7,7 +7,7 @@ Debian/Ubuntu images and in many containers that name resolves to loopback (``12
 address (``--node-ip-address`` or its own discovery), so every worker process of our Ray jobs sets
 ``GLOO_SOCKET_IFNAME`` and ``NCCL_SOCKET_IFNAME`` to the interface that carries it when it starts,
 before Ray Train creates a process group in it: :data:`SETUP_HOOK` is the job's
-``worker_process_setup_hook`` (:func:`scmm_atlas.data.cluster.ensure_ray`). A value the user set
+``worker_process_setup_hook`` (:func:`scmm_atlas.data.ray_session.ensure_ray`). A value the user set
 is kept: it wins on hosts with several interfaces (e.g. a fast fabric for NCCL beside the management network Ray uses).
 """
 

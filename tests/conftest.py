@@ -176,7 +176,7 @@ def ray_session():
     """One local Ray for the whole session: 2 CPUs, a bounded object store, no dashboard."""
     import ray
 
-    from scmm_atlas.data.cluster import LOCAL_SYSTEM_CONFIG
+    from scmm_atlas.data.ray_session import LOCAL_SYSTEM_CONFIG
 
     ray.init(address="local", num_cpus=2, object_store_memory=256 << 20, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING", configure_logging=False, _system_config=LOCAL_SYSTEM_CONFIG)

@@ -10,7 +10,7 @@ from conftest import PLANTED_N
 
 from scmm_atlas.data import BlockShufflePlan
 from scmm_atlas.data.batches import minibatches, to_dense
-from scmm_atlas.data.reading import StoreBlockReader
+from scmm_atlas.data.store_blocks import StoreBlockReader
 from scmm_atlas.store import open_store
 
 N = PLANTED_N

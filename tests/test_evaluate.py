@@ -202,7 +202,7 @@ def test_numba_code_still_compiles_after_a_ray_progress_bar_in_this_process(ray_
     import numba
     from ray.experimental import tqdm_ray
 
-    from scmm_atlas.data.cluster import ensure_ray
+    from scmm_atlas.data.ray_session import ensure_ray
 
     monkeypatch.delenv("RAY_TQDM_PATCH_PRINT", raising=False)
     monkeypatch.setattr(tqdm_ray, "_manager", None)  # as in a fresh process: no Ray bar drawn here yet

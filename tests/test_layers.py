@@ -20,7 +20,7 @@ LAYERS = {
     "evaluate": 4, "infer": 4, "config": 4,  # run configs: their loader section is the data layer's LoaderConfig
     "train": 5, "results": 5,
     "pipeline": 6,
-    "cli_pipeline": 7, "cli_results": 7,
+    "cli_pipeline": 7, "cli_infer": 7,
     "bench": 8,  # runs the user's commands as processes, never imports the CLI
     "cli": 9,
     "pipelines": 10,  # the top-level pipelines/ package: python -m pipelines.run | train | reprocess | demo

@@ -12,7 +12,7 @@ from conftest import PLANTED_N, make_planted_stores, random_counts, write_h5ad
 from scmm_atlas.data.blocks import CompactBlock, SparseBlock, compact_arrays
 from scmm_atlas.data.layout import Layout, is_validation, layout_uri, read_info
 from scmm_atlas.data.prepare import prepare_layout
-from scmm_atlas.data.reading import StoreBlockReader
+from scmm_atlas.data.store_blocks import StoreBlockReader
 from scmm_atlas.ingest.stats import compute_stats
 from scmm_atlas.ingest.write import IngestOptions, ingest
 from scmm_atlas.store import StoreError, open_store

@@ -162,7 +162,7 @@ def test_inside_two_ray_train_workers_each_gets_its_share(stores, tmp_path) -> N
     from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
 
-    from scmm_atlas.train.run import Trainer
+    from scmm_atlas.train.driver import Trainer
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests are not importable in Ray workers
     Trainer(_train_loop, train_loop_config={"store": str(stores["zarr"]), "out": str(tmp_path)},

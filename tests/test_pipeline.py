@@ -15,7 +15,7 @@ from scmm_atlas import results
 from scmm_atlas.cli import main
 from scmm_atlas.pipeline.config import load_pipeline
 from scmm_atlas.pipeline.reprocess import reprocess
-from scmm_atlas.pipeline.run import run_pipeline
+from scmm_atlas.pipeline.runner import run_pipeline
 from scmm_atlas.store import open_store
 from scmm_atlas.store.results import index
 

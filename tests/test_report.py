@@ -114,7 +114,7 @@ def test_report_links_the_mlflow_run(tmp_path) -> None:
 
     from scmm_atlas.evaluate.page import Page
     from scmm_atlas.evaluate.tracking import MlflowRun, find_run, log_artifacts
-    from scmm_atlas.store.results_base import ResultRecord
+    from scmm_atlas.store.results.spec import ResultRecord
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking)

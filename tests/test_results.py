@@ -115,17 +115,17 @@ def test_the_index_holds_typed_records_and_refuses_one_of_another_shape(planted_
     import shutil
 
     from scmm_atlas.errors import StoreError
-    from scmm_atlas.store import results_zarr
-    from scmm_atlas.store.results_base import ResultRecord
+    from scmm_atlas.store.results import zarr_format
+    from scmm_atlas.store.results.spec import ResultRecord
 
     uri = str(tmp_path / "copy.zarr")
     shutil.copytree(planted_stores["zarr"], uri)
     record = ResultRecord(entry="v1-0123abcd", version="1", model_uri="models:/m/1", time="2026-01-02T03:04:05+00:00",
                           n_cells=1000, pairs=(("RNA", "ADT"),), library_size=None)
     with open_store(uri, writable=True) as store:
-        results_zarr.write_index(store, {"published": [record.to_json()]})
+        zarr_format.write_index(store, {"published": [record.to_json()]})
         assert index(store) == [record] and record.to_json()["pairs"] == [["RNA", "ADT"]]
-        results_zarr.write_index(store, {"published": [{"entry": "v1-0123abcd", "version": "1"}]})
+        zarr_format.write_index(store, {"published": [{"entry": "v1-0123abcd", "version": "1"}]})
         with pytest.raises(StoreError, match=r"scmm_results/published: a record of another shape \(KeyError"):
             index(store)
 

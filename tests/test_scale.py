@@ -22,7 +22,7 @@ from scmm_atlas.data.loader import LoaderConfig, ShardLoader
 from scmm_atlas.data.prepare import prepare_layout
 from scmm_atlas.ingest.write import IngestOptions, ingest
 from scmm_atlas.store import open_store
-from scmm_atlas.train.run import train
+from scmm_atlas.train.driver import train
 
 N, BATCH, BLOCK, RESUME_ROUNDS = 20_000, 64, 1024, 3
 RESUME_AT = RESUME_ROUNDS * BLOCK // BATCH  # minibatches per rank before the resumed round (a round: one block)
@@ -62,7 +62,7 @@ def test_two_workers_read_each_cell_once_per_epoch_and_resume_mid_epoch_exactly(
     from ray import cloudpickle
     from ray.train import RunConfig, ScalingConfig
 
-    from scmm_atlas.train.run import Trainer
+    from scmm_atlas.train.driver import Trainer
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests are not importable in Ray workers
     Trainer(_worker, train_loop_config={"store": str(store), "out": str(tmp_path)},

@@ -19,7 +19,7 @@ from test_pipeline import pipeline_config, write_dataset
 from scmm_atlas import results
 from scmm_atlas.cli import main
 from scmm_atlas.pipeline.config import load_pipeline
-from scmm_atlas.pipeline.run import run_pipeline
+from scmm_atlas.pipeline.runner import run_pipeline
 
 
 @pytest.fixture(scope="module")

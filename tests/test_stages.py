@@ -6,7 +6,7 @@ import json
 
 from scmm_atlas.pipeline.outputs import Ingested, Published, Trained
 from scmm_atlas.pipeline.stages import STATE_FILE, StageRecords
-from scmm_atlas.store.results_base import ResultRecord
+from scmm_atlas.store.results.spec import ResultRecord
 
 
 def test_a_finished_stage_is_read_back_as_its_record_and_skipped(tmp_path):

@@ -12,7 +12,7 @@ from conftest import FAST_TRAIN, make_planted_stores
 from scmm_atlas.config import load_config
 from scmm_atlas.data.layout import layout_uri, read_info
 from scmm_atlas.store import StoreError, open_store
-from scmm_atlas.train.run import train
+from scmm_atlas.train.driver import train
 
 FAST = FAST_TRAIN
 
@@ -103,7 +103,7 @@ def test_a_trainer_keeps_rays_placement_group_cleaner_only_where_the_state_api_i
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from scmm_atlas.train.run import Trainer
+    from scmm_atlas.train.driver import Trainer
 
     def kept(kind: type, **datasets) -> int:
         trainer = Trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1), datasets=datasets or None)

@@ -283,7 +283,7 @@ def _driver(spec: dict) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ..data.cluster import ensure_ray
+    from ..data.ray_session import ensure_ray
 
     ensure_ray(os.environ.get("RAY_ADDRESS") or "auto")  # as training joins a cluster: DDP on each host's interface
     t0 = time.perf_counter()

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from ..data.cluster import LOCAL_SYSTEM_CONFIG
+from ..data.ray_session import LOCAL_SYSTEM_CONFIG
 from . import format_table, run_child
 from .ingest import DEFAULT_CELLS, DEFAULT_GENES, generate_h5ad
 from .monitor import mark
@@ -101,7 +101,7 @@ def _ours(spec: dict) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
 
-    from ..train.run import Trainer
+    from ..train.driver import Trainer
 
     ray.init(address="local", num_cpus=2, object_store_memory=512 << 20, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING", _system_config=LOCAL_SYSTEM_CONFIG)

@@ -60,7 +60,7 @@ def _reference(work: Path) -> tuple[str, str, str, float, int]:
     import ray
 
     from ..pipeline.config import load_pipeline
-    from ..pipeline.run import run_pipeline
+    from ..pipeline.runner import run_pipeline
 
     cfg = load_pipeline("pbmc_demo", store=str(work / "atlas.soma"), tracking_uri=f"sqlite:///{work}/mlflow.db",
                         data=str(DATA), workdir=str(work / "runs"))

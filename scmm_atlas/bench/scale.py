@@ -76,7 +76,7 @@ def _train_row(spec: dict) -> dict:
     from ..config import load_config
     from ..data.layout import layout_uri, read_info
     from ..store.uri import parse_uri
-    from ..train.run import train
+    from ..train.driver import train
 
     workers, batch = spec["workers"], 256
     per_epoch = min(STEPS, read_info(layout_uri(parse_uri(spec["store"]))).n_cells("train") // workers // batch)
@@ -117,10 +117,10 @@ def _count_check(spec: dict) -> dict:
     """One epoch of the loader alone in 2 Ray Train workers: each cell once across ranks, equal batches."""
     from ray.train import RunConfig, ScalingConfig
 
-    from ..data.cluster import ensure_ray
     from ..data.layout import layout_uri, read_info
+    from ..data.ray_session import ensure_ray
     from ..store.uri import parse_uri
-    from ..train.run import Trainer
+    from ..train.driver import Trainer
 
     ensure_ray(None)
     out = Path(spec["workdir"], "counts")

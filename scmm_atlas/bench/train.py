@@ -75,7 +75,7 @@ def _generate(work: Path, cells: int, genes: int) -> dict[str, Path]:
 
 def _ours(spec: dict) -> dict:
     from ..config import load_config
-    from ..train.run import train
+    from ..train.driver import train
 
     workers, gpu = spec["workers"], spec.get("gpu", False)
     threads = GPU_THREADS if gpu else 2 // workers

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset
 
-from .cluster import ensure_ray
 from .loader import LoaderConfig, Minibatch, ShardLoader
+from .ray_session import ensure_ray
 
 
 class StoreDataset(IterableDataset):

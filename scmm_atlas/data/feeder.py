@@ -55,7 +55,7 @@ class BlockFeeder:
                 self._readers[key] = Layout(layout_uri(StoreURI(spec.store_uri)), spec.split, spec.shards)
             else:  # the store's own order: the store layer (and its backend) is only needed here
                 from ..store import open_store
-                from .reading import StoreBlockReader
+                from .store_blocks import StoreBlockReader
 
                 self._readers[key] = StoreBlockReader(open_store(spec.store_uri), batches=list(spec.batches))
         return self._readers[key]

@@ -334,7 +334,7 @@ def _block_source(uri: StoreURI, mode: str, split: str, layout: Mapping[str, Any
         return BlockSource(uri.uri, "layout", info.n_cells(split), split, dict(info.n_features),
                           tuple(info.batches), tuple((str(n), int(r)) for n, r in info.splits.get(split, [])))
     from ..store import open_store
-    from .reading import StoreBlockReader
+    from .store_blocks import StoreBlockReader
 
     with open_store(uri) as store:
         reader = StoreBlockReader(store)

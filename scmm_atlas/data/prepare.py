@@ -33,7 +33,7 @@ from ..store.uri import StoreURI
 from . import layout as lay
 from .blocks import SparseBlock, compact_arrays
 from .layout import SPLITS, LayoutInfo, commit, is_validation, layout_uri, open_root, read_info, write_shard
-from .reading import StoreBlockReader, batch_categories
+from .store_blocks import StoreBlockReader, batch_categories
 
 log = logging.getLogger(__name__)
 SHARD_CELLS = 1 << 16

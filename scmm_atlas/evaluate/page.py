@@ -14,7 +14,7 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from ..store.results_base import ResultRecord
+from ..store.results.spec import ResultRecord
 from .protein import Protein
 from .tracking import MlflowRun
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..store.results_base import ResultRecord
+from ..store.results.spec import ResultRecord
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from ..errors import StoreError
 from ..store import Store, open_store
 from ..store.base import HASH_CHUNK
 from ..store.results import index, open_results
-from ..store.results_base import JOINT
+from ..store.results.spec import JOINT
 
 
 class Results:

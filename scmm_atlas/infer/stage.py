@@ -32,7 +32,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ..data.cluster import ensure_ray
+from ..data.ray_session import ensure_ray
 from ..errors import StoreError
 from ..faults import FaultPlan
 from ..memory import keep_freed_buffers
@@ -40,7 +40,7 @@ from ..store import Store, open_store
 from ..store.base import modality_kind
 from ..store.regions import parse_regions
 from ..store.results import ResultSpec, begin, extend, open_writer, publish
-from ..store.results_base import ResultRecord
+from ..store.results.spec import ResultRecord
 from ..store.uri import aws_settings
 from .motifs import annotate, check_genome, load_motifs
 from .predict import check_pairs, default_pairs, infer_batch

@@ -29,7 +29,7 @@ from ..store.base import Store, StoreInfo, StoreWriter, empty_var, modality_kind
 from ..store.regions import parse_regions
 from ..store.staging import check_new_store, remove_store, staging
 from ..store.uri import StoreURI
-from .readers import INT32_MAX
+from .input_files import INT32_MAX
 
 GENE_COLUMNS = ("gene_name", "chrom", "start", "end", "strand")
 GA = "GA"  # the modality written: gene activity

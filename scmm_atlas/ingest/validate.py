@@ -10,7 +10,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from .readers import INT32_MAX, MatrixSource
+from .input_files import INT32_MAX, MatrixSource
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from ..store.base import HASH_CHUNK, LAYOUT_NAME, Store, StoreInfo, StoreWriter,
 from ..store.lease import LEASE_DIR, lock
 from ..store.staging import check_new_store, remove_store, restored_on_failure, staging
 from ..store.uri import StoreURI
-from .readers import MatrixSource, SourceSpec, open_sources
+from .input_files import MatrixSource, SourceSpec, open_sources
 from .selection import N_TOP_GENES
 from .validate import CellCounts, check_features_match, check_names, scan_counts
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..evaluate.summary import Summary, summarise
 from .config import data_dir, load_pipeline
-from .run import PipelineResult, run_pipeline
+from .runner import PipelineResult, run_pipeline
 
 CONFIG = "pbmc_demo"
 TITLE = "scmm-atlas demo: 10x PBMC 10k CITE-seq"

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..store.results_base import ResultRecord
+from ..store.results.spec import ResultRecord
 
 
 @dataclass(frozen=True)

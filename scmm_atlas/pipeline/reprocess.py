@@ -30,8 +30,8 @@ from ..infer.stage import InferConfig, infer
 from ..infer.trained import TrainedModel, load_trained
 from ..store import open_store
 from ..store.results import index
-from ..store.results_base import ResultRecord
-from ..train.run import train
+from ..store.results.spec import ResultRecord
+from ..train.driver import train
 from ..train.tracking import CHAMPION, STORE_CELLS_TAG, tracking_uri
 
 log = logging.getLogger(__name__)

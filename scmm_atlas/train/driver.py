@@ -2,7 +2,7 @@
 
 What ``scmm-atlas train`` and ``python -m pipelines.train`` (the ``ray job submit`` entry point)
 call. Locally it starts Ray sized to the machine (its dashboard and job server on 127.0.0.1
-only, :func:`~..data.cluster.ensure_ray`); with ``ray_address`` it joins a cluster. The run's
+only, :func:`~..data.ray_session.ensure_ray`); with ``ray_address`` it joins a cluster. The run's
 MLflow id is kept beside its Ray Train checkpoints so that ``resume=True`` continues both.
 """
 
@@ -27,9 +27,9 @@ from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from ..config import DistributedSection, RunConfig
-from ..data.cluster import ensure_ray
 from ..data.layout import LayoutInfo
 from ..data.prepare import pin, prepare_layout
+from ..data.ray_session import ensure_ray
 from ..errors import ClusterError
 from ..faults import FaultPlan
 from ..model import MMVAEConfig
@@ -177,7 +177,7 @@ class Trainer(TorchTrainer):
 def _trainer(job: WorkerJob, run_dir: RunDir, name: str) -> TorchTrainer:
     """The ``TorchTrainer`` of ``job``: its workers (elastic where ``num_workers`` is [min, max]), storage,
     logging, retries and checkpoints. Each worker finds its host's interface for the collectives
-    (:mod:`scmm_atlas.netif`, the job's setup hook set by :func:`~..data.cluster.ensure_ray`). Ray
+    (:mod:`scmm_atlas.netif`, the job's setup hook set by :func:`~..data.ray_session.ensure_ray`). Ray
     Train's controller runs beside this driver (on the head under ``ray job submit``), so the loss of
     a worker host costs its workers, never the run's state. A worker group that cannot be placed
     within ``worker_wait_s`` ends the run (Ray Train would retry for ever)."""

@@ -1,7 +1,7 @@
 """What every results backend shares: the entry's spec, the writer and reader interfaces, and the
-:class:`ResultsBackend` protocol that ``results_zarr`` and ``results_soma`` implement. The lifecycle
-(begin, publish, extend, resolve) is :mod:`.results`'s, which picks a backend; backends import only
-this module, so nothing imports back up.
+:class:`ResultsBackend` protocol that ``zarr_format`` and ``soma_format`` implement. The lifecycle
+(begin, publish, extend, resolve) is the package's (``__init__``), which picks a backend; backends
+import only this module, so nothing imports back up.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from ..errors import StoreError
-from .base import Store
-from .lease import Lease
+from ...errors import StoreError
+from ..base import Store
+from ..lease import Lease
 
 INDEX_KEY = "scmm_results"
 JOINT = "joint"
@@ -159,7 +159,7 @@ class ResultsReader(abc.ABC):
 
 
 class ResultsBackend(Protocol):
-    """A backend's results module: where entries live and how they are read (see :mod:`.results`)."""
+    """A backend's results module: where entries live and how they are read (see :mod:`scmm_atlas.store.results`)."""
 
     def create_entry(self, store: Store, spec: ResultSpec) -> ResultsWriter: ...
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..ingest.readers import SourceSpec
+from ..ingest.input_files import SourceSpec
 from ..store import open_store, store_exists
-from ..store.results_base import ResultRecord
+from ..store.results.spec import ResultRecord
 from .config import PipelineConfig
 from .outputs import Ingested, Published, Reported, Selected, Trained
 from .stages import StageRecords, fingerprint
@@ -129,7 +129,7 @@ def _train(cfg: PipelineConfig, records: StageRecords, tracking: str, ray_addres
 
     from ..config import load_config
     from ..data.prepare import selection_fingerprint
-    from ..train.run import RUN_FILE, RunDir, train
+    from ..train.driver import RUN_FILE, RunDir, train
 
     overrides = [f"distributed.storage_path={cfg.workdir.rstrip('/')}/ray", *cfg.train.overrides]
     if cfg.train.num_workers is not None:

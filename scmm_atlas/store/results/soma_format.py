@@ -21,14 +21,14 @@ import pandas as pd
 import pyarrow as pa
 import tiledbsoma as soma
 
-from ..errors import StoreError
-from .base import Store
-from .results_base import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
-from .soma_backend import context
-from .uri import filesystem
+from ...errors import StoreError
+from ..base import Store
+from ..soma_backend import context
+from ..uri import filesystem
+from .spec import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
 
 if TYPE_CHECKING:  # annotations only
-    from .results_base import ResultRecord
+    from .spec import ResultRecord
 
 SPEC_KEY = "scmm_result_spec"
 T = TypeVar("T")

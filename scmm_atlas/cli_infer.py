@@ -1,4 +1,4 @@
-"""``scmm-atlas infer`` and ``scmm-atlas query``: the subcommands over published results."""
+"""``scmm-atlas infer``, ``query`` and ``report``: making published results and reading them."""
 
 from __future__ import annotations
 

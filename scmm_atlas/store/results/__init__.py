@@ -30,11 +30,11 @@ import re
 import time
 import uuid
 
-from ..errors import StoreError
-from ..settings import settings
-from .base import Store
-from .lease import Lease, held, lock
-from .results_base import INDEX_KEY, ResultRecord, ResultsBackend, ResultSpec, ResultsReader, ResultsWriter
+from ...errors import StoreError
+from ...settings import settings
+from ..base import Store
+from ..lease import Lease, held, lock
+from .spec import INDEX_KEY, ResultRecord, ResultsBackend, ResultSpec, ResultsReader, ResultsWriter
 
 # How long a superseded entry stays for readers that resolved it before it was superseded.
 ENTRY_LEASE = "entry-"
@@ -54,9 +54,9 @@ def check_name(store: Store, field: str, value: str, pattern: re.Pattern[str] = 
 def _backend(store: Store) -> ResultsBackend:
     """The results module of the store's backend (imported on first use: each pulls in its library)."""
     if store.backend == "zarr":
-        from . import results_zarr as mod
+        from . import zarr_format as mod
     else:
-        from . import results_soma as mod
+        from . import soma_format as mod
     return mod
 
 

@@ -18,13 +18,13 @@ import pandas as pd
 import zarr
 import zarr.codecs
 
-from ..errors import StoreError
-from .base import Store
-from .results_base import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
-from .uri import zarr_store
+from ...errors import StoreError
+from ..base import Store
+from ..uri import zarr_store
+from .spec import INDEX_KEY, JOINT, ResultSpec, ResultsReader, ResultsWriter, pair_name, sorted_rows
 
 if TYPE_CHECKING:  # annotations only
-    from .results_base import ResultRecord
+    from .spec import ResultRecord
 
 SPEC_KEY = "scmm_result_spec"
 # results are written once per block and read often: a fast codec (zstd took ~1 s per 16k cells of

@@ -25,12 +25,6 @@ META = "meta"
 WEIGHTS = "weights"
 
 
-def load_model(meta_path: str, weights_path: str) -> tuple[MMVAE, dict[str, Any]]:
-    """The model and its features and batches, from the artifacts MLflow hands the flavour."""
-    saved = read_saved(Path(meta_path), Path(weights_path))
-    return saved.build(), {"features": saved.features, "batches": saved.batches}
-
-
 # MLflow warns, when the class is created, that predict() has no type hints (under its own "once"
 # filter, so only the display can be skipped); a hint would be read as an input schema to validate
 # against, which the dict / DataFrame inputs below do not fit.
@@ -40,7 +34,9 @@ warnings.showwarning = lambda message, *args, **kwargs: (
 try:
     class ScmmEmbedder(mlflow.pyfunc.PythonModel):
         def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-            self.model, self.meta = load_model(context.artifacts[META], context.artifacts[WEIGHTS])
+            saved = read_saved(Path(context.artifacts[META]), Path(context.artifacts[WEIGHTS]))
+            self.model: MMVAE = saved.build()
+            self.features: dict[str, list[str]] = saved.features
 
         # model_input is not annotated: MLflow reads a type hint as a schema to validate inputs against
         def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input, params: dict | None = None
@@ -52,7 +48,7 @@ try:
                 return self.model.embed(x, mask=mask, batch=batch).numpy()
 
         def _inputs(self, model_input: Any) -> dict[str, torch.Tensor]:
-            features: dict[str, list[str]] = self.meta["features"]
+            features = self.features
             if isinstance(model_input, pd.DataFrame):
                 out = {}
                 for mod, names in features.items():

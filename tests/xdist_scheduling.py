@@ -22,11 +22,9 @@ class CrashSafeLoadScope(LoadScopeScheduling):
         unfinished = {scope: unit for scope, unit in workload.items() if not all(unit.values())}
         if not unfinished:
             return None
-        crashed = next(nodeid for unit in unfinished.values() for nodeid, done in unit.items() if not done)
-        for unit in unfinished.values():
-            if crashed in unit:
-                unit[crashed] = True
-        self.workqueue.update((scope, unit) for scope, unit in unfinished.items() if not all(unit.values()))
+        scope, crashed = next((s, n) for s, unit in unfinished.items() for n, done in unit.items() if not done)
+        unfinished[scope][crashed] = True
+        self.workqueue.update((s, unit) for s, unit in unfinished.items() if not all(unit.values()))
         for other in self.assigned_work:
             self._reschedule(other)
         return crashed

@@ -10,7 +10,7 @@ store later are added to a published entry by :func:`extend`; readers through th
 once republished.
 
 Several writers may work on one store at once (two ``infer`` runs, ``infer`` beside ``reprocess``):
-each holds a lease (:mod:`.lease`) on the entry it writes (exclusive: two extensions of one entry
+each holds a lease (:mod:`..lease`) on the entry it writes (exclusive: two extensions of one entry
 cannot interleave), and :func:`publish` updates the index under the store's index lock. Publish
 removes only entries that nobody holds and nobody can still be reading: an attempt that died (its
 lease dead) at once, a superseded version after ``SCMM_ATLAS_RESULTS_RETAIN_S`` seconds (``retired`` in the
@@ -29,6 +29,7 @@ import datetime as dt
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from ...errors import StoreError
 from ...settings import settings
@@ -36,8 +37,7 @@ from ..base import Store
 from ..lease import Lease, held, lock
 from .spec import INDEX_KEY, ResultRecord, ResultsBackend, ResultSpec, ResultsReader, ResultsWriter
 
-# How long a superseded entry stays for readers that resolved it before it was superseded.
-ENTRY_LEASE = "entry-"
+ENTRY_LEASE = "entry-"  # + the entry's name: the lease of whoever writes it
 
 
 _LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -66,14 +66,8 @@ def begin(store: Store, spec: ResultSpec) -> ResultsWriter:
     spec.n_obs = store.n_obs
     spec.entry = f"v{spec.version}-{uuid.uuid4().hex[:8]}"
     spec.created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    lease = Lease(store.uri.uri, ENTRY_LEASE + spec.entry).acquire()  # before it exists: no publish removes it
-    try:
-        writer = _backend(store).create_entry(store, spec)
-    except BaseException:
-        lease.release()
-        raise
-    writer.lease = lease
-    return writer
+    # leased before it exists: no publish removes it
+    return _leased(store, spec.entry, lambda: _backend(store).create_entry(store, spec))
 
 
 def open_writer(store: Store, entry: str) -> ResultsWriter:
@@ -93,9 +87,15 @@ def extend(store: Store, record: ResultRecord) -> ResultsWriter:
         raise StoreError(store.uri, INDEX_KEY, f"the store has {store.n_obs} cells, fewer than the {old} of "
                          f"published version {record.version}: it was rebuilt, recompute the results")
     check_name(store, f"{INDEX_KEY}/entry", record.entry, _ENTRY)
-    lease = Lease(store.uri.uri, ENTRY_LEASE + record.entry).acquire()  # one extension at a time
+    # one extension at a time
+    return _leased(store, record.entry, lambda: _backend(store).extend_entry(store, record.entry, old, store.n_obs))
+
+
+def _leased(store: Store, entry: str, make: Callable[[], ResultsWriter]) -> ResultsWriter:
+    """``make()``'s writer of ``entry``, holding the entry's lease (released if ``make`` fails)."""
+    lease = Lease(store.uri.uri, ENTRY_LEASE + entry).acquire()
     try:
-        writer = _backend(store).extend_entry(store, record.entry, old, store.n_obs)
+        writer = make()
     except BaseException:
         lease.release()
         raise

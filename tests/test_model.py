@@ -10,6 +10,7 @@ import torch
 
 from scmm_atlas.model import MMVAE, MMVAEConfig, moe_dreg, moe_elbo, moe_iwae
 from scmm_atlas.model.fit import CellData, fit
+from scmm_atlas.model.networks import Decoder
 from scmm_atlas.model.objectives import log_likelihoods
 from scmm_atlas.model.training import FitConfig
 
@@ -263,7 +264,8 @@ def test_bad_joint_or_embedding_named() -> None:
         _config(embedding="max")
 
 
-@pytest.mark.parametrize("likelihood", ["nb", "nb_disp", "zinb", "zinb_disp", "bernoulli", "poisson", "nb_mixture"])
+@pytest.mark.parametrize("likelihood", ["nb", "nb_disp", "zinb", "zinb_disp", "bernoulli", "bernoulli_depth", "poisson",
+                                        "nb_mixture"])
 @pytest.mark.slow
 def test_every_likelihood_trains_and_predicts(likelihood: str) -> None:
     torch.manual_seed(0)
@@ -277,6 +279,36 @@ def test_every_likelihood_trains_and_predicts(likelihood: str) -> None:
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     mean = model.eval().decode(torch.zeros(3, 4), "ADT", None, torch.tensor([0, 1, 0])).mean
     assert mean.shape == (3, 6) and torch.isfinite(mean).all() and (mean >= 0).all()
+
+
+@pytest.mark.parametrize("library", [300.0, 3000.0, 30000.0])
+def test_protein_mixture_starts_at_the_scale_of_the_library(library: float) -> None:
+    """An untrained background/foreground mixture predicts counts of the cell's library's order: it once
+    started at 1 count per protein per 10k, too far for training to climb before early stopping."""
+    torch.manual_seed(0)
+    dec = Decoder(8, 14, 16, 1, likelihood="nb_mixture", norm="layernorm", dropout=0.0, n_batches=2)
+    total = dec(torch.randn(64, 8), torch.full((64, 1), library), torch.arange(64) % 2).mean.sum(-1)
+    assert (total > 0.3 * library).all() and (total < 3 * library).all()
+
+
+def test_depth_aware_peaks_take_depth_relative_to_the_training_mean() -> None:
+    """``bernoulli_depth``: training batches set the reference depth; a deeper cell's peaks are more likely
+    open by exactly its log depth ratio; a prediction without a library is at the reference depth."""
+    torch.manual_seed(0)
+    dec = Decoder(4, 10, 8, 1, likelihood="bernoulli_depth", norm="layernorm", dropout=0.0)
+    z = torch.randn(4, 4)
+    for _ in range(3):  # the first batch sets the reference; later ones move it by the momentum
+        dec.train()(z, torch.tensor([[50.0], [50.0], [200.0], [200.0]]))
+    assert float(dec.log_depth) == pytest.approx(np.log(100.0), abs=1e-5)
+    dec.eval()
+    fixed = dec(z, None).logits
+    deep = dec(z, torch.full((4, 1), 400.0)).logits
+    torch.testing.assert_close(deep - fixed, torch.full_like(fixed, float(np.log(4.0))))
+    before = float(dec.log_depth)
+    dec(z, torch.full((4, 1), 1e4))
+    assert float(dec.log_depth) == before  # evaluation leaves the reference alone
+    assert Decoder(4, 10, 8, 1, likelihood="bernoulli", norm="layernorm", dropout=0.0).state_dict().keys().isdisjoint(
+        {"log_depth", "depth_seen"})
 
 
 def test_kl_weight_and_learning_rate_schedules() -> None:

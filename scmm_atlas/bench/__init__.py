@@ -93,7 +93,9 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
         if isinstance(value, float):
             if math.isnan(value):
                 return "-"
-            return f"{value:.4f}" if 0 < abs(value) < 0.1 else f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+            if 0 < abs(value) < 0.1:
+                return f"{value:.4f}"
+            return f"{value:.3f}" if abs(value) < 10 else f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
         if isinstance(value, int):
             return f"{value:,}"
         return "-" if value is None else str(value)

@@ -1,6 +1,7 @@
 """``scmm-atlas bench quality``: the atlas defaults against totalVI / MultiVI, WNN and an RNA-PCA kNN.
 
-Real data only. CITE-seq (``pbmc10k_cite``) and RNA+ATAC (``mouse_cortex_snare``) are ingested
+Real data only. CITE-seq (``pbmc10k_cite``) and RNA+ATAC (``mouse_cortex_snare``; ``a549_scicar``,
+labelled by hours of dexamethasone, without targets) are ingested
 into a temporary store (so the selected features are the store's), and every method gets the same
 split: 10 % of cells held out (``default_rng(0).permutation``), the rest for training; ours
 early-stops on a validation tenth of the training cells and is trained with ``--seeds`` seeds
@@ -30,6 +31,7 @@ import torch
 from ..config import load_config
 from ..evaluate.embedding import best_nmi_ari, embedding_scores, graph_scores
 from ..evaluate.metrics import feature_correlations, knn_regression, open_region_scores, rna_pca
+from ..ingest.stats import compute_stats
 from ..ingest.write import IngestOptions, ingest
 from ..model import MMVAE
 from ..model.fit import CellData, fit
@@ -43,6 +45,8 @@ SETS = {
     "cite": ("pbmc10k_cite", ["RNA=rna.h5ad", "ADT=protein.h5ad"], "ADT", "atlas_cite", None, None),
     "rna_atac": ("mouse_cortex_snare", ["RNA=rna.h5ad", "ATAC=atac.h5ad"], "ATAC", "atlas_rna_atac", "batch",
                  "cell_type_fine"),
+    # no target here: reported so that a change that helps SNARE and hurts another RNA+ATAC set is seen
+    "a549": ("a549_scicar", ["RNA=rna.h5ad", "ATAC=atac.h5ad"], "ATAC", "atlas_rna_atac", None, None),
 }
 KINDS = {"RNA": "rna", "ADT": "protein", "ATAC": "atac"}
 TOTALVI_MAX_EPOCHS = 400  # scvi-tools' default for this data size; early stopping ends it sooner
@@ -53,12 +57,20 @@ MULTIVI_MAX_MINUTES = 12  # MultiVI's cap on 2 CPU cores (13-35 s per epoch on S
 class Dataset:
     """One set's selected counts, labels and batches (through our store), and the split."""
 
-    def __init__(self, key: str, work: Path) -> None:
+    def __init__(self, key: str, work: Path, *, stats: dict[str, str] | None = None) -> None:
+        """``stats``: ``compute_stats`` options (``atac_quantile``, ``n_top_genes``) in place of the
+        ingest defaults, as ``stats.KEY=VALUE`` in a pipeline config."""
         folder, inputs, self.target, self.config, batch_key, fine_key = SETS[key]
         self.name = folder
-        uri = work / f"{folder}.zarr"
+        uri = work / f"{folder}{''.join(f'-{k}{v}' for k, v in sorted((stats or {}).items()))}.zarr"
         ingest(str(uri), [f"{i.split('=')[0]}={DATA / folder / i.split('=')[1]}" for i in inputs],
                IngestOptions(label_key="cell_type", batch_key=batch_key, progress=False))  # the ingest defaults
+        if stats:
+            known = {"atac_quantile": float, "n_top_genes": int}
+            if unknown := set(stats) - set(known):
+                raise ValueError(f"stats.{sorted(unknown)[0]}: unknown key (known: {', '.join(known)})")
+            with open_store(uri, writable=True) as store:
+                compute_stats(store, **{k: known[k](v) for k, v in stats.items()})
         with open_store(uri) as store:
             self.counts = {m: store.read(m, 0, store.n_obs, features="selected").astype(np.float32)
                            for m in store.modalities}
@@ -216,29 +228,41 @@ COLUMNS = ["dataset", "system", "bio", "bio_graph", "nmi", "ari", "nmi_k", "ari_
            "auroc", "auprc", "train_s", "epochs"]
 
 
+# dataset -> (metric, the floor it must reach) and (metric, peer it must beat, by more than our seeds' sd?)
+FLOORS = {"pbmc10k_cite": [("bio", 0.82), ("pearson", 0.86)],
+          "mouse_cortex_snare": [("bio", 0.62), ("nmi", 0.60), ("ari", 0.45), ("auroc", 0.65)]}
+PEERS = {"pbmc10k_cite": [("bio", "totalVI", False), ("isolated_asw", "totalVI", False),
+                          ("isolated_f1", "totalVI", False)],
+         "mouse_cortex_snare": [(key, peer, True) for key in ("bio", "nmi", "ari")
+                                for peer in ("knn", "WNN", "MultiVI")]}
+
+
 def _targets(rows: list[dict]) -> list[str]:
+    """One line per target of the issue: met or MISSED. WNN has no silhouettes, so its ``bio`` is
+    compared on ``bio_graph``; "by more than one sd" means by more than our seeds' sd."""
     def get(dataset: str, system: str) -> dict | None:
         return next((r for r in rows if r["dataset"] == dataset and r["system"].startswith(system)), None)
 
     lines = []
-    checks = {
-        "pbmc10k_cite": [("bio", "totalVI", None), ("isolated_asw", "totalVI", None), ("isolated_f1", "totalVI", None),
-                         ("pearson", None, 0.86)],
-        "mouse_cortex_snare": [("ari", None, 0.45), ("nmi", None, 0.60), ("bio", "MultiVI", None),
-                               ("bio_graph", "WNN", None), ("nmi_fine", "WNN", None), ("auroc", None, 0.60)],
-    }
-    for dataset, items in checks.items():
+    for dataset in FLOORS:
         ours = get(dataset, "scmm-atlas (mean")
         if ours is None:
             continue
-        for key, peer, value in items:
-            other = get(dataset, peer) if peer else None
-            goal = other[key] if other is not None else value
-            if goal is None:
+        for key, floor in FLOORS[dataset]:
+            verdict = "met" if ours[key] >= floor else "MISSED"
+            lines.append(f"target on {dataset}: {key} {ours[key]:.3f} ± {ours[key + '_sd']:.3f} >= {floor:.2f}: "
+                         f"{verdict}")
+        for key, peer, by_sd in PEERS[dataset]:
+            key = "bio_graph" if peer == "WNN" and key == "bio" else key
+            other = get(dataset, peer)
+            if other is None:
                 continue
-            verdict = "met" if ours[key] >= goal else "MISSED"
-            what = f"{peer} {goal:.3f}" if peer else f"{goal:.2f}"
-            lines.append(f"target on {dataset}: {key} {ours[key]:.3f} ± {ours[key + '_sd']:.3f} >= {what}: {verdict}")
+            margin = ours[key + "_sd"] if by_sd else 0.0
+            ok = ours[key] - other[key] > margin if by_sd else ours[key] >= other[key]
+            verdict = "met" if ok else "MISSED"
+            need = f" by more than {margin:.3f}" if by_sd else ""
+            lines.append(f"target on {dataset}: {key} {ours[key]:.3f} ± {ours[key + '_sd']:.3f} above {peer} "
+                         f"{other[key]:.3f}{need}: {verdict}")
     return lines
 
 

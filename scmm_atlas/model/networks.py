@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +18,8 @@ from .distributions import (
     ZeroInflatedNB,
 )
 
-LIKELIHOODS = ("nb", "nb_disp", "zinb", "zinb_disp", "bernoulli", "poisson", "nb_mixture")
+LIKELIHOODS = ("nb", "nb_disp", "zinb", "zinb_disp", "bernoulli", "bernoulli_depth", "poisson", "nb_mixture")
+DEPTH_MOMENTUM = 0.01  # of the running mean of log library that ``bernoulli_depth`` is relative to
 NORMS = ("batchnorm", "layernorm", "none")
 
 
@@ -61,7 +64,10 @@ class Decoder(nn.Module):
     ``nb``/``zinb``: scMM's NB, total_count = exp(clamp(h, +-12)) * library / 1e4 and per cell x
     feature probs; ``*_disp``: mean = softmax(h) * library with a per-feature (optionally
     per-batch) dispersion; ``poisson``: rate = softmax(h) * library; ``bernoulli``: open/closed
-    peaks; ``nb_mixture``: proteins as background + foreground (totalVI's idea): a background
+    peaks; ``bernoulli_depth``: the same with the cell's sequencing depth as a known offset of the
+    logits, log library minus its running mean over training (PeakVI's per-cell factor, observed
+    rather than encoded), so that the latent space need not carry depth; predictions without a
+    library are at the mean depth; ``nb_mixture``: proteins as background + foreground (totalVI's idea): a background
     mean per protein (and batch) at the cell's library relative to ``library_scale``, shifted per
     cell by a head bounded to +-1 in log space, a foreground 1 + softplus(h) times higher, and a
     per cell x protein background probability; shared per-protein dispersion.
@@ -81,8 +87,15 @@ class Decoder(nn.Module):
             self.head_gate = nn.Linear(hidden, n_out)
         if likelihood.endswith("_disp") or likelihood == "nb_mixture":
             self.log_theta = nn.Parameter(torch.zeros(max(n_batches, 1), n_out))
+        if likelihood == "bernoulli_depth":
+            self.register_buffer("log_depth", torch.zeros(()))
+            self.register_buffer("depth_seen", torch.zeros((), dtype=torch.bool))
         if likelihood == "nb_mixture":
-            self.back_log_mean = nn.Parameter(torch.zeros(max(n_batches, 1), n_out))
+            # start the background at each protein's equal share of the library: from exp(0) = 1 count
+            # per 10k, Adam's ~lr-sized steps needed hundreds of epochs to reach real protein levels, so
+            # early stopping ended training while every prediction was still background (Pearson 0.17)
+            start = math.log(library_scale / n_out)
+            self.back_log_mean = nn.Parameter(torch.full((max(n_batches, 1), n_out), start))
             self.head_back = nn.Linear(hidden, n_out)
             self.head_gate = nn.Linear(hidden, n_out)
 
@@ -98,11 +111,13 @@ class Decoder(nn.Module):
 
     def heads(self, h: torch.Tensor, library: torch.Tensor | None, batch: torch.Tensor | None = None):
         """The likelihood of the body's output ``h`` (row-wise: rows may come from several body calls)."""
+        out = self.head(h)
+        if self.likelihood == "bernoulli_depth" and library is not None:
+            out = out + self._depth_offset(library)
         if library is None:  # decoded means at a fixed library size (per 10k counts by default)
             library = torch.full((h.shape[0], 1), self.library_scale, dtype=h.dtype, device=h.device)
         onehot = F.one_hot(batch, self.n_batches).to(h.dtype) if self.n_batches else None
-        out = self.head(h)
-        if self.likelihood == "bernoulli":
+        if self.likelihood.startswith("bernoulli"):
             return BernoulliCounts(out)
         if self.likelihood == "poisson":
             return PoissonCounts(F.softmax(out, dim=-1) * library)
@@ -117,6 +132,17 @@ class Decoder(nn.Module):
         else:
             nb = NegativeBinomial.from_heads(out, self.head_p(h), library / self.library_scale)
         return ZeroInflatedNB(nb, self.head_gate(h)) if self.likelihood.startswith("zinb") else nb
+
+    def _depth_offset(self, library: torch.Tensor) -> torch.Tensor:
+        """[N, 1] log depth relative to the running mean of training batches' log depth."""
+        log_lib = torch.log(library.clamp(min=1))
+        if self.training:
+            with torch.no_grad():
+                mean = log_lib.mean()
+                self.log_depth.copy_(torch.where(self.depth_seen, torch.lerp(self.log_depth, mean, DEPTH_MOMENTUM),
+                                                 mean))
+                self.depth_seen.fill_(True)
+        return log_lib - self.log_depth
 
     @staticmethod
     def _per_batch(param: torch.Tensor, onehot: torch.Tensor | None) -> torch.Tensor:

@@ -47,7 +47,7 @@ def log_likelihoods(model: MMVAE, out: MMVAEOutput, x: Mapping[str, torch.Tensor
         counts = Counts.from_dense(x[d])
         n = counts.shape[0]
         lp = out.px[d].log_prob_rows(counts.repeat(m * k)).view(m, k, n)
-        if model.config.modalities[d].likelihood != "bernoulli":
+        if not model.config.modalities[d].likelihood.startswith("bernoulli"):
             lp = lp - counts.lgamma_rows()
         out_lp[d] = lp
     return out_lp

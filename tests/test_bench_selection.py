@@ -22,6 +22,9 @@ def test_the_sweep_picks_the_best_select_and_says_when_the_lead_is_noise() -> No
     assert "rerun" not in clear
     close = choose([_variant("a", 0.74, 0.02), _variant("b", 0.75, 0.005)])
     assert "b (b)" in close and "within the seeds' sd 0.020: rerun both" in close
+    assert "peaks differ" not in close
+    other_peaks = {**_variant("q", 0.80, 0.0), "overrides": "stats.atac_quantile=0.5 train.kl_weight=0.5"}
+    assert "AUROC is over other peaks" in choose([_variant("a", 0.74, 0.0), other_peaks])
 
 
 def _ours(**means: float) -> dict:

@@ -78,6 +78,8 @@ def choose(rows: list[dict]) -> str:
         line += f"; lead over {second['system']} {lead:.3f}"
         if lead <= noise:
             line += f", within the seeds' sd {noise:.3f}: rerun both with more --seeds"
+    if len({_stats(r["overrides"].split()).get("atac_quantile") for r in rows}) > 1:
+        line += "; peaks differ between variants, so AUROC is over other peaks: compare those on bio"
     return line
 
 

@@ -28,13 +28,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ..config import load_config
+from ..config import load_config, read_section
 from ..evaluate.embedding import best_nmi_ari, embedding_scores, graph_scores
 from ..evaluate.metrics import feature_correlations, knn_regression, open_region_scores, rna_pca
 from ..ingest.stats import compute_stats
 from ..ingest.write import IngestOptions, ingest
 from ..model import MMVAE
 from ..model.fit import CellData, fit
+from ..pipeline.config import StatsSection
 from ..store import open_store
 from . import format_table
 from .faithful import SHARED
@@ -65,12 +66,10 @@ class Dataset:
         uri = work / f"{folder}{''.join(f'-{k}{v}' for k, v in sorted((stats or {}).items()))}.zarr"
         ingest(str(uri), [f"{i.split('=')[0]}={DATA / folder / i.split('=')[1]}" for i in inputs],
                IngestOptions(label_key="cell_type", batch_key=batch_key, progress=False))  # the ingest defaults
-        if stats:
-            known = {"atac_quantile": float, "n_top_genes": int}
-            if unknown := set(stats) - set(known):
-                raise ValueError(f"stats.{sorted(unknown)[0]}: unknown key (known: {', '.join(known)})")
+        if stats:  # checked and typed as a pipeline config's stats section is
+            chosen = read_section(StatsSection, stats, "sweep grid", "stats")
             with open_store(uri, writable=True) as store:
-                compute_stats(store, **{k: known[k](v) for k, v in stats.items()})
+                compute_stats(store, n_top_genes=chosen.n_top_genes, atac_quantile=chosen.atac_quantile)
         with open_store(uri) as store:
             self.counts = {m: store.read(m, 0, store.n_obs, features="selected").astype(np.float32)
                            for m in store.modalities}

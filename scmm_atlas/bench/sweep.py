@@ -94,13 +94,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         for key, variants in grid.items():
             if key not in SETS:
                 raise ValueError(f"{args.grid}: unknown data set {key!r} (known: {sorted(SETS)})")
-            datasets: dict[tuple, Dataset] = {}
-            for overrides in variants.values():
-                stats = _stats(overrides)
-                if tuple(stats.items()) not in datasets:
-                    datasets[tuple(stats.items())] = Dataset(key, Path(tmp), stats=stats)
+            selection = {name: tuple(_stats(o).items()) for name, o in variants.items()}
+            datasets = {k: Dataset(key, Path(tmp), stats=dict(k)) for k in dict.fromkeys(selection.values())}
             with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-                futures = {name: [pool.submit(_variant, datasets[tuple(_stats(o).items())], name,
+                futures = {name: [pool.submit(_variant, datasets[selection[name]], name,
                                               [x for x in o if not x.startswith("stats.")], seed,
                                               getattr(args, "epochs", None), threads) for seed in range(seeds)]
                            for name, o in variants.items()}
